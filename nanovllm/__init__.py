@@ -1,0 +1,11 @@
+"""nanovllm: a small, fast offline LLM inference engine (a nano-vllm clone) that also runs on the CPU."""
+from nanovllm.llm import LLM
+from nanovllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "demo_model_path"]
+
+
+def demo_model_path(*args, **kwargs) -> str:
+    """The embedded demo model (Qwen2.5-Coder-0.5B-Instruct) as a local folder; see nanovllm.demo."""
+    from nanovllm.demo import demo_model_path as build
+    return build(*args, **kwargs)

@@ -1,0 +1,127 @@
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from nanovllm.layers.backends import BACKENDS
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass
+class Config:
+    """Engine options. Every field but `model` and the derived ones can be passed to `LLM(model, **options)`."""
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int = -1
+    device: str = "auto"
+    dtype: str | torch.dtype = "auto"
+    attention_backend: str = "auto"
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    load_format: str = "auto"
+    # derived in __post_init__
+    hf_config: PretrainedConfig | None = field(default=None, repr=False)
+    eos: int = -1
+    torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config", "eos", "torch_dtype")]
+
+    @classmethod
+    def from_options(cls, model: str, **options) -> "Config":
+        unknown = sorted(set(options) - set(cls.options()))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for LLM(); valid options are {cls.options()}")
+        return cls(model, **options)
+
+    def __post_init__(self):
+        self._check_numbers()
+        self.hf_config = load_hf_config(self.model)
+        self.device = resolve_device(self.device)
+        self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
+        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        self.eos = (eos[0] if isinstance(eos, list) and eos else eos) if eos is not None else -1
+
+    def _check_numbers(self):
+        positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
+                    "kvcache_block_size")
+        for name in positive + ("num_kvcache_blocks", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bs = self.kvcache_block_size
+        if bs < 16 or bs & (bs - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {bs}")
+        if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
+            raise ValueError(f"num_kvcache_blocks must be -1 (computed) or >= 1, got {self.num_kvcache_blocks}")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+
+
+def load_hf_config(model: str) -> PretrainedConfig:
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path to a local model folder, got {type(model).__name__}")
+    model = os.fspath(model)
+    if not os.path.isdir(model):
+        raise ValueError(f"model folder {model!r} does not exist (nanovllm loads local Hugging Face folders only)")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"model folder {model!r} has no config.json")
+    hf_config = AutoConfig.from_pretrained(model)
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {hf_config.model_type!r} of {model!r} is not supported; "
+                         f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+    return hf_config
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    """"auto": the checkpoint's dtype on GPU, float32 on CPU (CPU half precision is slow and inexact)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(model_dtype, str):
+            model_dtype = DTYPES.get(model_dtype)
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]

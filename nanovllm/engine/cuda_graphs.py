@@ -1,0 +1,83 @@
+"""CUDA graphs for decode steps: one graph per batch size, all sharing one memory pool.
+
+A decode step of n sequences replays the smallest captured graph of batch size >= n. Inputs are copied into
+static buffers; the padded rows get slot -1 (nothing stored) and context length 0, and every block-table
+column past a row's own blocks is reset to -1 so no stale block id of an earlier step survives.
+
+    block_tables (static, width = blocks of max_model_len)
+        row 0 | 7  3 12 -1 -1 ... |   <- this step's rows, rest cleared
+        row 1 | 5 -1 -1 -1 -1 ... |
+        row 2 | -1 ...            |   <- padding row (context length 0)
+"""
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.kv_cache import blocks_for_tokens
+from nanovllm.utils.context import forward_context
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    limit = min(max_num_seqs, 512)
+    sizes = [bs for bs in (1, 2, 4, 8) if bs <= limit] + list(range(16, limit + 1, 16))
+    if sizes[-1] < limit:
+        sizes.append(limit)
+    return sizes
+
+
+class CUDAGraphRunner:
+
+    def __init__(self, model, config: Config, device: torch.device):
+        self.model = model
+        self.batch_sizes = graph_batch_sizes(config.max_num_seqs)
+        max_bs = self.batch_sizes[-1]
+        max_blocks = blocks_for_tokens(config, config.max_model_len)
+        hidden = config.hf_config.hidden_size
+        kw = dict(device=device)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, **kw)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, **kw)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int32, **kw)
+        self.context_lens = torch.zeros(max_bs, dtype=torch.int32, **kw)
+        self.block_tables = torch.full((max_bs, max_blocks), -1, dtype=torch.int32, **kw)
+        self.outputs = torch.zeros(max_bs, hidden, dtype=config.torch_dtype, **kw)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self._capture_all()
+
+    def _context(self, bs: int) -> dict:
+        return dict(is_prefill=False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
+                    block_tables=self.block_tables[:bs])
+
+    @torch.inference_mode()
+    def _capture_all(self):
+        for bs in reversed(self.batch_sizes):  # largest first, so the smaller graphs fit in its pool
+            graph = torch.cuda.CUDAGraph()
+            with forward_context(**self._context(bs)):
+                self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up
+                with torch.cuda.graph(graph, self.pool):
+                    self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+
+    def can_run(self, num_seqs: int) -> bool:
+        return num_seqs <= self.batch_sizes[-1]
+
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: dict) -> torch.Tensor:
+        n = input_ids.size(0)
+        bs = next(b for b in self.batch_sizes if b >= n)
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:bs].fill_(-1)
+        self.slot_mapping[:n] = ctx["slot_mapping"]
+        self.context_lens[:bs].zero_()
+        self.context_lens[:n] = ctx["context_lens"]
+        tables = ctx["block_tables"]
+        self.block_tables[:bs].fill_(-1)
+        self.block_tables[:n, :tables.size(1)] = tables
+        self.graphs[bs].replay()
+        return self.outputs[:n]
+
+    def release(self):
+        self.graphs.clear()
+        self.pool = None

@@ -1,0 +1,80 @@
+"""Sizing and allocating the paged KV cache.
+
+One tensor holds every layer's keys and values, [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim];
+each Attention module gets views of its layer's k and v.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nanovllm.config import Config
+from nanovllm.models.qwen3 import head_dim_of
+
+CPU_KVCACHE_MAX_BYTES = 1 << 30  # the CPU path is for trying things out; keep its cache modest
+CPU_KVCACHE_MAX_SEQS = 16
+
+
+def block_bytes(config: Config) -> int:
+    hf = config.hf_config
+    num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
+    itemsize = torch.empty(0, dtype=config.torch_dtype).element_size()
+    return 2 * hf.num_hidden_layers * config.kvcache_block_size * num_kv_heads * head_dim_of(hf) * itemsize
+
+
+def blocks_for_tokens(config: Config, num_tokens: int) -> int:
+    return -(-num_tokens // config.kvcache_block_size)
+
+
+def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) -> int:
+    """How many blocks fit: an exact `num_kvcache_blocks` wins; else the GPU's spare memory after warm-up, or
+    on the CPU room for a few full-length sequences. Fails when one max_model_len sequence does not fit."""
+    if config.num_kvcache_blocks > 0:
+        return config.num_kvcache_blocks
+    per_block = block_bytes(config)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        stats = torch.cuda.memory_stats(device)
+        # memory others hold + our weights, plus room for the warm-up's peak activations
+        used = total - free
+        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+        available = int(total * config.gpu_memory_utilization) - used - (peak - current)
+    else:
+        seqs = min(config.max_num_seqs, CPU_KVCACHE_MAX_SEQS)
+        available = min(CPU_KVCACHE_MAX_BYTES, _cpu_available_bytes() // 4,
+                        blocks_for_tokens(config, config.max_model_len) * seqs * per_block)
+    num_blocks = max(available // per_block, 0)
+    if world_size > 1:
+        t = torch.tensor([num_blocks], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        num_blocks = int(t.item())
+    needed = blocks_for_tokens(config, config.max_model_len)
+    if num_blocks < needed:
+        raise ValueError(
+            f"the KV cache cannot hold one max_model_len={config.max_model_len} sequence: it needs {needed} blocks "
+            f"({needed * per_block / 2**30:.2f} GiB) but only {num_blocks} blocks "
+            f"({max(available, 0) / 2**30:.2f} GiB) are free; lower max_model_len or raise gpu_memory_utilization")
+    return num_blocks
+
+
+def _cpu_available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return CPU_KVCACHE_MAX_BYTES * 4
+
+
+def allocate_kv_cache(model: nn.Module, config: Config, num_blocks: int, device: torch.device) -> torch.Tensor:
+    hf = config.hf_config
+    num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
+    # zeros, not empty: masked-out cache entries still enter P @ V, and 0 * NaN garbage would be NaN
+    kv_cache = torch.zeros(2, hf.num_hidden_layers, num_blocks, config.kvcache_block_size, num_kv_heads,
+                           head_dim_of(hf), dtype=config.torch_dtype, device=device)
+    layer = 0
+    for module in model.modules():
+        if hasattr(module, "k_cache") and hasattr(module, "v_cache"):
+            module.k_cache, module.v_cache = kv_cache[0, layer], kv_cache[1, layer]
+            layer += 1
+    assert layer == hf.num_hidden_layers
+    return kv_cache

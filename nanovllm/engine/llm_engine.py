@@ -1,0 +1,218 @@
+import atexit
+import os
+import tempfile
+from dataclasses import fields
+from itertools import count
+from time import perf_counter
+
+import torch
+import torch.multiprocessing as mp
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from nanovllm.config import Config
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def worker_main(config: Config, rank: int, dist_init_file: str, conn):
+    if config.device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    runner = ModelRunner(config, rank, dist_init_file, [conn])
+    runner.loop()
+
+
+class LLMEngine:
+
+    def __init__(self, model: str, **options):
+        config = Config.from_options(model, **options)
+        self.config = config
+        self._seq_ids = count()
+        self._workers, self._conns = [], []
+        self._dist_init_file = None
+        self._closed = False
+        if config.tensor_parallel_size > 1:
+            self._start_workers(config)
+        atexit.register(self.exit)
+        try:
+            self.model_runner = ModelRunner(config, 0, self._dist_init_file, self._conns)
+        except BaseException:
+            self._stop_workers(kill=True)
+            raise
+        config.num_kvcache_blocks = self.model_runner.num_kvcache_blocks
+        self.tokenizer = load_tokenizer(model)
+        self.scheduler = Scheduler(config)
+
+    def _start_workers(self, config: Config):
+        fd, self._dist_init_file = tempfile.mkstemp(prefix="nanovllm-dist-")
+        os.close(fd)
+        os.unlink(self._dist_init_file)  # the file store creates it; it only needs a unique name
+        ctx = mp.get_context("spawn")
+        for rank in range(1, config.tensor_parallel_size):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=worker_main, args=(config, rank, self._dist_init_file, child))
+            process.start()
+            child.close()
+            self._workers.append(process)
+            self._conns.append(parent)
+
+    def _stop_workers(self, kill: bool = False):
+        for process in self._workers:
+            process.join(timeout=None if not kill else 5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for conn in self._conns:
+            conn.close()
+        self._workers, self._conns = [], []
+        if self._dist_init_file and os.path.exists(self._dist_init_file):
+            os.unlink(self._dist_init_file)
+
+    def exit(self):
+        """Release the model, the KV cache, worker processes and the process group. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.exit)
+        runner = getattr(self, "model_runner", None)
+        if runner is not None:
+            runner.call("exit")
+            del self.model_runner
+        self._stop_workers()
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
+        token_ids = self._tokenize(prompt)
+        self._check_request(token_ids, sampling_params)
+        seq = Sequence(token_ids, sampling_params, next(self._seq_ids), self.config.kvcache_block_size)
+        self.scheduler.add(seq)
+        return seq
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model folder {self.config.model!r} has no tokenizer: pass prompts as token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = list(prompt)
+        else:
+            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
+        vocab_size = self.config.hf_config.vocab_size
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
+        return token_ids
+
+    def _check_request(self, token_ids: list[int], sp: SamplingParams):
+        if not isinstance(sp, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
+        n, max_len = len(token_ids), self.config.max_model_len
+        if n + sp.max_tokens > max_len:
+            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} = {n + sp.max_tokens} exceeds "
+                             f"max_model_len={max_len}")
+        # the last sampled token never needs a cache slot
+        bs, num_blocks = self.config.kvcache_block_size, self.config.num_kvcache_blocks
+        needed = -(-(n + sp.max_tokens - 1) // bs)
+        if needed > num_blocks:
+            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} needs {needed} KV blocks of "
+                             f"{bs} tokens but the cache has only num_kvcache_blocks={num_blocks}: it can never fit")
+
+    # ---- running -----------------------------------------------------------------------------------------
+
+    def step(self) -> tuple[list[Sequence], int]:
+        """Run one scheduled batch. Returns the finished sequences and the number of tokens processed
+        (positive for a prefill step, negative for a decode step, as nano-vllm reports it)."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return [], 0
+        num_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
+        token_ids = self.model_runner.call("run", seqs, is_prefill)
+        return self.scheduler.postprocess(seqs, token_ids), num_tokens
+
+    def is_finished(self) -> bool:
+        return self.scheduler.is_finished()
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = True) -> list[dict]:
+        if self._closed:
+            raise RuntimeError("this LLM has been shut down with exit(); create a new one")
+        requests = self._validate(prompts, sampling_params)
+        seqs = [self.add_request(token_ids, sp) for token_ids, sp in requests]
+        try:
+            self._run_until_done(seqs, use_tqdm)
+        except BaseException:
+            self._abort(seqs)
+            raise
+        return [self._output(seq) for seq in seqs]
+
+    def _validate(self, prompts, sampling_params) -> list[tuple[list[int], SamplingParams]]:
+        """Check every request before any is queued, so a bad one leaves the engine untouched."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
+        if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            raise TypeError("prompts must be a list of prompts: wrap a single token-id list as [token_ids]")
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(sampling_params)} entries but there are "
+                                 f"{len(prompts)} prompts: give one SamplingParams or one per prompt")
+        else:
+            sampling_params = [sampling_params] * len(prompts)
+        requests = []
+        for prompt, sp in zip(prompts, sampling_params):
+            token_ids = self._tokenize(prompt)
+            self._check_request(token_ids, sp)
+            requests.append((token_ids, sp))
+        return requests
+
+    def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
+        pending = {seq.seq_id for seq in seqs}
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        with bar:
+            while pending:
+                t = perf_counter()
+                finished, num_tokens = self.step()
+                dt = max(perf_counter() - t, 1e-9)
+                if num_tokens > 0:
+                    prefill_tps = num_tokens / dt
+                elif num_tokens < 0:
+                    decode_tps = -num_tokens / dt
+                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
+                done = [seq for seq in finished if seq.seq_id in pending]
+                pending.difference_update(seq.seq_id for seq in done)
+                bar.update(len(done))
+
+    def _abort(self, seqs: list[Sequence]):
+        """Drop this call's unfinished requests (after an interrupt or error) so later calls start clean."""
+        sched = self.scheduler
+        for seq in seqs:
+            if seq in sched.running:
+                sched.running.remove(seq)
+                sched.block_manager.deallocate(seq)
+            elif seq in sched.waiting:
+                sched.waiting.remove(seq)
+
+    def _output(self, seq: Sequence) -> dict:
+        token_ids = seq.completion_token_ids
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        return {"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason}
+
+
+def load_tokenizer(model: str):
+    if not any(os.path.exists(os.path.join(model, name)) for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(model)

@@ -1,0 +1,196 @@
+"""Runs the model for one scheduled batch: builds inputs, calls the model, samples.
+
+Under tensor parallelism rank 0 lives in the user's process and ranks 1..N-1 in spawned worker processes.
+Rank 0 forwards every call (method name + arguments) to the workers through a private pipe each, then runs
+the same method itself; the ranks meet inside the model's collectives. The process group rendezvous goes
+through a fresh temporary file, so two engines on one machine never share a port or a name.
+"""
+import os
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+
+import torch
+import torch.distributed as dist
+
+from nanovllm.config import Config
+from nanovllm.engine.cuda_graphs import CUDAGraphRunner
+from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.backends import create_backend
+from nanovllm.layers.sampler import Sampler
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.models.qwen3 import Qwen3ForCausalLM, head_dim_of
+from nanovllm.utils.context import forward_context
+from nanovllm.utils.loader import init_dummy_weights, load_model
+
+
+@contextmanager
+def default_dtype_and_device(dtype: torch.dtype, device: torch.device):
+    """Build parameters directly in the target dtype and on the target device; restore the defaults after."""
+    old_dtype, old_device = torch.get_default_dtype(), torch.get_default_device()
+    torch.set_default_dtype(dtype)
+    torch.set_default_device(device)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old_dtype)
+        torch.set_default_device(old_device)
+
+
+class ModelRunner:
+
+    def __init__(self, config: Config, rank: int, dist_init_file: str | None, conns: list[Connection]):
+        self.config = config
+        self.rank = rank
+        self.world_size = config.tensor_parallel_size
+        self.conns = conns  # rank 0: one pipe per worker; a worker: the pipe to rank 0
+        self.block_size = config.kvcache_block_size
+        self.device = torch.device("cuda", rank) if config.device.type == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"file://{dist_init_file}",
+                                    world_size=self.world_size, rank=rank)
+        hf_config = config.hf_config
+        self.head_dim = head_dim_of(hf_config)
+        self.attn_backend = create_backend(config.attention_backend, self.device)
+        self.attn_backend.check_config(self.block_size, self.head_dim, config.torch_dtype)
+        with default_dtype_and_device(config.torch_dtype, self.device):
+            self.model = Qwen3ForCausalLM(hf_config, config.torch_dtype)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed + rank)
+        else:
+            load_model(self.model, config.model)
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        for module in self.model.modules():
+            if hasattr(module, "backend"):
+                module.backend = self.attn_backend
+        if self.device.type == "cuda":
+            self.warmup_model()
+        self.num_kvcache_blocks = num_kvcache_blocks(config, self.device, self.world_size)
+        self.kv_cache = allocate_kv_cache(self.model, config, self.num_kvcache_blocks, self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = CUDAGraphRunner(self.model, config, self.device)
+
+    # ---- cross-process calls ------------------------------------------------------------------------------
+
+    def call(self, method: str, *args):
+        for conn in self.conns if self.rank == 0 else ():
+            conn.send((method, args))
+        return getattr(self, method)(*args)
+
+    def loop(self):
+        """Worker ranks: serve rank 0's calls until told to exit."""
+        while True:
+            method, args = self.conns[0].recv()
+            getattr(self, method)(*args)
+            if method == "exit":
+                break
+
+    def exit(self):
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        self.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- preparing inputs ---------------------------------------------------------------------------------
+
+    def warmup_model(self):
+        """One prefill as large as the scheduler allows, so the KV cache is sized after peak activation memory."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        max_len, budget = self.config.max_model_len, self.config.max_num_batched_tokens
+        total = min(budget, max_len * self.config.max_num_seqs)
+        lens = [max_len] * (total // max_len) + ([total % max_len] if total % max_len else [])
+        seqs = []
+        for i, n in enumerate(lens):
+            seq = Sequence([0] * n, SamplingParams(temperature=0.0, max_tokens=1), i, self.block_size)
+            seq.num_scheduled_tokens = n
+            seqs.append(seq)
+        self.run(seqs, True)
+        torch.cuda.synchronize(self.device)
+
+    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.tensor(data, dtype=dtype)
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
+    def prepare_block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        rows = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
+        return self._to_device(rows, torch.int32)
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        """Flatten the scheduled chunk of every sequence into one varlen batch.
+
+            seq A: cached [a0 a1 a2] new [a3 a4]      seq B: new [b0 b1 b2]
+            input_ids    = [a3 a4 b0 b1 b2]           positions = [3 4 0 1 2]
+            cu_seqlens_q = [0 2 5]   (new tokens)     cu_seqlens_k = [0 5 8]   (all keys each new token may see)
+            slot_mapping = cache slot of a3 a4 b0 b1 b2
+        """
+        input_ids, positions, slot_mapping = [], [], []
+        cu_seqlens_q, cu_seqlens_k = [0], [0]
+        max_seqlen_q = max_seqlen_k = 0
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            input_ids.extend(seq[start:end])
+            positions.extend(range(start, end))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
+            cu_seqlens_k.append(cu_seqlens_k[-1] + end)
+            max_seqlen_q, max_seqlen_k = max(max_seqlen_q, end - start), max(max_seqlen_k, end)
+            if seq.block_table:  # warm-up sequences have none
+                slot_mapping.extend(self._slots(seq, start, end))
+        block_tables = None
+        if cu_seqlens_k[-1] > cu_seqlens_q[-1]:  # some keys come from the cache
+            block_tables = self.prepare_block_tables(seqs)
+        ctx = dict(is_prefill=True,
+                   cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
+                   cu_seqlens_k=self._to_device(cu_seqlens_k, torch.int32),
+                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                   slot_mapping=self._to_device(slot_mapping, torch.int32), block_tables=block_tables)
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        slots, bs = [], self.block_size
+        for i in range(start // bs, (end + bs - 1) // bs):
+            block_start = seq.block_table[i] * bs
+            slots.extend(range(block_start + max(start - i * bs, 0), block_start + min(end - i * bs, bs)))
+        return slots
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        input_ids = [seq.last_token for seq in seqs]
+        positions = [len(seq) - 1 for seq in seqs]
+        context_lens = [len(seq) for seq in seqs]
+        slot_mapping = [seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1 for seq in seqs]
+        ctx = dict(is_prefill=False, slot_mapping=self._to_device(slot_mapping, torch.int32),
+                   context_lens=self._to_device(context_lens, torch.int32),
+                   block_tables=self.prepare_block_tables(seqs))
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx
+
+    # ---- running -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: dict) -> torch.Tensor | None:
+        if not ctx["is_prefill"] and self.graphs is not None and self.graphs.can_run(input_ids.size(0)):
+            hidden_states = self.graphs.replay(input_ids, positions, ctx)
+            with forward_context(**ctx):
+                return self.model.compute_logits(hidden_states)
+        with forward_context(**ctx):
+            return self.model.compute_logits(self.model(input_ids, positions))
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        input_ids, positions, ctx = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+        logits = self.run_model(input_ids, positions, ctx)
+        if self.rank != 0:
+            return None
+        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
+        return self.sampler(logits, temperatures, self.generator).tolist()
+

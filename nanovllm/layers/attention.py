@@ -1,0 +1,32 @@
+import torch
+from torch import nn
+
+from nanovllm.layers.backends.base import AttentionBackend
+from nanovllm.utils.context import get_context
+
+
+class Attention(nn.Module):
+    """Paged attention over this layer's slice of the KV cache.
+
+    The ModelRunner assigns `backend`, `k_cache` and `v_cache` after sizing the cache; until then
+    (the warm-up pass) nothing is stored and prefill attends to the batch's own keys.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.backend: AttentionBackend | None = None
+        self.k_cache = self.v_cache = torch.tensor([])
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        ctx = get_context()
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if k_cache.numel():
+            self.backend.store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            return self.backend.prefill(q, k, v, k_cache, v_cache, ctx, self.scale)
+        return self.backend.decode(q, k_cache, v_cache, ctx, self.scale)

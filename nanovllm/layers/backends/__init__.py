@@ -1,0 +1,35 @@
+"""Attention backends: "torch" (any device), "triton" and "flash_attn" (CUDA). GPU packages load lazily."""
+import importlib.util
+
+import torch
+
+from nanovllm.layers.backends.base import AttentionBackend
+
+BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """"auto" picks flash_attn when installed, else triton, on CUDA; torch elsewhere."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "torch"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attn"
+    return "triton"
+
+
+def create_backend(name: str, device: torch.device) -> AttentionBackend:
+    name = resolve_backend_name(name, device)
+    if name == "torch":
+        from nanovllm.layers.backends.torch_sdpa import TorchBackend
+        return TorchBackend()
+    if device.type != "cuda":
+        raise ValueError(f"attention_backend={name!r} needs a CUDA device, got device={device.type!r}; use 'torch'")
+    if name == "triton":
+        from nanovllm.layers.backends.triton_attn import TritonBackend
+        return TritonBackend()
+    if name == "flash_attn":
+        from nanovllm.layers.backends.flash_attn import FlashAttnBackend
+        return FlashAttnBackend()
+    raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")

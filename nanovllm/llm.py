@@ -1,0 +1,5 @@
+from nanovllm.engine.llm_engine import LLMEngine
+
+
+class LLM(LLMEngine):
+    """The user-facing entry point: `LLM(model_path, **options).generate(prompts, sampling_params)`."""

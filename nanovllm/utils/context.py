@@ -1,0 +1,45 @@
+"""Per-forward attention metadata, set by the ModelRunner around each model call.
+
+Attention layers sit deep inside the model, so instead of threading these tensors through every forward
+signature the runner publishes them here for the duration of one step. The context manager always resets it,
+also when the step raises, so a failed step can never leak stale metadata into the next one.
+"""
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class Context:
+    is_prefill: bool = False
+    # prefill: cumulative query / key lengths per sequence, [num_seqs + 1] int32
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    # cache slot of every new token, [num_tokens] int32; -1 = padding, not stored
+    slot_mapping: torch.Tensor | None = None
+    # decode: number of cached tokens each sequence attends to (new token included), [num_seqs] int32
+    context_lens: torch.Tensor | None = None
+    # [num_seqs, max_num_blocks] int32, physical block ids; only set when attention must read the paged cache
+    block_tables: torch.Tensor | None = None
+
+
+# A ContextVar rather than a rebound module global: set/reset pair up exactly, even when steps nest or raise.
+_CONTEXT: ContextVar[Context] = ContextVar("nanovllm_forward_context", default=Context())
+
+
+def get_context() -> Context:
+    return _CONTEXT.get()
+
+
+@contextmanager
+def forward_context(**fields):
+    """Publish one step's metadata for the attention layers; the previous (empty) context comes back afterwards."""
+    token = _CONTEXT.set(Context(**fields))
+    try:
+        yield _CONTEXT.get()
+    finally:
+        _CONTEXT.reset(token)

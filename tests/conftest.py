@@ -1,0 +1,66 @@
+"""Tiny random-weight Qwen3 / Qwen2 checkpoints made with transformers, float32, shared by the tests."""
+import gc
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+VOCAB = 512
+
+
+def tiny_config(kind: str, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rms_norm_eps=1e-6, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 2, tie_word_embeddings=False)
+    common.update(overrides)
+    if kind == "qwen3":
+        common.setdefault("head_dim", 16)
+        return Qwen3Config(**common), Qwen3ForCausalLM
+    return Qwen2Config(**common), Qwen2ForCausalLM
+
+
+def make_model(path, kind: str, seed: int = 0, **overrides) -> str:
+    config, cls = tiny_config(kind, **overrides)
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32).eval()
+    # random init is near-uniform; sharpen it so greedy decoding is not a coin toss between near-equal logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def qwen2_path(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("qwen2"), "qwen2", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """Greedy completions from transformers, memoised per (model, prompt, n)."""
+    cache, models = {}, {}
+
+    def generate(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+        key = (path, tuple(prompt), max_new_tokens)
+        if key not in cache:
+            if path not in models:
+                from transformers import AutoModelForCausalLM
+                models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                out = models[path].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                            pad_token_id=0)
+            cache[key] = out[0, len(prompt):].tolist()
+        return cache[key]
+
+    yield generate
+    models.clear()
+    gc.collect()

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -32,7 +33,7 @@ class Config:
     load_format: str = "auto"
     # derived in __post_init__
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
-    eos: int = -1
+    eos: tuple[int, ...] = ()
     torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
 
     @classmethod
@@ -52,8 +53,7 @@ class Config:
         self.device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
-        eos = getattr(self.hf_config, "eos_token_id", None)
-        self.eos = (eos[0] if isinstance(eos, list) and eos else eos) if eos is not None else -1
+        self.eos = eos_token_ids(self.model, self.hf_config)
 
     def _check_numbers(self):
         positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
@@ -95,6 +95,21 @@ def load_hf_config(model: str) -> PretrainedConfig:
         raise ValueError(f"model_type {hf_config.model_type!r} of {model!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")
     return hf_config
+
+
+def eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
+    """End-of-sequence ids from config.json and generation_config.json (chat models often list several)."""
+    ids = []
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    gen_path = os.path.join(model, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            sources.append(json.load(f).get("eos_token_id"))
+    for value in sources:
+        for t in value if isinstance(value, list) else [value]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    return tuple(ids)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

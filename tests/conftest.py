@@ -52,12 +52,14 @@ def hf_reference():
         if key not in cache:
             if path not in models:
                 from transformers import AutoModelForCausalLM
-                models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                # pure greedy for exactly max_new_tokens: no EOS stop (min_new_tokens would mask EOS logits)
+                model.generation_config.eos_token_id = None
+                models[path] = model
             ids = torch.tensor([prompt])
             with torch.no_grad():
                 out = models[path].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                            pad_token_id=0)
+                                            max_new_tokens=max_new_tokens, pad_token_id=0)
             cache[key] = out[0, len(prompt):].tolist()
         return cache[key]
 

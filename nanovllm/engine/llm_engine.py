@@ -45,6 +45,9 @@ class LLMEngine:
             raise
         config.num_kvcache_blocks = self.model_runner.num_kvcache_blocks
         self.tokenizer = load_tokenizer(model)
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(tokenizer_eos, int) and tokenizer_eos not in config.eos:
+            config.eos += (tokenizer_eos,)
         self.scheduler = Scheduler(config)
 
     def _start_workers(self, config: Config):

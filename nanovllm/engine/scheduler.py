@@ -103,7 +103,7 @@ class Scheduler:
         return finished
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        if not seq.ignore_eos and token_id == self.eos:
+        if not seq.ignore_eos and token_id in self.eos:
             return "stop"
         if seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

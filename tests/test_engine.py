@@ -1,0 +1,165 @@
+"""Whole runs against Hugging Face transformers: greedy token ids must be equal, float32 on the CPU."""
+import random
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def random_prompts(lengths, seed=0, vocab=500):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def assert_pool_empty(llm: LLM):
+    bm = llm.scheduler.block_manager
+    assert llm.is_finished()
+    assert sorted(bm.free_block_ids) == list(range(bm.num_blocks))
+    assert not bm.used_block_ids
+    assert all(block.ref_count == 0 for block in bm.blocks)
+
+
+def run_and_compare(llm: LLM, path: str, prompts, hf_reference, sp=GREEDY):
+    outputs = llm.generate(prompts, sp, use_tqdm=False)
+    expected = [hf_reference(path, p, sp.max_tokens) for p in prompts]
+    assert [o["token_ids"] for o in outputs] == expected
+    assert all(o["finish_reason"] == "length" for o in outputs)
+    assert_pool_empty(llm)
+    return outputs
+
+
+class Counting:
+    """Wraps a method of an object to count its calls (and keep what it returned)."""
+
+    def __init__(self, obj, name):
+        self.calls, self.original = 0, getattr(obj, name)
+        setattr(obj, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.original(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+@pytest.mark.parametrize("options", [{}, {"kvcache_block_size": 16}], ids=["block256", "block16"])
+def test_greedy_matches_transformers(kind, options, request, hf_reference):
+    path = request.getfixturevalue(f"{kind}_path")
+    llm = LLM(path, **options)
+    try:
+        run_and_compare(llm, path, random_prompts([1, 7, 16, 33, 64, 200]), hf_reference)
+    finally:
+        llm.exit()
+
+
+def test_prefix_caching_is_token_exact(qwen3_path, hf_reference):
+    shared = random_prompts([48], seed=1)[0]  # three full blocks of 16
+    prompts = [shared + tail for tail in random_prompts([5, 9, 20], seed=2)] + [shared[:32], shared[:32] + [7]]
+    llm = LLM(qwen3_path, kvcache_block_size=16)
+    allocate = Counting(llm.scheduler.block_manager, "allocate")
+    try:
+        run_and_compare(llm, qwen3_path, prompts, hf_reference)
+        cached_first = [seq_cached for seq_cached in _cached_tokens(llm, prompts)]
+        # second round: every prompt, including the fully cached 32-token one, is served from the cache
+        run_and_compare(llm, qwen3_path, prompts, hf_reference)
+        assert allocate.calls == 2 * len(prompts)
+        # full blocks before each prompt's last token; the 68-token prompt also finds its 4th block, computed
+        # while it decoded; the 32-token prompt recomputes its last block, which holds its last token
+        assert cached_first == [48, 48, 64, 16, 32]
+    finally:
+        llm.exit()
+
+
+def _cached_tokens(llm: LLM, prompts) -> list[int]:
+    """How many tokens a fresh allocation of each prompt would take from the prefix cache now."""
+    from nanovllm.engine.sequence import Sequence
+    bm = llm.scheduler.block_manager
+    out = []
+    for i, p in enumerate(prompts):
+        seq = Sequence(p, GREEDY, -1 - i, bm.block_size)
+        out.append(len(bm._cached_prefix(seq)) * bm.block_size)
+    return out
+
+
+def test_prefix_cache_hits_inside_one_batch_are_exact(qwen3_path, hf_reference):
+    # the same long prompt several times in one generate call, with a tiny token budget (chunked prefill):
+    # later copies may only reuse blocks the first copy has finished computing
+    prompt = random_prompts([70], seed=3)[0]
+    llm = LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=24)
+    try:
+        run_and_compare(llm, qwen3_path, [prompt] * 4 + [prompt[:40]], hf_reference)
+    finally:
+        llm.exit()
+
+
+@pytest.mark.parametrize("budget", [1, 13, 64])
+def test_chunked_prefill_is_token_exact(qwen3_path, hf_reference, budget):
+    llm = LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=budget)
+    try:
+        run_and_compare(llm, qwen3_path, random_prompts([3, 50, 130], seed=4), hf_reference)
+    finally:
+        llm.exit()
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_preemption_is_token_exact(qwen3_path, hf_reference, caching):
+    # 10 blocks of 16 tokens for 4 sequences that need 3-5 blocks each: decode must preempt and recompute
+    llm = LLM(qwen3_path, kvcache_block_size=16, num_kvcache_blocks=10, enable_prefix_caching=caching)
+    preempt = Counting(llm.scheduler, "preempt")
+    try:
+        sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        run_and_compare(llm, qwen3_path, random_prompts([20, 25, 30, 35], seed=5), hf_reference, sp)
+        assert preempt.calls > 0
+    finally:
+        llm.exit()
+
+
+def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference):
+    llm = LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16, max_num_batched_tokens=40)
+    try:
+        prompts = random_prompts([1, 12, 45, 90], seed=6)
+        run_and_compare(llm, qwen3_path, prompts, hf_reference)
+        run_and_compare(llm, qwen3_path, prompts, hf_reference)  # again, through the prefix cache
+    finally:
+        llm.exit()
+    assert not llm._workers
+
+
+def test_eos_stops_and_is_reported(qwen3_path, hf_reference):
+    prompt = random_prompts([10], seed=7)[0]
+    first = hf_reference(qwen3_path, prompt, 24)
+    eos = first[5]
+    llm = LLM(qwen3_path)
+    llm.scheduler.eos = (eos,)  # pretend the model ends its text with that token
+    try:
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+        assert out["token_ids"] == first[:first.index(eos) + 1]
+        assert out["finish_reason"] == "stop"
+        ignored = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                               use_tqdm=False)[0]
+        assert ignored["token_ids"] == first and ignored["finish_reason"] == "length"
+    finally:
+        llm.exit()
+
+
+def test_two_engines_one_after_the_other(qwen2_path, hf_reference):
+    prompts = random_prompts([5, 11], seed=8)
+    for _ in range(2):
+        llm = LLM(qwen2_path, kvcache_block_size=16)
+        run_and_compare(llm, qwen2_path, prompts, hf_reference)
+        llm.exit()
+        llm.exit()  # idempotent
+
+
+def test_outputs_keep_prompt_order_and_mixed_params(qwen3_path, hf_reference):
+    prompts = random_prompts([40, 2, 17], seed=9)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 30, 9)]
+    llm = LLM(qwen3_path, kvcache_block_size=16)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        for out, p, sp in zip(outputs, prompts, params):
+            assert out["token_ids"] == hf_reference(qwen3_path, p, 30)[:sp.max_tokens]
+        assert_pool_empty(llm)
+    finally:
+        llm.exit()

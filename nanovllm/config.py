@@ -53,6 +53,7 @@ class Config:
         self.device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        self._check_tensor_parallel()
         self.eos = eos_token_ids(self.model, self.hf_config)
 
     def _check_numbers(self):
@@ -80,6 +81,17 @@ class Config:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+
+
+    def _check_tensor_parallel(self):
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        for name in ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"):
+            if getattr(hf, name) % tp:
+                raise ValueError(f"the model's {name}={getattr(hf, name)} is not divisible by "
+                                 f"tensor_parallel_size={tp}")
+        if self.device.type == "cuda" and tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs but torch sees "
+                             f"{torch.cuda.device_count()}")
 
 
 def load_hf_config(model: str) -> PretrainedConfig:

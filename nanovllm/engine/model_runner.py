@@ -22,6 +22,7 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.models.qwen3 import Qwen3ForCausalLM, head_dim_of
 from nanovllm.utils.context import forward_context
 from nanovllm.utils.loader import init_dummy_weights, load_model
+from nanovllm.utils.parallel import tensor_parallel
 
 
 @contextmanager
@@ -52,14 +53,22 @@ class ModelRunner:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=f"file://{dist_init_file}",
                                     world_size=self.world_size, rank=rank)
-        hf_config = config.hf_config
-        self.head_dim = head_dim_of(hf_config)
+        try:
+            self._build()
+        except BaseException:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise
+
+    def _build(self):
+        config = self.config
+        self.head_dim = head_dim_of(config.hf_config)
         self.attn_backend = create_backend(config.attention_backend, self.device)
         self.attn_backend.check_config(self.block_size, self.head_dim, config.torch_dtype)
-        with default_dtype_and_device(config.torch_dtype, self.device):
-            self.model = Qwen3ForCausalLM(hf_config, config.torch_dtype)
+        with default_dtype_and_device(config.torch_dtype, self.device), tensor_parallel(self.rank, self.world_size):
+            self.model = Qwen3ForCausalLM(config.hf_config, config.torch_dtype)
         if config.load_format == "dummy":
-            init_dummy_weights(self.model, config.seed + rank)
+            init_dummy_weights(self.model, config.seed + self.rank)
         else:
             load_model(self.model, config.model)
         self.sampler = Sampler()

@@ -33,7 +33,7 @@ class VocabParallelEmbedding(nn.Module):
         mask = (x >= self.vocab_start_idx) & (x < self.vocab_end_idx)
         y = F.embedding(mask * (x - self.vocab_start_idx), self.weight)
         y = mask.unsqueeze(1) * y
-        return all_reduce(y)
+        return all_reduce(y, self.tp_size)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

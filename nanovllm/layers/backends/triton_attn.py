@@ -1,0 +1,35 @@
+"""Attention through our own Triton kernels (nanovllm.kernels): paged prefill, split-KV decode, KV store."""
+import torch
+
+from nanovllm.layers.backends.base import AttentionBackend
+from nanovllm.utils.context import Context
+
+try:
+    import triton  # noqa: F401  (imported only to fail early with a clear message)
+except ImportError as e:
+    raise ImportError("attention_backend='triton' needs Triton: pip install triton "
+                      "(or use attention_backend='torch')") from e
+
+from nanovllm.kernels.attention import decode_attention, prefill_attention
+from nanovllm.kernels.store_kvcache import store_kvcache
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+
+    def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"attention_backend='triton' needs kvcache_block_size to be a power of two >= 16, "
+                             f"got kvcache_block_size={block_size}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"attention_backend='triton' supports dtype float16, bfloat16 or float32, got dtype={dtype}")
+
+    def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale):
+        return prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                 ctx.block_tables, scale)
+
+    def decode(self, q, k_cache, v_cache, ctx: Context, scale):
+        return decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)

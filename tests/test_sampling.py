@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.layers.sampler import Sampler
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sampler_frequencies_match_softmax(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 40000
+    g = torch.Generator().manual_seed(1234)
+    tokens = Sampler()(logits.expand(n, -1), torch.full((n,), temperature), g)
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    expected = torch.softmax(logits.double() / temperature, -1)
+    # binomial standard error <= sqrt(0.25 / n) = 0.0025; allow 5 of them
+    assert torch.allclose(freq, expected, atol=0.0125), (freq, expected)
+
+
+def test_sampler_greedy_rows_are_argmax():
+    logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
+    temps = torch.tensor([0.0, 1.0] * 32)
+    tokens = Sampler()(logits, temps, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens[::2], logits[::2].argmax(-1))
+
+
+def test_same_seed_same_output_other_seed_differs(qwen3_path):
+    prompts = [[5, 6, 7], [100] * 20, [9]]
+    sp = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    runs = []
+    for seed in (0, 0, 1):
+        llm = LLM(qwen3_path, kvcache_block_size=16, seed=seed)
+        runs.append([o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)])
+        llm.exit()
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_temperature_zero_in_a_sampled_batch_stays_greedy(qwen3_path, hf_reference):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    llm = LLM(qwen3_path, kvcache_block_size=16)
+    try:
+        outs = llm.generate([prompt, prompt, [7, 7]], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                                       SamplingParams(temperature=1.5, max_tokens=12, ignore_eos=True),
+                                                       SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True)],
+                            use_tqdm=False)
+    finally:
+        llm.exit()
+    assert outs[0]["token_ids"] == hf_reference(qwen3_path, prompt, 12)
+    assert outs[1]["token_ids"] != outs[0]["token_ids"]

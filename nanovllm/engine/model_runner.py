@@ -27,15 +27,17 @@ from nanovllm.utils.parallel import tensor_parallel
 
 @contextmanager
 def default_dtype_and_device(dtype: torch.dtype, device: torch.device):
-    """Build parameters directly in the target dtype and on the target device; restore the defaults after."""
-    old_dtype, old_device = torch.get_default_dtype(), torch.get_default_device()
+    """Build parameters directly in the target dtype and on the target device; restore the defaults after.
+
+    `with torch.device(...)` pops its dispatch mode on exit; set_default_device(cpu) would leave one behind
+    that taxes every later torch call in the process."""
+    old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
-    torch.set_default_device(device)
     try:
-        yield
+        with torch.device(device):
+            yield
     finally:
         torch.set_default_dtype(old_dtype)
-        torch.set_default_device(old_device)
 
 
 class ModelRunner:

@@ -22,7 +22,8 @@ class TritonBackend(AttentionBackend):
             raise ValueError(f"attention_backend='triton' needs kvcache_block_size to be a power of two >= 16, "
                              f"got kvcache_block_size={block_size}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"attention_backend='triton' supports dtype float16, bfloat16 or float32, got dtype={dtype}")
+            raise ValueError(f"attention_backend='triton' supports dtype float16, bfloat16 or float32, "
+                             f"got dtype={dtype}")
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)

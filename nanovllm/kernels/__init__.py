@@ -1,0 +1,1 @@
+"""Our own Triton kernels: paged KV-cache store and paged/varlen attention."""

@@ -1,0 +1,55 @@
+"""Write each new token's K and V into its slot of the paged KV cache.
+
+    slot_mapping[t] = block_id * block_size + offset        (-1: padding token, not stored)
+
+    k_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+                 |           |
+             slot // bs   slot % bs
+
+One program per token copies its whole [num_kv_heads, head_dim] row of K and of V.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kvcache_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,  # k_cache and v_cache share one layout
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK_ROW: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    offs = tl.arange(0, BLOCK_ROW)  # over num_kv_heads * head_dim, padded to a power of two
+    mask = offs < ROW
+    head, dim = offs // HEAD_DIM, offs % HEAD_DIM
+    t = token.to(tl.int64)
+    k = tl.load(k_ptr + t * stride_kt + head * stride_kh + dim, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + head * stride_vh + dim, mask=mask)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch + dim
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """k, v: [num_tokens, num_kv_heads, head_dim] (any token/head strides, unit last stride)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and k_cache.stride(3) == 1
+    assert slot_mapping.numel() == num_tokens
+    if num_tokens == 0:
+        return
+    row = num_kv_heads * head_dim
+    _store_kvcache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_SIZE=k_cache.size(1), HEAD_DIM=head_dim, ROW=row, BLOCK_ROW=triton.next_power_of_2(row),
+        num_warps=max(1, min(8, triton.next_power_of_2(row) // 256)),
+    )

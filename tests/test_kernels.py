@@ -1,0 +1,493 @@
+"""Triton kernels and the GPU attention backends, checked against the pure-PyTorch TorchBackend.
+
+Two kinds of tests live here:
+
+* Interpreter tests (run anywhere Triton is installed, CPU only): Triton reads TRITON_INTERPRET when a kernel is
+  decorated, i.e. when nanovllm.kernels is first imported, so one process cannot hold both interpreted and
+  compiled kernels. These checks therefore run in ONE child process (`python tests/test_kernels.py --interpret`
+  with TRITON_INTERPRET=1) that reports a verdict per check as JSON; the pytest process never imports the kernels
+  in interpreter mode, and GPU tests in the same session keep compiled kernels. fp32 only (the interpreter runs
+  on numpy) and tiny shapes with small tiles, so that every loop and mask path is crossed quickly.
+* `@pytest.mark.cuda` tests (skipped without a GPU): store, prefill and decode of the triton and flash_attn
+  backends against TorchBackend in bf16, including shuffled block tables, cached prefixes, chunked prefill,
+  GQA, long split-KV contexts and decode under CUDA graph capture.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+from nanovllm.layers.backends.torch_sdpa import TorchBackend
+from nanovllm.utils.context import Context
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+HAS_CUDA = torch.cuda.is_available()
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building test batches
+
+
+def make_block_tables(k_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """Each sequence gets distinct, shuffled physical blocks; unused entries are -1."""
+    width = max((k + block_size - 1) // block_size for k in k_lens)
+    needed = sum((k + block_size - 1) // block_size for k in k_lens)
+    assert needed <= num_blocks
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.full((len(k_lens), width), -1, dtype=torch.int32)
+    for i, k in enumerate(k_lens):
+        n = (k + block_size - 1) // block_size
+        tables[i, :n] = torch.tensor(free[:n], dtype=torch.int32)
+        free = free[n:]
+    return tables
+
+
+def cu_seqlens(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, gen):
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    v_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    return k_cache, v_cache
+
+
+def prefill_case(q_lens, k_lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device, paged, seed=0):
+    """(q, k, v, k_cache, v_cache, ctx). Paged: keys live in the cache (as after store_kvcache); else in k, v."""
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens = sum(q_lens)
+    q = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    num_blocks = sum((kl + block_size - 1) // block_size for kl in k_lens) + 3
+    k_cache, v_cache = random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, gen)
+    tables = make_block_tables(k_lens, block_size, num_blocks, gen).to(device) if paged else None
+    ctx = Context(is_prefill=True, cu_seqlens_q=cu_seqlens(q_lens).to(device),
+                  cu_seqlens_k=cu_seqlens(k_lens).to(device), max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+                  block_tables=tables)
+    return q, k, v, k_cache, v_cache, ctx
+
+
+def decode_case(context_lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device, seed=0, extra_width=0,
+                spare_blocks=3):
+    """(q, k_cache, v_cache, ctx); block tables get extra_width more -1 columns (like a CUDA graph's buffer)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    num_blocks = sum((c + block_size - 1) // block_size for c in context_lens) + spare_blocks
+    k_cache, v_cache = random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, gen)
+    tables = make_block_tables(context_lens, block_size, num_blocks, gen)
+    tables = torch.cat([tables, torch.full((len(context_lens), extra_width), -1, dtype=torch.int32)], 1)
+    ctx = Context(is_prefill=False, context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+                  block_tables=tables.to(device))
+    return q, k_cache, v_cache, ctx
+
+
+def store_case(num_tokens, num_slots_free, block_size, num_kv_heads, head_dim, dtype, device, seed=0):
+    """k, v as non-contiguous views of a fused qkv-like tensor, slots distinct with some -1 (padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    fused = torch.randn(num_tokens, 3 * num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    k, v = fused[:, num_kv_heads:2 * num_kv_heads], fused[:, 2 * num_kv_heads:]
+    num_blocks = (num_slots_free + block_size - 1) // block_size
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(torch.int32)
+    slots[::3] = -1
+    k_cache, v_cache = random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, gen)
+    return k, v, k_cache, v_cache, slots.to(device)
+
+
+def run_backend(backend, kind, case, scale):
+    if kind == "prefill":
+        q, k, v, k_cache, v_cache, ctx = case
+        return backend.prefill(q, k, v, k_cache, v_cache, ctx, scale)
+    q, k_cache, v_cache, ctx = case
+    return backend.decode(q, k_cache, v_cache, ctx, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# interpreter checks: run in the child process only (see the module docstring)
+
+
+def _check_store_kvcache():
+    from nanovllm.kernels.store_kvcache import store_kvcache
+    for head_dim in (32, 24):  # 2 * 24 = 48 values per token: masked to a 64-wide block
+        k, v, k_cache, v_cache, slots = store_case(9, 64, 16, 2, head_dim, torch.float32, "cpu")
+        expect_k, expect_v = k_cache.clone(), v_cache.clone()
+        TorchBackend().store_kvcache(k, v, expect_k, expect_v, slots)
+        store_kvcache(k, v, k_cache, v_cache, slots)
+        assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+
+
+def _assert_matches_reference(kind, case, out, scale=0.3):
+    expect = run_backend(TorchBackend(), kind, case, scale)
+    torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
+
+
+def _check_prefill_varlen():
+    from nanovllm.kernels.attention import TileConfig, prefill_attention
+    q_lens = [1, 17, 40, 16]
+    for config in (TileConfig(16, 16, 4, 1), None):  # small tiles cross many tiles; None = the GPU default
+        case = prefill_case(q_lens, q_lens, 16, 4, 2, 32, torch.float32, "cpu", paged=False)
+        q, k, v, k_cache, v_cache, ctx = case
+        out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                None, 0.3, config)
+        _assert_matches_reference("prefill", case, out)
+
+
+def _check_prefill_paged():
+    from nanovllm.kernels.attention import TileConfig, prefill_attention
+    q_lens, k_lens = [1, 17, 33, 5, 20], [5, 40, 33, 70, 20]  # prefixes, chunks, a plain prompt, one token
+    # tiles within a page (scalar block-table read), equal to a page, and spanning two pages (per-key read)
+    for block_size, block_n in ((32, 16), (16, 16), (16, 32)):
+        case = prefill_case(q_lens, k_lens, block_size, 6, 2, 32, torch.float32, "cpu", paged=True)
+        q, k, v, k_cache, v_cache, ctx = case
+        out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                ctx.block_tables, 0.3, TileConfig(16, block_n, 4, 1))
+        _assert_matches_reference("prefill", case, out)
+
+
+def _check_decode():
+    from nanovllm.kernels.attention import TileConfig, decode_attention
+    lens = [1, 16, 17, 90, 33]
+    for block_size, block_n, num_splits in ((16, 16, None), (16, 32, 3), (32, 16, 4), (16, 16, 7)):
+        # 6 query heads on 2 KV heads: a group of 3, padded to 16 rows
+        case = decode_case(lens, block_size, 6, 2, 32, torch.float32, "cpu", extra_width=2)
+        q, k_cache, v_cache, ctx = case
+        out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3,
+                               TileConfig(16, block_n, 4, 1), num_splits)
+        _assert_matches_reference("decode", case, out)
+
+
+def _check_odd_head_dim():
+    from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention
+    case = prefill_case([3, 20], [10, 20], 16, 2, 1, 40, torch.float32, "cpu", paged=True)  # 40 -> 64 padded
+    q, k, v, k_cache, v_cache, ctx = case
+    out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                            ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1))
+    _assert_matches_reference("prefill", case, out)
+    case = decode_case([7, 40], 16, 2, 1, 40, torch.float32, "cpu")
+    q, k_cache, v_cache, ctx = case
+    out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1), 2)
+    _assert_matches_reference("decode", case, out)
+
+
+def _check_decode_empty_rows():
+    """CUDA-graph padding rows have context length 0: they must give zeros, not nan, with and without splits."""
+    from nanovllm.kernels.attention import TileConfig, decode_attention
+    q, k_cache, v_cache, ctx = decode_case([20, 20], 16, 2, 2, 32, torch.float32, "cpu")
+    ctx.context_lens[1] = 0
+    for num_splits in (1, 2):
+        out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3,
+                               TileConfig(16, 16, 4, 1), num_splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert not out[0].isnan().any()
+
+
+INTERPRETER_CHECKS = {
+    "store_kvcache": _check_store_kvcache,
+    "prefill_varlen": _check_prefill_varlen,
+    "prefill_paged": _check_prefill_paged,
+    "decode": _check_decode,
+    "odd_head_dim": _check_odd_head_dim,
+    "decode_empty_rows": _check_decode_empty_rows,
+}
+
+
+def _fix_interpreter_for_numpy_2_4():
+    """Triton 3.6's interpreter turns 1-element scalar arrays into loop bounds with int(array), which numpy >= 2.4
+    refuses (triton-lang/triton#9171, fixed upstream after 3.6). Patch that one conversion."""
+    import numpy as np
+    try:
+        int(np.array([1]))
+        return
+    except TypeError:
+        pass
+    import triton.runtime.interpreter as interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def _run_interpreter_checks() -> dict[str, str]:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _fix_interpreter_for_numpy_2_4()
+    torch.manual_seed(0)
+    verdicts = {}
+    for name, check in INTERPRETER_CHECKS.items():
+        try:
+            check()
+            verdicts[name] = "ok"
+        except Exception:  # report every check, not just the first failure
+            verdicts[name] = traceback.format_exc()
+    return verdicts
+
+
+@pytest.fixture(scope="module")
+def interpreter_verdicts() -> dict[str, str]:
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(INTERPRETER_CHECKS))
+def test_kernel_in_triton_interpreter(name, interpreter_verdicts):
+    assert interpreter_verdicts[name] == "ok", interpreter_verdicts[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU tests of the host-side logic
+
+
+@needs_triton
+def test_decode_splits_follow_shapes_only():
+    from nanovllm.kernels.attention import decode_splits
+    # one sequence, 8 KV heads, 4096 keys on 132 SMs: 33 splits wanted, capped at 4096 // 256 = 16
+    assert decode_splits(4096, 1, 8, 64, 264) == (16, 256)
+    # a large batch fills the GPU by itself: no split
+    assert decode_splits(4096, 256, 8, 64, 264) == (1, 4096)
+    # at most one split per 256 keys; split sizes are whole tiles, the last split is short (1000 - 2 * 384 keys)
+    assert decode_splits(1000, 2, 2, 64, 264) == (3, 384)
+    # short contexts are never split
+    assert decode_splits(200, 1, 1, 64, 264) == (1, 256)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_size", [8, 48, 100, 0])
+def test_triton_backend_refuses_odd_block_sizes(block_size):
+    from nanovllm.layers.backends.triton_attn import TritonBackend
+    with pytest.raises(ValueError, match=f"kvcache_block_size={block_size}"):
+        TritonBackend().check_config(block_size, 128, torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_size", [16, 32, 256, 1024])
+def test_triton_backend_accepts_power_of_two_blocks(block_size):
+    from nanovllm.layers.backends.triton_attn import TritonBackend
+    assert TritonBackend().check_config(block_size, 96, torch.float16) is None
+
+
+def _import_fresh(monkeypatch, module: str, blocked: str):
+    monkeypatch.setitem(sys.modules, blocked, None)  # makes `import <blocked>` raise ImportError
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    return importlib.import_module(module)
+
+
+def test_triton_backend_without_triton_says_what_to_install(monkeypatch):
+    with pytest.raises(ImportError, match="pip install triton"):
+        _import_fresh(monkeypatch, "nanovllm.layers.backends.triton_attn", "triton")
+
+
+def test_flash_attn_backend_without_flash_attn_says_what_to_install(monkeypatch):
+    with pytest.raises(ImportError, match=r"pip install flash-attn.*'triton'"):
+        _import_fresh(monkeypatch, "nanovllm.layers.backends.flash_attn", "flash_attn")
+
+
+@pytest.mark.skipif(not (HAS_FLASH_ATTN and HAS_TRITON), reason="flash_attn and triton are not both installed")
+@pytest.mark.parametrize("block_size, head_dim, dtype, words", [
+    (16, 128, torch.bfloat16, "kvcache_block_size=16"),
+    (384, 128, torch.bfloat16, "kvcache_block_size=384"),
+    (256, 96, torch.bfloat16, "head_dim=96"),
+    (256, 128, torch.float32, "dtype=torch.float32"),
+])
+def test_flash_attn_backend_refuses_unsupported_configs(block_size, head_dim, dtype, words):
+    from nanovllm.layers.backends.flash_attn import FlashAttnBackend
+    with pytest.raises(ValueError, match=words):
+        FlashAttnBackend().check_config(block_size, head_dim, dtype)
+    assert FlashAttnBackend().check_config(512, 64, torch.float16) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU tests
+
+
+def gpu_backend(name: str):
+    if name == "flash_attn" and not HAS_FLASH_ATTN:
+        pytest.skip("flash_attn is not installed")
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from nanovllm.layers.backends import create_backend
+    return create_backend(name, torch.device("cuda"))
+
+
+def backend_params(block_sizes):
+    """(backend, block_size) pairs; flash-attn's paged mode takes multiples of 256 only."""
+    return [(b, bs) for b in ("triton", "flash_attn") for bs in block_sizes if b == "triton" or bs % 256 == 0]
+
+
+GQA = [(16, 8), (14, 2)]
+HEAD_DIMS = [64, 128]
+ATOL = RTOL = 2e-2
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("head_dim", HEAD_DIMS + [96])
+def test_store_kvcache_cuda_equals_indexed_assignment(head_dim):
+    from nanovllm.kernels.store_kvcache import store_kvcache
+    k, v, k_cache, v_cache, slots = store_case(300, 1024, 16, 8, head_dim, torch.bfloat16, "cuda")
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    TorchBackend().store_kvcache(k, v, expect_k, expect_v, slots)
+    store_kvcache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("backend_name", ["triton", "flash_attn"])
+@pytest.mark.parametrize("num_heads, num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_prefill_varlen_cuda(backend_name, num_heads, num_kv_heads, head_dim):
+    backend = gpu_backend(backend_name)
+    q_lens = [1, 15, 16, 17, 300, 1000, 129]
+    case = prefill_case(q_lens, q_lens, 256, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda", paged=False)
+    out = run_backend(backend, "prefill", case, head_dim ** -0.5)
+    expect = run_backend(TorchBackend(), "prefill", case, head_dim ** -0.5)
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("backend_name, block_size", backend_params([16, 64, 256]))
+@pytest.mark.parametrize("num_heads, num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_prefill_paged_prefix_and_chunks_cuda(backend_name, block_size, num_heads, num_kv_heads, head_dim):
+    backend = gpu_backend(backend_name)
+    # (new tokens, keys): single token, chunk of a long prompt, whole prompt read from the cache, cached prefixes
+    q_lens = [1, 7, 300, 64, 513, 1, 100]
+    k_lens = [1, 300, 300, 1000, 700, 1500, 2049]
+    case = prefill_case(q_lens, k_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda",
+                        paged=True)
+    out = run_backend(backend, "prefill", case, head_dim ** -0.5)
+    expect = run_backend(TorchBackend(), "prefill", case, head_dim ** -0.5)
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype, head_dim, atol", [(torch.float16, 128, 2e-2), (torch.float32, 64, 1e-4),
+                                                   (torch.bfloat16, 256, 2e-2), (torch.bfloat16, 96, 2e-2),
+                                                   (torch.bfloat16, 32, 2e-2)])
+def test_triton_other_dtypes_and_head_dims_cuda(dtype, head_dim, atol):
+    backend = gpu_backend("triton")
+    for paged in (False, True):
+        q_lens = [3, 200, 77]
+        k_lens = [40, 200, 300] if paged else q_lens
+        case = prefill_case(q_lens, k_lens, 16, 8, 2, head_dim, dtype, "cuda", paged=paged)
+        torch.testing.assert_close(run_backend(backend, "prefill", case, 0.1),
+                                   run_backend(TorchBackend(), "prefill", case, 0.1), atol=atol, rtol=atol)
+    case = decode_case([1, 300, 3000], 16, 8, 2, head_dim, dtype, "cuda")
+    torch.testing.assert_close(run_backend(backend, "decode", case, 0.1),
+                               run_backend(TorchBackend(), "decode", case, 0.1), atol=atol, rtol=atol)
+
+
+DECODE_LENS = {
+    "short": [1, 2, 17, 255, 256, 257, 33],
+    "long": [5000, 4097],
+    "mixed": [5000, 1, 300, 2048, 7, 4500, 256, 1025],
+}
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("backend_name, block_size", backend_params([16, 64, 256]))
+@pytest.mark.parametrize("num_heads, num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("lens", list(DECODE_LENS))
+def test_decode_cuda(backend_name, block_size, num_heads, num_kv_heads, head_dim, lens):
+    backend = gpu_backend(backend_name)
+    case = decode_case(DECODE_LENS[lens], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
+    out = run_backend(backend, "decode", case, head_dim ** -0.5)
+    expect = run_backend(TorchBackend(), "decode", case, head_dim ** -0.5)
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+@cuda
+@needs_cuda
+@needs_triton
+def test_triton_decode_splits_long_contexts_cuda():
+    """5000 keys on few sequences must take the split-KV path (else this test would not test it)."""
+    from nanovllm.kernels.attention import _target_programs, decode_config, decode_splits
+    q, k_cache, v_cache, ctx = decode_case(DECODE_LENS["long"], 16, 16, 8, 128, torch.bfloat16, "cuda")
+    cfg = decode_config(128, 2, torch.bfloat16)
+    num_splits, _ = decode_splits(ctx.block_tables.size(1) * 16, 2, 8, cfg.block_n, _target_programs(q.device))
+    assert num_splits > 1
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("backend_name, block_size", backend_params([16, 256]))
+def test_decode_no_host_sync_cuda(backend_name, block_size):
+    backend = gpu_backend(backend_name)
+    case = decode_case(DECODE_LENS["mixed"], block_size, 16, 8, 128, torch.bfloat16, "cuda")
+    run_backend(backend, "decode", case, 0.1)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_backend(backend, "decode", case, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("backend_name, block_size", backend_params([16, 256]))
+def test_decode_cuda_graph_replay_matches_eager(backend_name, block_size):
+    backend = gpu_backend(backend_name)
+    scale = 128 ** -0.5
+    # static buffers sized like the graph runner's: 8 rows, block tables as wide as 6000 tokens
+    width = (6000 + block_size - 1) // block_size
+    first = decode_case([30, 5000, 1, 700, 2, 0, 0, 0], block_size, 16, 8, 128, torch.bfloat16, "cuda", seed=1,
+                        extra_width=width - (5000 + block_size - 1) // block_size, spare_blocks=2 * width)
+    q, k_cache, v_cache, ctx = first
+    backend.decode(q, k_cache, v_cache, ctx, scale)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = backend.decode(q, k_cache, v_cache, ctx, scale)
+
+    # new step: other lengths, other blocks of the same cache, other queries, written into the static buffers
+    new_lens = [5990, 3, 256, 4000, 1, 17, 0, 0]
+    gen = torch.Generator().manual_seed(2)
+    tables = make_block_tables(new_lens, block_size, k_cache.size(0), gen)
+    ctx.block_tables.fill_(-1)
+    ctx.block_tables[:, :tables.size(1)] = tables.to("cuda")
+    ctx.context_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+    q.copy_(torch.randn(q.shape, generator=gen).to(q))
+    graph.replay()
+    torch.cuda.synchronize()
+
+    eager = backend.decode(q, k_cache, v_cache, ctx, scale)
+    live = slice(0, 6)  # rows with context length 0 are padding: their output is never used
+    torch.testing.assert_close(graph_out[live], eager[live], atol=1e-3, rtol=1e-3)
+    sub = Context(is_prefill=False, context_lens=ctx.context_lens[live], block_tables=ctx.block_tables[live])
+    expect = TorchBackend().decode(q[live], k_cache, v_cache, sub, scale)
+    torch.testing.assert_close(graph_out[live], expect, atol=ATOL, rtol=RTOL)
+    if backend_name == "triton":  # same kernels, same launch: bit for bit
+        assert torch.equal(graph_out, eager)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--interpret"]:
+        print(json.dumps(_run_interpreter_checks()))
+    else:
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpret")

@@ -1,8 +1,15 @@
 """nanovllm: a small, fast offline LLM inference engine (a nano-vllm clone) that also runs on the CPU."""
-from nanovllm.llm import LLM
 from nanovllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "demo_model_path"]
+
+
+def __getattr__(name: str):
+    # the engine pulls in torch and transformers: import it on first use, so `python -m nanovllm.demo` is quick
+    if name == "LLM":
+        from nanovllm.llm import LLM
+        return LLM
+    raise AttributeError(f"module 'nanovllm' has no attribute {name!r}")
 
 
 def demo_model_path(*args, **kwargs) -> str:

@@ -1,0 +1,67 @@
+"""nano-vllm's example: two chat prompts through the engine.
+
+    python example.py                         # the embedded demo model (converted on the first run, ~2 min)
+    python example.py --model ~/huggingface/Qwen3-0.6B --max-tokens 128 --temperature 0
+"""
+import argparse
+import os
+
+from transformers import AutoTokenizer
+
+from nanovllm import LLM, SamplingParams
+
+PROMPTS = ["introduce yourself", "list all prime numbers within 100"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # written this way so that NaN is refused too
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="a local Hugging Face folder of a Qwen3 or Qwen2 model (default: the embedded demo model)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=256, help="new tokens per prompt (default 256)")
+    parser.add_argument("--temperature", type=_temperature, default=0.6, help="sampling temperature (default 0.6)")
+    args = parser.parse_args()
+    if args.model is not None:
+        args.model = os.path.expanduser(args.model)
+        if not os.path.isdir(args.model):
+            parser.error(f"--model must be a local model folder, {args.model!r} is not a directory")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.model is None:
+        from nanovllm.demo import demo_model_path
+
+        args.model = demo_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    llm = LLM(args.model, enforce_eager=True, tensor_parallel_size=1)
+    try:
+        outputs = llm.generate(prompts, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens))
+    finally:
+        llm.exit()
+    for prompt, output in zip(prompts, outputs):
+        print("\n")
+        print(f"Prompt: {prompt!r}")
+        print(f"Completion: {output['text']!r}")
+
+
+if __name__ == "__main__":
+    main()

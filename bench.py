@@ -55,7 +55,44 @@ def parse_args():
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--profile", action="store_true", help="split the time into scheduling, host and GPU")
     return p.parse_args()
+
+
+class StepProfile:
+    """Wall time of engine steps, of ModelRunner.run (inputs + model + sampling, synced by .tolist()) and
+    of the model alone on the GPU (CUDA events), split by prefill and decode."""
+
+    def __init__(self, llm):
+        import torch
+        self.torch, self.rows = torch, []
+        runner = llm.model_runner
+        run, run_model = runner.run, runner.run_model
+
+        def timed_run(seqs, is_prefill):
+            t = time.perf_counter()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._events = (start, end)
+            out = run(seqs, is_prefill)
+            self.rows.append((is_prefill, time.perf_counter() - t, start.elapsed_time(end) / 1e3, len(seqs)))
+            return out
+
+        def timed_run_model(*args):
+            self._events[0].record()
+            out = run_model(*args)
+            self._events[1].record()
+            return out
+
+        runner.run, runner.run_model = timed_run, timed_run_model
+
+    def report(self, total: float):
+        for phase in (True, False):
+            rows = [r for r in self.rows if r[0] == phase]
+            if rows:
+                run_s, gpu_s = sum(r[1] for r in rows), sum(r[2] for r in rows)
+                print(f"{'prefill' if phase else 'decode '}: {len(rows)} steps, run {run_s:.2f}s "
+                      f"(model on GPU {gpu_s:.2f}s), mean batch {sum(r[3] for r in rows) / len(rows):.0f}")
+        print(f"outside ModelRunner.run (scheduling, bookkeeping): {total - sum(r[1] for r in self.rows):.2f}s")
 
 
 def main():
@@ -75,11 +112,14 @@ def main():
     print(f"LLM() ready in {time.perf_counter() - t:.1f}s "
           f"(attention backend: {llm.model_runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    profile = StepProfile(llm) if args.profile else None
     t = time.perf_counter()
     llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)
     t = time.perf_counter() - t
     total_tokens = sum(sp.max_tokens for sp in sampling_params)
     print(f"Total: {total_tokens}tok, Time: {t:.2f}s, Throughput: {total_tokens / t:.2f}tok/s")
+    if profile:
+        profile.report(t)
     llm.exit()
 
 

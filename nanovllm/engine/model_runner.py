@@ -9,6 +9,7 @@ import os
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -82,6 +83,8 @@ class ModelRunner:
             self.warmup_model()
         self.num_kvcache_blocks = num_kvcache_blocks(config, self.device, self.world_size)
         self.kv_cache = allocate_kv_cache(self.model, config, self.num_kvcache_blocks, self.device)
+        if self.device.type == "cuda":
+            self.warmup_cache_paths()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CUDAGraphRunner(self.model, config, self.device)
@@ -128,15 +131,48 @@ class ModelRunner:
         self.run(seqs, True)
         torch.cuda.synchronize(self.device)
 
-    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return torch.tensor(data, dtype=dtype)
-        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+    def warmup_cache_paths(self):
+        """Compile, before any real request, what the first steps would otherwise compile mid-run: prefill that
+        reads keys from the paged cache (a chunk after a cached part), one-token inputs (torch.compile
+        specialises size 1 apart from larger sizes) and an eager decode step. Block 0 is scribbled on; no
+        sequence owns it yet."""
+        n = min(self.block_size, self.config.max_model_len)
+        seq = Sequence([0] * n, SamplingParams(temperature=0.0, max_tokens=1), -1, self.block_size)
+        seq.block_table = [0]
+        for cached, scheduled in ((n // 2, n - n // 2), (n - 1, 1)):
+            seq.num_cached_tokens, seq.num_scheduled_tokens = cached, scheduled
+            self.run([seq], True)
+        self.run([seq], False)
+        torch.cuda.synchronize(self.device)
 
-    def prepare_block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _upload(self, *parts: list[int], temperatures: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Pack a step's int32 inputs and its temperatures into one host buffer and send it in one copy.
+
+        Many small tensors would each pay an allocation and a copy launch; one pinned buffer pays once. The
+        temperatures travel as the bit patterns of float32 values and are viewed back as float32 on the device.
+        """
+        sizes = [len(p) for p in parts] + [len(temperatures)]
+        host = np.empty(sum(sizes), dtype=np.int32)
+        offset = 0
+        for part, size in zip(parts, sizes):
+            host[offset:offset + size] = part
+            offset += size
+        host[offset:].view(np.float32)[:] = temperatures
+        data = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            data = data.pin_memory().to(self.device, non_blocking=True)
+        *views, temps = data.split(sizes)
+        return views, temps.view(torch.float32)
+
+    @staticmethod
+    def _block_table_rows(seqs: list[Sequence]) -> tuple[list[int], int]:
+        """Block tables padded with -1 to the longest, flattened row by row."""
         width = max(len(seq.block_table) for seq in seqs)
-        rows = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
-        return self._to_device(rows, torch.int32)
+        flat = []
+        for seq in seqs:
+            flat.extend(seq.block_table)
+            flat.extend([-1] * (width - len(seq.block_table)))
+        return flat, width
 
     def prepare_prefill(self, seqs: list[Sequence]):
         """Flatten the scheduled chunk of every sequence into one varlen batch.
@@ -158,15 +194,15 @@ class ModelRunner:
             max_seqlen_q, max_seqlen_k = max(max_seqlen_q, end - start), max(max_seqlen_k, end)
             if seq.block_table:  # warm-up sequences have none
                 slot_mapping.extend(self._slots(seq, start, end))
-        block_tables = None
-        if cu_seqlens_k[-1] > cu_seqlens_q[-1]:  # some keys come from the cache
-            block_tables = self.prepare_block_tables(seqs)
-        ctx = dict(is_prefill=True,
-                   cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
-                   cu_seqlens_k=self._to_device(cu_seqlens_k, torch.int32),
-                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                   slot_mapping=self._to_device(slot_mapping, torch.int32), block_tables=block_tables)
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx
+        paged = cu_seqlens_k[-1] > cu_seqlens_q[-1]  # some keys come from the cache
+        tables, width = self._block_table_rows(seqs) if paged else ([], 0)
+        (input_ids, positions, slot_mapping, cu_seqlens_q, cu_seqlens_k, tables), temperatures = self._upload(
+            input_ids, positions, slot_mapping, cu_seqlens_q, cu_seqlens_k, tables,
+            temperatures=[seq.temperature for seq in seqs])
+        ctx = dict(is_prefill=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, slot_mapping=slot_mapping,
+                   block_tables=tables.view(len(seqs), width) if paged else None)
+        return input_ids, positions, ctx, temperatures
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         slots, bs = [], self.block_size
@@ -176,14 +212,17 @@ class ModelRunner:
         return slots
 
     def prepare_decode(self, seqs: list[Sequence]):
+        bs = self.block_size
         input_ids = [seq.last_token for seq in seqs]
-        positions = [len(seq) - 1 for seq in seqs]
         context_lens = [len(seq) for seq in seqs]
-        slot_mapping = [seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1 for seq in seqs]
-        ctx = dict(is_prefill=False, slot_mapping=self._to_device(slot_mapping, torch.int32),
-                   context_lens=self._to_device(context_lens, torch.int32),
-                   block_tables=self.prepare_block_tables(seqs))
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx
+        positions = [n - 1 for n in context_lens]
+        slot_mapping = [seq.block_table[-1] * bs + (n - 1) % bs for seq, n in zip(seqs, context_lens)]
+        tables, width = self._block_table_rows(seqs)
+        (input_ids, positions, slot_mapping, context_lens, tables), temperatures = self._upload(
+            input_ids, positions, slot_mapping, context_lens, tables, temperatures=[seq.temperature for seq in seqs])
+        ctx = dict(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
+                   block_tables=tables.view(len(seqs), width))
+        return input_ids, positions, ctx, temperatures
 
     # ---- running -----------------------------------------------------------------------------------------
 
@@ -198,10 +237,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
-        input_ids, positions, ctx = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+        input_ids, positions, ctx, temperatures = prepare(seqs)
         logits = self.run_model(input_ids, positions, ctx)
         if self.rank != 0:
             return None
-        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
         return self.sampler(logits, temperatures, self.generator).tolist()
 

@@ -87,9 +87,11 @@ class Scheduler:
         """Account for one step's computed tokens; return the sequences that finished."""
         finished = []
         for seq, token_id in zip(seqs, token_ids):
+            full_blocks = seq.num_cached_blocks
             seq.num_cached_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            self.block_manager.hash_blocks(seq)
+            if seq.num_cached_blocks > full_blocks:  # a block was completed: publish it for prefix caching
+                self.block_manager.hash_blocks(seq)
             if seq.num_cached_tokens < seq.num_tokens:  # a prompt chunk: no token sampled yet
                 continue
             seq.append_token(token_id)

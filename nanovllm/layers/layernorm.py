@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        # 2-D inputs only ([tokens, features]): one compiled graph serves every caller (q/k norms flatten heads)
+        # 2-D inputs only ([tokens, features]): one compiled graph serves every caller
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if residual is None:

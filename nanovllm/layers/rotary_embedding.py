@@ -1,15 +1,31 @@
 import torch
 from torch import nn
 
+from nanovllm.layers.layernorm import rms_norm
 from nanovllm.utils.compile import compile_on_cuda
 
 
-@compile_on_cuda
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, head_dim // 2] (halves layout, as in HF)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, -1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+@compile_on_cuda
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+         sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_cache[positions], sin_cache[positions]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@compile_on_cuda
+def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+              k_weight: torch.Tensor, eps: float, cos_cache: torch.Tensor,
+              sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q/k RMSNorm and the rotary embedding in one compiled region (one kernel, not six)."""
+    q, k = rms_norm.eager(q, q_weight, eps), rms_norm.eager(k, k_weight, eps)
+    return rope.eager(positions, q, k, cos_cache, sin_cache)
 
 
 class RotaryEmbedding(nn.Module):
@@ -22,6 +38,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)
         self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+        """q: [num_tokens, num_heads, head_dim], k likewise; q_norm/k_norm (RMSNorm) are applied first if given."""
+        if q_norm is None:
+            return rope(positions, q, k, self.cos_cache, self.sin_cache)
+        return norm_rope(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos_cache,
+                         self.sin_cache)

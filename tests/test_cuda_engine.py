@@ -1,0 +1,138 @@
+"""The engine on an NVIDIA GPU (skipped elsewhere): backends, CUDA graphs, memory, lifecycle."""
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.sequence import Sequence
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+def prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(500) for _ in range(n)] for n in lengths]
+
+
+PROMPTS = prompts([1, 9, 40, 100, 300, 17, 64, 65])
+
+
+def run(path, prompt_list=PROMPTS, sp=GREEDY, **options):
+    llm = LLM(path, **options)
+    try:
+        first = [o["token_ids"] for o in llm.generate(prompt_list, sp, use_tqdm=False)]
+        again = [o["token_ids"] for o in llm.generate(prompt_list, sp, use_tqdm=False)]  # through the prefix cache
+        assert again == first
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        return first
+    finally:
+        llm.exit()
+
+
+@pytest.fixture(scope="module")
+def qwen3_path(tmp_path_factory):
+    """head_dim 64: a size every GPU backend (and the prebuilt flash-attn) serves."""
+    from conftest import make_model
+    return make_model(tmp_path_factory.mktemp("qwen3_hd64"), "qwen3", hidden_size=128, head_dim=64,
+                      num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(qwen3_path):
+    return run(qwen3_path, device="cpu", kvcache_block_size=16)
+
+
+@pytest.mark.parametrize("options", [
+    dict(kvcache_block_size=16),
+    dict(kvcache_block_size=256, enforce_eager=True),
+    dict(kvcache_block_size=32, max_num_batched_tokens=48),
+    dict(kvcache_block_size=16, num_kvcache_blocks=24),  # forces preemption
+], ids=["graphs", "eager", "chunked", "preempt"])
+def test_triton_float32_equals_cpu_torch(qwen3_path, cpu_reference, options):
+    assert run(qwen3_path, device="cuda", dtype="float32", attention_backend="triton", **options) == cpu_reference
+
+
+def test_cuda_graphs_equal_eager_bf16(qwen3_path):
+    eager = run(qwen3_path, dtype="bfloat16", attention_backend="triton", enforce_eager=True, kvcache_block_size=16)
+    graphs = run(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
+    assert graphs == eager
+
+
+def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """The engine's own next-token logits after `token_ids` (one prefill through its backend)."""
+    seq = Sequence(token_ids, GREEDY, -1, llm.config.kvcache_block_size)
+    bm = llm.scheduler.block_manager
+    bm.allocate(seq)
+    seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+    try:
+        runner = llm.model_runner
+        input_ids, positions, ctx, _ = runner.prepare_prefill([seq])
+        return runner.run_model(input_ids, positions, ctx)[0].float()
+    finally:
+        bm.deallocate(seq)
+
+
+def agree_by_logprob_rule(a: LLM, b: LLM, prompt, out_a, out_b, k=5) -> bool:
+    """Equal, or at the first differing token each side's token is in the other's top-k."""
+    for i, (x, y) in enumerate(zip(out_a, out_b)):
+        if x != y:
+            prefix = prompt + out_a[:i]
+            top_a = next_token_logits(a, prefix).topk(k).indices.tolist()
+            top_b = next_token_logits(b, prefix).topk(k).indices.tolist()
+            return x in top_b and y in top_a
+    return True
+
+
+@pytest.mark.skipif(not HAS_FLASH_ATTN, reason="flash_attn is not installed")
+@pytest.mark.parametrize("options", [dict(num_kvcache_blocks=64),
+                                     dict(num_kvcache_blocks=64, max_num_batched_tokens=64),
+                                     dict(num_kvcache_blocks=3)],
+                         ids=["plain", "chunked", "preempt"])  # two engines at once: fixed cache sizes
+def test_flash_attn_bf16_agrees_with_torch_backend(qwen3_path, options):
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    common = dict(dtype="bfloat16", kvcache_block_size=256, **options)
+    ref = LLM(qwen3_path, attention_backend="torch", enforce_eager=True, **common)
+    fa = LLM(qwen3_path, attention_backend="flash_attn", **common)
+    try:
+        out_ref = [o["token_ids"] for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
+        out_fa = [o["token_ids"] for o in fa.generate(PROMPTS, sp, use_tqdm=False)]
+        for p, x, y in zip(PROMPTS, out_ref, out_fa):
+            assert agree_by_logprob_rule(ref, fa, p, x, y)
+    finally:
+        ref.exit()
+        fa.exit()
+
+
+def test_no_memory_growth_and_construct_exit_twice(qwen3_path):
+    for _ in range(2):
+        llm = LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(3):
+            llm.generate(PROMPTS, SamplingParams(temperature=0.7, max_tokens=20), use_tqdm=False)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before
+        llm.exit()
+        del llm
+    torch.cuda.synchronize()
+
+
+def test_no_recompiles_during_a_run(qwen3_path):
+    """torch.compile'd ops compile at start-up (warm-up, graph capture) and never again while serving."""
+    import torch._dynamo
+    for options in (dict(), dict(enforce_eager=True)):
+        llm = LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16,
+                  max_num_batched_tokens=50, max_num_seqs=20, **options)
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                mixed = prompts([1, 2, 3, 16, 17, 49, 50, 51, 130, 7] * 3, seed=11)
+                llm.generate(mixed, SamplingParams(temperature=0.7, max_tokens=30), use_tqdm=False)
+                llm.generate(mixed[:1], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+        finally:
+            llm.exit()

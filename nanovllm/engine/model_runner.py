@@ -65,6 +65,7 @@ class ModelRunner:
 
     def _build(self):
         config = self.config
+        self.graphs = None  # decode runs eagerly until the graphs are captured, the warm-up steps included
         self.head_dim = head_dim_of(config.hf_config)
         self.attn_backend = create_backend(config.attention_backend, self.device)
         self.attn_backend.check_config(self.block_size, self.head_dim, config.torch_dtype)
@@ -85,7 +86,6 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.model, config, self.num_kvcache_blocks, self.device)
         if self.device.type == "cuda":
             self.warmup_cache_paths()
-        self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CUDAGraphRunner(self.model, config, self.device)
 

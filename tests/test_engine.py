@@ -2,6 +2,7 @@
 import random
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 
@@ -161,5 +162,32 @@ def test_outputs_keep_prompt_order_and_mixed_params(qwen3_path, hf_reference):
         for out, p, sp in zip(outputs, prompts, params):
             assert out["token_ids"] == hf_reference(qwen3_path, p, 30)[:sp.max_tokens]
         assert_pool_empty(llm)
+    finally:
+        llm.exit()
+
+
+def test_step_inputs_are_packed_16_byte_aligned(qwen3_path):
+    """One host-to-device copy per step; every input starts 16-byte aligned (Triton specialises on it)."""
+    from nanovllm.engine.sequence import Sequence
+    llm = LLM(qwen3_path, kvcache_block_size=16)
+    try:
+        seqs = []
+        for i, n in enumerate((3, 21, 40)):
+            seq = Sequence(list(range(1, n + 1)), SamplingParams(temperature=0.5 * i), i, 16)
+            llm.scheduler.block_manager.allocate(seq)
+            seq.num_cached_tokens, seq.num_scheduled_tokens = (16, n - 16) if n > 16 else (0, n)
+            seqs.append(seq)
+        input_ids, positions, ctx, temps = llm.model_runner.prepare_prefill(seqs)
+        tensors = [input_ids, positions, temps] + [v for v in ctx.values() if isinstance(v, torch.Tensor)]
+        base = input_ids.untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == base for t in tensors)  # one buffer
+        assert all((t.data_ptr() - base) % 16 == 0 for t in tensors)
+        assert input_ids.tolist() == [1, 2, 3] + list(range(17, 22)) + list(range(17, 41))
+        assert positions.tolist() == [0, 1, 2] + list(range(16, 21)) + list(range(16, 40))
+        assert ctx["cu_seqlens_q"].tolist() == [0, 3, 8, 32] and ctx["cu_seqlens_k"].tolist() == [0, 3, 24, 64]
+        assert ctx["block_tables"].tolist() == [s.block_table + [-1] * (3 - len(s.block_table)) for s in seqs]
+        assert temps.tolist() == [0.0, 0.5, 1.0]
+        for seq in seqs:
+            llm.scheduler.block_manager.deallocate(seq)
     finally:
         llm.exit()

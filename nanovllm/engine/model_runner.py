@@ -152,17 +152,18 @@ class ModelRunner:
         temperatures travel as the bit patterns of float32 values and are viewed back as float32 on the device.
         """
         sizes = [len(p) for p in parts] + [len(temperatures)]
-        host = np.empty(sum(sizes), dtype=np.int32)
-        offset = 0
-        for part, size in zip(parts, sizes):
-            host[offset:offset + size] = part
-            offset += size
-        host[offset:].view(np.float32)[:] = temperatures
+        # every part starts 16-byte aligned: Triton specialises kernels on pointer alignment, so unaligned
+        # views would compile new variants mid-run (and load slower)
+        starts = np.cumsum([0] + [-(-n // 4) * 4 for n in sizes])
+        host = np.zeros(int(starts[-1]), dtype=np.int32)
+        for part, start, size in zip(parts, starts, sizes):
+            host[start:start + size] = part
+        host[starts[-2]:starts[-2] + sizes[-1]].view(np.float32)[:] = temperatures
         data = torch.from_numpy(host)
         if self.device.type == "cuda":
             data = data.pin_memory().to(self.device, non_blocking=True)
-        *views, temps = data.split(sizes)
-        return views, temps.view(torch.float32)
+        views = [data[start:start + size] for start, size in zip(starts.tolist(), sizes)]
+        return views[:-1], views[-1].view(torch.float32)
 
     @staticmethod
     def _block_table_rows(seqs: list[Sequence]) -> tuple[list[int], int]:

@@ -33,6 +33,9 @@ def parse_args() -> argparse.Namespace:
                         help="a local Hugging Face folder of a Qwen3 or Qwen2 model (default: the embedded demo model)")
     parser.add_argument("--max-tokens", type=_positive_int, default=256, help="new tokens per prompt (default 256)")
     parser.add_argument("--temperature", type=_temperature, default=0.6, help="sampling temperature (default 0.6)")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="weights and activations dtype (default bfloat16, the checkpoint's own: on the CPU "
+                             "it reads half the bytes of float32 per token; 'auto' = float32 on CPU)")
     args = parser.parse_args()
     if args.model is not None:
         args.model = os.path.expanduser(args.model)
@@ -52,7 +55,7 @@ def main() -> None:
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in PROMPTS
     ]
-    llm = LLM(args.model, enforce_eager=True, tensor_parallel_size=1)
+    llm = LLM(args.model, enforce_eager=True, tensor_parallel_size=1, dtype=args.dtype)
     try:
         outputs = llm.generate(prompts, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens))
     finally:

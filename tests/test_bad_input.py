@@ -50,6 +50,12 @@ def test_a_bare_token_list_is_not_a_batch(llm):
         llm.generate([1, 2, 3], GREEDY, use_tqdm=False)
 
 
+def test_numpy_token_ids_are_accepted(llm, expected):
+    import numpy as np
+    assert llm.generate([np.array([1, 2, 3])], GREEDY, use_tqdm=False) == \
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+
+
 def test_fits_exactly_at_the_limits(llm):
     # 8 blocks of 16 = 128 slots; the last sampled token needs none: 100 + 29 - 1 = 128
     out = llm.generate([[1] * 100], SamplingParams(temperature=0, max_tokens=29, ignore_eos=True), use_tqdm=False)

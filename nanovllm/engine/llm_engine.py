@@ -1,4 +1,5 @@
 import atexit
+from numbers import Integral
 import os
 import tempfile
 from dataclasses import fields
@@ -99,12 +100,14 @@ class LLMEngine:
         return seq
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
+            prompt = prompt.tolist()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model folder {self.config.model!r} has no tokenizer: pass prompts as token ids")
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
-            token_ids = list(prompt)
+            token_ids = [int(t) if isinstance(t, Integral) and not isinstance(t, bool) else t for t in prompt]
         else:
             raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if not token_ids:
@@ -166,7 +169,7 @@ class LLMEngine:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
-        if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        if prompts and all(isinstance(p, Integral) and not isinstance(p, bool) for p in prompts):
             raise TypeError("prompts must be a list of prompts: wrap a single token-id list as [token_ids]")
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):

@@ -191,3 +191,35 @@ def test_step_inputs_are_packed_16_byte_aligned(qwen3_path):
             llm.scheduler.block_manager.deallocate(seq)
     finally:
         llm.exit()
+
+
+@pytest.fixture(scope="module")
+def qwen3_with_tokenizer(qwen3_path, tmp_path_factory):
+    """The tiny model plus a word-level tokenizer over its 512 ids ("w0" .. "w509", "<bos>", "<eos>")."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("qwen3_tok") / "model"
+    shutil.copytree(qwen3_path, folder)
+    vocab = {f"w{i}": i for i in range(510)} | {"<bos>": 510, "<eos>": 511}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>").save_pretrained(folder)
+    return str(folder)
+
+
+def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_reference):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_with_tokenizer)
+    texts = ["w5 w17 w300", "w1 " * 40 + "w2"]
+    llm = LLM(qwen3_with_tokenizer, kvcache_block_size=16)
+    try:
+        outputs = llm.generate(texts, GREEDY, use_tqdm=False)
+    finally:
+        llm.exit()
+    for text, out in zip(texts, outputs):
+        ids = tokenizer.encode(text)
+        assert out["token_ids"] == hf_reference(qwen3_with_tokenizer, ids, GREEDY.max_tokens)
+        assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+        assert out["text"].startswith("w")

@@ -41,9 +41,11 @@ def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) ->
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
         available = int(total * config.gpu_memory_utilization) - used - (peak - current)
     else:
+        # room for a few full-length sequences, within a modest budget that still fits one long one,
+        # and never more than half the free RAM
+        one_seq = blocks_for_tokens(config, config.max_model_len) * per_block
         seqs = min(config.max_num_seqs, CPU_KVCACHE_MAX_SEQS)
-        available = min(CPU_KVCACHE_MAX_BYTES, _cpu_available_bytes() // 4,
-                        blocks_for_tokens(config, config.max_model_len) * seqs * per_block)
+        available = min(one_seq * seqs, max(CPU_KVCACHE_MAX_BYTES, one_seq), _cpu_available_bytes() // 2)
     num_blocks = max(available // per_block, 0)
     if world_size > 1:
         t = torch.tensor([num_blocks], device=device)

@@ -55,26 +55,27 @@ def parse_args():
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--profile", action="store_true", help="split the time into scheduling, host and GPU")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="read each step's tokens back before scheduling the next (no overlap)")
+    p.add_argument("--profile", action="store_true", help="split the time into host launching and GPU (CUDA)")
     return p.parse_args()
 
 
 class StepProfile:
-    """Wall time of engine steps, of ModelRunner.run (inputs + model + sampling, synced by .tolist()) and
-    of the model alone on the GPU (CUDA events), split by prefill and decode."""
+    """Where the time goes: host time spent launching steps (preparing inputs, queuing the model and the
+    sampler) and the model's own time on the GPU (CUDA events), for prefill and decode steps."""
 
     def __init__(self, llm):
         import torch
-        self.torch, self.rows = torch, []
+        self.rows = []  # (is_prefill, host seconds, start event, end event, batch size)
         runner = llm.model_runner
-        run, run_model = runner.run, runner.run_model
+        launch, run_model = runner.launch, runner.run_model
 
-        def timed_run(seqs, is_prefill):
+        def timed_launch(seqs, is_prefill):
             t = time.perf_counter()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._events = (start, end)
-            out = run(seqs, is_prefill)
-            self.rows.append((is_prefill, time.perf_counter() - t, start.elapsed_time(end) / 1e3, len(seqs)))
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            out = launch(seqs, is_prefill)
+            self.rows.append((is_prefill, time.perf_counter() - t, *self._events, len(seqs)))
             return out
 
         def timed_run_model(*args):
@@ -83,16 +84,17 @@ class StepProfile:
             self._events[1].record()
             return out
 
-        runner.run, runner.run_model = timed_run, timed_run_model
+        runner.launch, runner.run_model = timed_launch, timed_run_model
 
     def report(self, total: float):
         for phase in (True, False):
             rows = [r for r in self.rows if r[0] == phase]
             if rows:
-                run_s, gpu_s = sum(r[1] for r in rows), sum(r[2] for r in rows)
-                print(f"{'prefill' if phase else 'decode '}: {len(rows)} steps, run {run_s:.2f}s "
-                      f"(model on GPU {gpu_s:.2f}s), mean batch {sum(r[3] for r in rows) / len(rows):.0f}")
-        print(f"outside ModelRunner.run (scheduling, bookkeeping): {total - sum(r[1] for r in self.rows):.2f}s")
+                host = sum(r[1] for r in rows)
+                gpu = sum(r[2].elapsed_time(r[3]) for r in rows) / 1e3
+                print(f"{'prefill' if phase else 'decode '}: {len(rows)} steps, model on GPU {gpu:.2f}s, "
+                      f"host launching {host:.2f}s, mean batch {sum(r[4] for r in rows) / len(rows):.0f}")
+        print(f"wall {total:.2f}s")
 
 
 def main():
@@ -108,7 +110,8 @@ def main():
     llm = LLM(path, load_format="auto" if args.model else "dummy", max_model_len=args.max_model_len,
               tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
               enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype)
+              max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
+              async_scheduling=not args.no_async_scheduling)
     print(f"LLM() ready in {time.perf_counter() - t:.1f}s "
           f"(attention backend: {llm.model_runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up

@@ -31,6 +31,7 @@ class Config:
     enable_prefix_caching: bool = True
     seed: int = 0
     load_format: str = "auto"
+    async_scheduling: bool = True
     # derived in __post_init__
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos: tuple[int, ...] = ()
@@ -74,7 +75,7 @@ class Config:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
-        for name in ("enforce_eager", "enable_prefix_caching"):
+        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in BACKENDS:

@@ -223,3 +223,31 @@ def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_referenc
         assert out["token_ids"] == hf_reference(qwen3_with_tokenizer, ids, GREEDY.max_tokens)
         assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
         assert out["text"].startswith("w")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_kvcache_blocks=10, max_num_batched_tokens=20)],
+                         ids=["plain", "preempt-chunked"])
+def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, options):
+    """Scheduling step N+1 before step N's tokens are read back changes nothing: same tokens, same stops (an EOS
+    found one step late drops the surplus token), same finish reasons, an empty pool afterwards."""
+    prompts = random_prompts([3, 20, 25, 30, 35, 9], seed=12)
+    first = [hf_reference(qwen3_path, p, 40) for p in prompts]
+    eos = first[2][6]  # a token some sequences produce mid-way
+    sp = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=(i % 3 == 0)) for i in range(len(prompts))]
+    results = []
+    for overlap in (False, True):
+        llm = LLM(qwen3_path, kvcache_block_size=16, async_scheduling=overlap, **options)
+        llm.scheduler.eos = (eos,)
+        preempt = Counting(llm.scheduler, "preempt")
+        try:
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            assert_pool_empty(llm)
+            assert (preempt.calls > 0) == ("num_kvcache_blocks" in options)
+        finally:
+            llm.exit()
+        results.append([(o["token_ids"], o["finish_reason"]) for o in outs])
+    assert results[0] == results[1]
+    for (ids, reason), ref, s in zip(results[1], first, sp):
+        stop = None if s.ignore_eos or eos not in ref else ref.index(eos) + 1
+        assert ids == ref[:stop] and reason == ("stop" if stop else "length")
+    assert any(reason == "stop" for _, reason in results[1])

@@ -319,3 +319,48 @@ def test_finish_on_max_model_len():
     assert sched.postprocess([seq], [11]) == [seq]
     assert seq.finish_reason == "length"
     assert len(seq) == 5
+
+
+# ---- overlapped steps: step N+1 launched before step N is read back ------------------------------------------
+
+def test_overlapped_steps_fill_pending_tokens_and_drop_a_surplus_one():
+    from nanovllm.engine.sequence import PENDING_TOKEN
+    sched = make_scheduler()
+    s0, s1 = make_seq([1, 2, 3], max_tokens=3), make_seq([5, 6, 7, 8, 9])
+    add_all(sched, s0, s1)
+    step0 = sched.launched(sched.schedule()[0])  # prefill of both
+    assert step0 == [(s0, 3, 0), (s1, 5, 1)]
+    assert s0.token_ids == [1, 2, 3, PENDING_TOKEN] and s1.num_cached_tokens == 5
+    seqs, is_prefill = sched.schedule()  # decode launched while step 0 is still in flight
+    assert (seqs, is_prefill) == ([s0, s1], False)
+    step1 = sched.launched(seqs)
+    assert s0.token_ids == [1, 2, 3, PENDING_TOKEN, PENDING_TOKEN] and s0.num_cached_tokens == 4
+    assert s0.block_table == [0] and s1.block_table == [1, 2]
+    # step 0 comes back: s1 stopped at EOS, so its step-1 token is surplus and its blocks are freed
+    assert sched.resolve(step0, [10, EOS]) == [s1]
+    assert s1.token_ids == [5, 6, 7, 8, 9, EOS] and s1.finish_reason == "stop" and not s1.block_table
+    assert s0.token_ids == [1, 2, 3, 10, PENDING_TOKEN]
+    assert sched.resolve(step1, [11, 77]) == []  # s1's 77 is dropped
+    assert s0.token_ids == [1, 2, 3, 10, 11] and s1.token_ids == [5, 6, 7, 8, 9, EOS]
+    # s0 has max_tokens=3: its third token is launched, then nothing more is scheduled for it
+    step2 = sched.launched(sched.schedule()[0])
+    assert sched.schedule() == ([], False)
+    assert sched.resolve(step2, [12]) == [s0]
+    assert s0.completion_token_ids == [10, 11, 12] and s0.finish_reason == "length"
+    assert sched.is_finished()
+    assert sorted(sched.block_manager.free_block_ids) == list(range(8))
+
+
+def test_a_sequence_preempted_with_a_token_in_flight_gets_it_back():
+    from nanovllm.engine.sequence import PENDING_TOKEN
+    sched = make_scheduler(num_kvcache_blocks=2)
+    s0, s1 = make_seq([1, 2, 3, 4], ignore_eos=True), make_seq([5, 6, 7])
+    add_all(sched, s0, s1)
+    step0 = sched.launched(sched.schedule()[0])  # both prefilled: 1 block each, both now 1 token short of 2
+    seqs, _ = sched.schedule()  # s0 needs a 2nd block, none free: s1 (newest) is preempted
+    assert seqs == [s0] and sched.waiting[0] is s1 and s1.token_ids == [5, 6, 7, PENDING_TOKEN]
+    step1 = sched.launched(seqs)
+    assert sched.resolve(step0, [20, 21]) == []
+    assert s1.token_ids == [5, 6, 7, 21] and s1.status == SequenceStatus.WAITING and s1.num_cached_tokens == 0
+    assert sched.resolve(step1, [22]) == []
+    assert s0.token_ids == [1, 2, 3, 4, 20, 22]

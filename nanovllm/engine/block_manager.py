@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 import xxhash
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 
 
 class Block:
@@ -135,7 +135,8 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def hash_blocks(self, seq: Sequence):
-        """Publish every full block whose K/V is now computed (call after each step)."""
+        """Publish every full block whose K/V is computed (or queued on the device ahead of any reader) and
+        whose token ids are all known."""
         if not self.enable_prefix_caching:
             return
         first = seq.num_cached_blocks  # blocks are published in order, so walk back to the first unpublished
@@ -145,6 +146,8 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             prefix = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
             token_ids = seq.block(i)
+            if PENDING_TOKEN in token_ids:  # a sampled token not read back yet: publish once it is known
+                break
             h = compute_hash(token_ids, prefix)
             block.publish(h, token_ids)
             self.hash_to_block_id[h] = block.block_id

@@ -137,14 +137,40 @@ class LLMEngine:
     # ---- running -----------------------------------------------------------------------------------------
 
     def step(self) -> tuple[list[Sequence], int]:
-        """Run one scheduled batch. Returns the finished sequences and the number of tokens processed
-        (positive for a prefill step, negative for a decode step, as nano-vllm reports it)."""
+        """Run one scheduled batch to completion. Returns the finished sequences and the number of tokens
+        processed (positive for a prefill step, negative for a decode step, as nano-vllm reports it)."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return [], 0
-        num_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
+        num_tokens = self._num_tokens(seqs, is_prefill)
         token_ids = self.model_runner.call("run", seqs, is_prefill)
         return self.scheduler.postprocess(seqs, token_ids), num_tokens
+
+    @staticmethod
+    def _num_tokens(seqs: list[Sequence], is_prefill: bool) -> int:
+        return sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
+
+    def _overlapped_steps(self):
+        """Like repeated step(), but step N+1 is scheduled and queued on the device before step N's tokens are
+        read back, so the host's bookkeeping hides behind device work. A sequence's token still in flight is a
+        PENDING_TOKEN that the next decode step reads on the device; a sequence that turns out to have stopped
+        (EOS) one step earlier just has that step's token dropped. Yields (finished, num_tokens) per step."""
+        in_flight = None  # (records, sampled token ids on the device, num_tokens)
+        while True:
+            seqs, is_prefill = self.scheduler.schedule()
+            launched = None
+            if seqs:
+                num_tokens = self._num_tokens(seqs, is_prefill)
+                sampled = self.model_runner.launch(seqs, is_prefill)
+                launched = (self.scheduler.launched(seqs), sampled, num_tokens)
+            if in_flight is not None:
+                records, sampled, num_tokens = in_flight
+                yield self.scheduler.resolve(records, sampled.tolist()), num_tokens
+            elif not seqs:
+                if self.scheduler.is_finished():
+                    return
+                raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
+            in_flight = launched
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
@@ -187,12 +213,14 @@ class LLMEngine:
     def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
         pending = {seq.seq_id for seq in seqs}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        overlap = self.config.async_scheduling and self.config.tensor_parallel_size == 1
+        steps = self._overlapped_steps() if overlap else iter(self.step, None)
         prefill_tps = decode_tps = 0.0
         with bar:
-            while pending:
-                t = perf_counter()
-                finished, num_tokens = self.step()
-                dt = max(perf_counter() - t, 1e-9)
+            t = perf_counter()
+            for finished, num_tokens in steps:
+                now = perf_counter()
+                dt, t = max(now - t, 1e-9), now
                 if num_tokens > 0:
                     prefill_tps = num_tokens / dt
                 elif num_tokens < 0:
@@ -201,6 +229,8 @@ class LLMEngine:
                 done = [seq for seq in finished if seq.seq_id in pending]
                 pending.difference_update(seq.seq_id for seq in done)
                 bar.update(len(done))
+                if not pending:
+                    break
 
     def _abort(self, seqs: list[Sequence]):
         """Drop this call's unfinished requests (after an interrupt or error) so later calls start clean."""

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graphs import CUDAGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 from nanovllm.layers.backends import create_backend
 from nanovllm.layers.sampler import Sampler
 from nanovllm.sampling_params import SamplingParams
@@ -66,6 +66,7 @@ class ModelRunner:
     def _build(self):
         config = self.config
         self.graphs = None  # decode runs eagerly until the graphs are captured, the warm-up steps included
+        self.last_sampled: torch.Tensor | None = None
         self.head_dim = head_dim_of(config.hf_config)
         self.attn_backend = create_backend(config.attention_backend, self.device)
         self.attn_backend.check_config(self.block_size, self.head_dim, config.torch_dtype)
@@ -218,9 +219,16 @@ class ModelRunner:
         context_lens = [len(seq) for seq in seqs]
         positions = [n - 1 for n in context_lens]
         slot_mapping = [seq.block_table[-1] * bs + (n - 1) % bs for seq, n in zip(seqs, context_lens)]
+        # a last token still in flight is read from the previous step's output, on the device
+        pending_rows = [seq.pending_row if t == PENDING_TOKEN else -1 for seq, t in zip(seqs, input_ids)]
+        has_pending = any(row >= 0 for row in pending_rows)
         tables, width = self._block_table_rows(seqs)
-        (input_ids, positions, slot_mapping, context_lens, tables), temperatures = self._upload(
-            input_ids, positions, slot_mapping, context_lens, tables, temperatures=[seq.temperature for seq in seqs])
+        (input_ids, positions, slot_mapping, context_lens, tables, pending_rows), temperatures = self._upload(
+            input_ids, positions, slot_mapping, context_lens, tables, pending_rows if has_pending else [],
+            temperatures=[seq.temperature for seq in seqs])
+        if has_pending:
+            previous = self.last_sampled[pending_rows.clamp(min=0)].to(input_ids.dtype)
+            input_ids = torch.where(pending_rows >= 0, previous, input_ids)
         ctx = dict(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
                    block_tables=tables.view(len(seqs), width))
         return input_ids, positions, ctx, temperatures
@@ -237,11 +245,18 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+    def launch(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor | None:
+        """Queue one step on the device and return its sampled token ids without waiting for them (rank 0;
+        other ranks return None). The result also feeds the next decode step's pending tokens."""
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, ctx, temperatures = prepare(seqs)
         logits = self.run_model(input_ids, positions, ctx)
         if self.rank != 0:
             return None
-        return self.sampler(logits, temperatures, self.generator).tolist()
+        self.last_sampled = self.sampler(logits, temperatures, self.generator)
+        return self.last_sampled
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        sampled = self.launch(seqs, is_prefill)
+        return sampled.tolist() if sampled is not None else None
 

@@ -2,7 +2,7 @@ from collections import deque
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 class Scheduler:
@@ -62,9 +62,12 @@ class Scheduler:
         return seq.num_scheduled_tokens
 
     def _schedule_decode(self) -> list[Sequence]:
-        scheduled = []
+        scheduled, done = [], []
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
+            if self._reaches_length(seq, seq.num_tokens):  # its last token is still in flight; nothing to add
+                done.append(seq)
+                continue
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self.preempt(self.running.pop())
@@ -75,7 +78,7 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+        self.running.extendleft(reversed(scheduled + done))
         return scheduled
 
     def preempt(self, seq: Sequence):
@@ -84,29 +87,58 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Account for one step's computed tokens; return the sequences that finished."""
-        finished = []
-        for seq, token_id in zip(seqs, token_ids):
+        """Account for one step whose sampled tokens are already known; return the sequences that finished."""
+        return self.resolve(self.launched(seqs), token_ids)
+
+    def launched(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, int]]:
+        """Book a step that has been sent to the device: its tokens' K/V count as cached, and every sequence
+        that samples grows by a PENDING_TOKEN. Returns (sequence, token index, output row) for each of those."""
+        records = []
+        for row, seq in enumerate(seqs):
             full_blocks = seq.num_cached_blocks
             seq.num_cached_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            if seq.num_cached_blocks > full_blocks:  # a block was completed: publish it for prefix caching
+            if seq.num_cached_blocks > full_blocks:
+                # safe before the step ends: a later step reading the blocks runs after it on the device
                 self.block_manager.hash_blocks(seq)
-            if seq.num_cached_tokens < seq.num_tokens:  # a prompt chunk: no token sampled yet
+            if seq.num_cached_tokens == seq.num_tokens:  # not a mid-prompt chunk: a token is sampled
+                seq.append_token(PENDING_TOKEN)
+                seq.pending_row = row
+                records.append((seq, seq.num_tokens - 1, row))
+        return records
+
+    def resolve(self, records: list[tuple[Sequence, int, int]], token_ids: list[int]) -> list[Sequence]:
+        """Fill in a launched step's sampled tokens, publish completed blocks, finish sequences."""
+        finished = []
+        for seq, index, row in records:
+            if seq.is_finished:  # it finished one step earlier: this token is surplus
                 continue
-            seq.append_token(token_id)
-            reason = self._finish_reason(seq, token_id)
+            token_id = token_ids[row]
+            seq.set_token(index, token_id)
+            if seq.block_table and index // seq.block_size < seq.num_cached_blocks:  # it completed a block
+                self.block_manager.hash_blocks(seq)
+            reason = self._finish_reason(seq, index, token_id)
             if reason:
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = reason
-                self.block_manager.deallocate(seq)
-                self.running.remove(seq)
+                seq.truncate(index + 1)  # a later step may already have launched it further
+                self._finish(seq, reason)
                 finished.append(seq)
         return finished
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _finish(self, seq: Sequence, reason: str):
+        if seq.status == SequenceStatus.RUNNING:
+            self.block_manager.deallocate(seq)
+            self.running.remove(seq)
+        else:  # preempted while its last token was in flight
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _finish_reason(self, seq: Sequence, index: int, token_id: int) -> str | None:
         if not seq.ignore_eos and token_id in self.eos:
             return "stop"
-        if seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._reaches_length(seq, index + 1):
             return "length"
         return None
+
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        return num_tokens - seq.num_prompt_tokens >= seq.max_tokens or num_tokens >= self.max_model_len

@@ -4,6 +4,11 @@ from enum import Enum, auto
 from nanovllm.sampling_params import SamplingParams
 
 
+# Stands for a sampled token still on the device: with overlapped steps a sequence grows by one position at launch,
+# and the id is filled in when the step's results are read back.
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -33,6 +38,7 @@ class Sequence:
         self.max_tokens = sampling_params.max_tokens
         self.ignore_eos = sampling_params.ignore_eos
         self.finish_reason: str | None = None
+        self.pending_row = -1  # row of the in-flight step's output that holds the PENDING_TOKEN's value
 
     def __len__(self):
         return self.num_tokens
@@ -80,6 +86,18 @@ class Sequence:
         self.token_ids.append(token_id)
         self.last_token = token_id
         self.num_tokens += 1
+
+    def set_token(self, index: int, token_id: int):
+        """Fill in a PENDING_TOKEN once its value is known."""
+        self.token_ids[index] = token_id
+        if index == self.num_tokens - 1:
+            self.last_token = token_id
+
+    def truncate(self, num_tokens: int):
+        """Drop positions past num_tokens (a token launched after the sequence had in fact finished)."""
+        del self.token_ids[num_tokens:]
+        self.num_tokens = num_tokens
+        self.last_token = self.token_ids[-1]
 
     # Worker processes only need what prepare_prefill/prepare_decode read: a decode step ships the last
     # token instead of the whole history.

@@ -1,9 +1,8 @@
 import atexit
-from numbers import Integral
 import os
 import tempfile
-from dataclasses import fields
 from itertools import count
+from numbers import Integral
 from time import perf_counter
 
 import torch

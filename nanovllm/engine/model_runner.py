@@ -5,7 +5,6 @@ Rank 0 forwards every call (method name + arguments) to the workers through a pr
 the same method itself; the ranks meet inside the model's collectives. The process group rendezvous goes
 through a fresh temporary file, so two engines on one machine never share a port or a name.
 """
-import os
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 

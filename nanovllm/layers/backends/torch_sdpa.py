@@ -56,8 +56,7 @@ class TorchBackend(AttentionBackend):
         return out
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale):
-        num_seqs, num_heads, head_dim = q.shape
-        block_size, num_kv_heads = k_cache.size(1), k_cache.size(2)
+        num_heads, num_kv_heads = q.size(1), k_cache.size(2)
         tables = ctx.block_tables.long()  # [num_seqs, max_blocks]
         k = k_cache[tables].flatten(1, 2)  # [num_seqs, max_blocks * block_size, kv_heads, dim]
         v = v_cache[tables].flatten(1, 2)

@@ -94,6 +94,9 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
         token_ids = self._tokenize(prompt)
         self._check_request(token_ids, sampling_params)
+        return self._enqueue(token_ids, sampling_params)
+
+    def _enqueue(self, token_ids: list[int], sampling_params: SamplingParams) -> Sequence:
         seq = Sequence(token_ids, sampling_params, next(self._seq_ids), self.config.kvcache_block_size)
         self.scheduler.add(seq)
         return seq
@@ -180,7 +183,7 @@ class LLMEngine:
         if self._closed:
             raise RuntimeError("this LLM has been shut down with exit(); create a new one")
         requests = self._validate(prompts, sampling_params)
-        seqs = [self.add_request(token_ids, sp) for token_ids, sp in requests]
+        seqs = [self._enqueue(token_ids, sp) for token_ids, sp in requests]  # checked by _validate
         try:
             self._run_until_done(seqs, use_tqdm)
         except BaseException:

@@ -2,7 +2,7 @@
 
 On the CPU the eager functions run (compiling there needs a C++ toolchain and buys little). Compiled
 functions are built once per process on first CUDA use; `dynamic=True` keeps one graph across token counts.
-Set NANOVLLM_COMPILE=0 to run everything eagerly.
+Set NANOVLLM_COMPILE=0 (before importing nanovllm) to run everything eagerly.
 """
 import functools
 import os
@@ -12,11 +12,12 @@ import torch
 
 def compile_on_cuda(fn):
     compiled = None
+    enabled = os.environ.get("NANOVLLM_COMPILE", "1") != "0"
 
     @functools.wraps(fn)
     def dispatch(x: torch.Tensor, *args):
         nonlocal compiled
-        if not x.is_cuda or os.environ.get("NANOVLLM_COMPILE", "1") == "0":
+        if not (enabled and x.is_cuda):
             return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)

@@ -52,7 +52,8 @@ def cpu_reference(qwen3_path):
     dict(kvcache_block_size=256, enforce_eager=True),
     dict(kvcache_block_size=32, max_num_batched_tokens=48),
     dict(kvcache_block_size=16, num_kvcache_blocks=24),  # forces preemption
-], ids=["graphs", "eager", "chunked", "preempt"])
+    dict(kvcache_block_size=16, async_scheduling=False),
+], ids=["graphs", "eager", "chunked", "preempt", "step-by-step"])
 def test_triton_float32_equals_cpu_torch(qwen3_path, cpu_reference, options):
     assert run(qwen3_path, device="cuda", dtype="float32", attention_backend="triton", **options) == cpu_reference
 

@@ -251,3 +251,30 @@ def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, opti
         stop = None if s.ignore_eos or eos not in ref else ref.index(eos) + 1
         assert ids == ref[:stop] and reason == ("stop" if stop else "length")
     assert any(reason == "stop" for _, reason in results[1])
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_step_that_raises_leaves_a_working_engine(qwen3_path, hf_reference, overlap):
+    """An error (or Ctrl-C) in the middle of generate drops that call's requests; the next call is exact."""
+    prompts = random_prompts([5, 30, 12], seed=13)
+    llm = LLM(qwen3_path, kvcache_block_size=16, async_scheduling=overlap)
+    runner = llm.model_runner
+    original, calls = runner.launch, []
+
+    def failing_launch(seqs, is_prefill):
+        calls.append(is_prefill)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(seqs, is_prefill)
+
+    # both the overlapped (launch) and the step-by-step (run) paths go through the failing launch
+    runner.launch = failing_launch
+    runner.run = lambda seqs, is_prefill: failing_launch(seqs, is_prefill).tolist()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert_pool_empty(llm)
+        del runner.launch, runner.run  # the class's methods again
+        run_and_compare(llm, qwen3_path, prompts, hf_reference)
+    finally:
+        llm.exit()

@@ -12,6 +12,10 @@ class Scheduler:
     budget (max_num_batched_tokens), the sequence limit (max_num_seqs) and the free KV blocks allow. A prompt
     longer than the remaining budget is cut into chunks over several steps. When a decode step runs out of blocks,
     the most recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
+
+    A step is booked in two halves: `launched` when it is queued on the device (its tokens' K/V count as cached,
+    each sampling sequence grows by a PENDING_TOKEN) and `resolve` when its sampled ids are read back. The engine
+    may schedule and launch the next step in between; `postprocess` does both halves at once.
     """
 
     def __init__(self, config: Config):

@@ -126,15 +126,28 @@ def test_no_memory_growth_and_construct_exit_twice(qwen3_path):
 
 
 def test_no_recompiles_during_a_run(qwen3_path):
-    """torch.compile'd ops compile at start-up (warm-up, graph capture) and never again while serving."""
+    """torch.compile'd ops and Triton kernels compile at start-up (warm-up, graph capture), never while serving."""
     import torch._dynamo
-    for options in (dict(), dict(enforce_eager=True)):
-        llm = LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16,
-                  max_num_batched_tokens=50, max_num_seqs=20, **options)
-        try:
-            with torch._dynamo.config.patch(error_on_recompile=True):
-                mixed = prompts([1, 2, 3, 16, 17, 49, 50, 51, 130, 7] * 3, seed=11)
-                llm.generate(mixed, SamplingParams(temperature=0.7, max_tokens=30), use_tqdm=False)
-                llm.generate(mixed[:1], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
-        finally:
-            llm.exit()
+    from triton import knobs
+    jitted = []
+
+    def record(**kw):
+        jitted.append(kw["fn"].name if "fn" in kw else "?")
+        return None
+
+    for backend in ("triton", "flash_attn") if HAS_FLASH_ATTN else ("triton",):
+        for options in (dict(), dict(enforce_eager=True)):
+            llm = LLM(qwen3_path, dtype="bfloat16", attention_backend=backend,
+                      kvcache_block_size=16 if backend == "triton" else 256,
+                      max_num_batched_tokens=50, max_num_seqs=20, **options)
+            try:
+                knobs.runtime.jit_cache_hook = record
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    mixed = prompts([1, 2, 3, 16, 17, 49, 50, 51, 130, 7, 300, 33] * 3, seed=11)
+                    llm.generate(mixed, SamplingParams(temperature=0.7, max_tokens=30), use_tqdm=False)
+                    llm.generate(mixed[:1], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+                    llm.generate(mixed[:25], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+            finally:
+                knobs.runtime.jit_cache_hook = None
+                llm.exit()
+            assert jitted == [], (backend, options)

@@ -26,7 +26,10 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class CUDAGraphRunner:
 
+    @torch.inference_mode()
     def __init__(self, model, config: Config, device: torch.device):
+        # the static buffers are inference tensors like every step's inputs: torch.compile guards on that, so
+        # buffers made outside inference mode would compile a second variant of each fused op
         self.model = model
         self.batch_sizes = graph_batch_sizes(config.max_num_seqs)
         max_bs = self.batch_sizes[-1]

@@ -20,6 +20,7 @@ from nanovllm.layers.backends import create_backend
 from nanovllm.layers.sampler import Sampler
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.models.qwen3 import Qwen3ForCausalLM, head_dim_of
+from nanovllm.utils.compile import compiling_on
 from nanovllm.utils.context import forward_context
 from nanovllm.utils.loader import init_dummy_weights, load_model
 from nanovllm.utils.parallel import tensor_parallel
@@ -84,8 +85,8 @@ class ModelRunner:
             self.warmup_model()
         self.num_kvcache_blocks = num_kvcache_blocks(config, self.device, self.world_size)
         self.kv_cache = allocate_kv_cache(self.model, config, self.num_kvcache_blocks, self.device)
-        if self.device.type == "cuda":
-            self.warmup_cache_paths()
+        if self.device.type == "cuda" or compiling_on(self.device):
+            self.warmup_compiled_paths()
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CUDAGraphRunner(self.model, config, self.device)
 
@@ -131,19 +132,29 @@ class ModelRunner:
         self.run(seqs, True)
         torch.cuda.synchronize(self.device)
 
-    def warmup_cache_paths(self):
-        """Compile, before any real request, what the first steps would otherwise compile mid-run: prefill that
-        reads keys from the paged cache (a chunk after a cached part), one-token inputs (torch.compile
-        specialises size 1 apart from larger sizes) and an eager decode step. Block 0 is scribbled on; no
-        sequence owns it yet."""
-        n = min(self.block_size, self.config.max_model_len)
-        seq = Sequence([0] * n, SamplingParams(temperature=0.0, max_tokens=1), -1, self.block_size)
-        seq.block_table = [0]
-        for cached, scheduled in ((n // 2, n - n // 2), (n - 1, 1)):
+    def warmup_compiled_paths(self):
+        """Compile, before any real request, every variant that serving could otherwise compile mid-step:
+        a plain prefill, a prefill that reads keys from the paged cache (a chunk after a cached part), one-token
+        inputs (torch.compile specialises size 1 apart from larger sizes) and eager decode steps over a short
+        and over the longest context (split-KV decode merges partial results only for long ones). Block 0 is
+        scribbled on; no sequence owns it yet."""
+        bs, max_len = self.block_size, self.config.max_model_len
+        greedy = SamplingParams(temperature=0.0, max_tokens=1)
+
+        def seq_of(n: int, cached: int, scheduled: int) -> Sequence:
+            seq = Sequence([0] * n, greedy, -1, bs)
+            seq.block_table = [0] * -(-n // bs)
             seq.num_cached_tokens, seq.num_scheduled_tokens = cached, scheduled
-            self.run([seq], True)
-        self.run([seq], False)
-        torch.cuda.synchronize(self.device)
+            return seq
+
+        n = min(bs, max_len)
+        self.run([seq_of(n, 0, n), seq_of(n, 0, n)], True)
+        for cached in (n // 2, n - 1):
+            self.run([seq_of(n, cached, n - cached)], True)
+        self.run([seq_of(n, n, 0)], False)
+        self.run([seq_of(max_len, max_len, 0)], False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _upload(self, *parts: list[int], temperatures: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Pack a step's int32 inputs and its temperatures into one host buffer and send it in one copy.

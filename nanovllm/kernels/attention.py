@@ -106,7 +106,9 @@ def _prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start_n, offs_m, o
     return _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED, PRECISION)
 
 
-@triton.jit
+# Integer arguments that change from step to step are kept out of Triton's specialisation (== 1, % 16), so a
+# new batch shape never compiles a new variant in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -244,24 +246,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 # S and split_size depend only on shapes, so the launch is the same for every step of a captured CUDA graph.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_size", "num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_ps",
+                               "stride_lb", "stride_lh"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, context_lens_ptr, block_tables_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-    qk_scale, split_size,
+    qk_scale, split_size, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_kpage, stride_kslot, stride_kh, stride_vpage, stride_vslot, stride_vh, stride_bt,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens_ptr + seq)
     start = split * split_size
-    if not SINGLE_SPLIT:
-        if start >= ctx_len:
-            return  # the merge kernel only reads splits below ctx_len
+    if (num_splits > 1) & (start >= ctx_len):
+        return  # the merge kernel only reads splits below ctx_len; a single split always writes (zeros if empty)
     end = tl.minimum(start + split_size, ctx_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -291,7 +293,7 @@ def _decode_split_kernel(
 
     # an empty split or sequence (l = 0, acc = 0) yields 0, not nan
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    if SINGLE_SPLIT:
+    if num_splits == 1:
         o_ptrs = o_ptr + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
     else:
@@ -301,7 +303,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + seq64 * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_size", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"])
 def _decode_merge_kernel(
     part_o_ptr, part_lse_ptr, context_lens_ptr, o_ptr, split_size,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
@@ -386,9 +388,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         split_size = triton.cdiv(triton.cdiv(max_keys, num_splits), cfg.block_n) * cfg.block_n
         num_splits = triton.cdiv(max_keys, split_size)
-    single = num_splits == 1
-    if single:
-        part_o = part_lse = out  # unused
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if num_splits == 1:
+        # not read by the kernel; float32 like the real buffers, so one compiled variant serves both cases
+        part_o = part_lse = torch.empty(1, dtype=torch.float32, device=q.device)
         part_strides = (0, 0, 0, 0, 0)
     else:
         part_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -396,18 +400,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, scale * LOG2E, split_size,
+        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, scale * LOG2E, split_size, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *part_strides,
         GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        PAGE_SIZE=page_size, SINGLE_SPLIT=single, PRECISION=_dot_precision(q.dtype),
+        PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not single:
+    if num_splits > 1:
+        # one tile width for every split count (masked past num_splits): no per-shape variants
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_o, part_lse, context_lens, out, split_size, *part_strides, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if block_d * triton.next_power_of_2(num_splits) >= 4096 else 1,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS, num_warps=4,
         )
     return out

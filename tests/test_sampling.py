@@ -5,22 +5,28 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.layers.sampler import Sampler
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA the sampler runs torch.compile'd
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_sampler_frequencies_match_softmax(temperature):
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+def test_sampler_frequencies_match_softmax(temperature, device):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0], device=device)
     n = 40000
-    g = torch.Generator().manual_seed(1234)
-    tokens = Sampler()(logits.expand(n, -1), torch.full((n,), temperature), g)
-    freq = torch.bincount(tokens, minlength=5).double() / n
-    expected = torch.softmax(logits.double() / temperature, -1)
+    g = torch.Generator(device).manual_seed(1234)
+    tokens = Sampler()(logits.expand(n, -1), torch.full((n,), temperature, device=device), g)
+    freq = torch.bincount(tokens, minlength=5).double().cpu() / n
+    expected = torch.softmax(logits.double().cpu() / temperature, -1)
     # binomial standard error <= sqrt(0.25 / n) = 0.0025; allow 5 of them
     assert torch.allclose(freq, expected, atol=0.0125), (freq, expected)
 
 
-def test_sampler_greedy_rows_are_argmax():
-    logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
-    temps = torch.tensor([0.0, 1.0] * 32)
-    tokens = Sampler()(logits, temps, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampler_greedy_rows_are_argmax(device):
+    logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0)).to(device)
+    temps = torch.tensor([0.0, 1.0] * 32, device=device)
+    tokens = Sampler()(logits, temps, torch.Generator(device).manual_seed(0))
     assert torch.equal(tokens[::2], logits[::2].argmax(-1))
 
 

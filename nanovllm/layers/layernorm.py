@@ -4,7 +4,6 @@ from torch import nn
 from nanovllm.utils.compile import compile_on_cuda
 
 
-@compile_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     orig_dtype = x.dtype
     x = x.float()
@@ -17,7 +16,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add fused into the norm: returns (norm(x + residual), x + residual)."""
     residual = x + residual
-    return rms_norm.eager(residual, weight, eps), residual
+    return rms_norm(residual, weight, eps), residual
 
 
 class RMSNorm(nn.Module):
@@ -32,6 +31,8 @@ class RMSNorm(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if residual is None:
+            # eager: without a residual it only runs once per forward (the first layer's input norm), not worth
+            # two more compiled variants at start-up
             return rms_norm(x, self.weight, self.eps).view(shape)
         out, residual = add_rms_norm(x, residual.reshape(-1, shape[-1]), self.weight, self.eps)
         return out.view(shape), residual.view(shape)

@@ -24,7 +24,7 @@ def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weigh
               k_weight: torch.Tensor, eps: float, cos_cache: torch.Tensor,
               sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3's per-head q/k RMSNorm and the rotary embedding in one compiled region (one kernel, not six)."""
-    q, k = rms_norm.eager(q, q_weight, eps), rms_norm.eager(k, k_weight, eps)
+    q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     return rope.eager(positions, q, k, cos_cache, sin_cache)
 
 

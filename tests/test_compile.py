@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils.compile import compile_settings
@@ -27,17 +28,22 @@ def test_no_recompile_while_serving(qwen3_path, block_size, budget):
     batch = prompts([1, 2, 3, 16, 17, 49, 50, 51, 70, 7, 33], seed=block_size)
     options = dict(device="cpu", kvcache_block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=6)
     with compile_settings(devices=("cpu",), backend="aot_eager"):
+        counters.clear()
         llm = LLM(qwen3_path, **options)
         try:
             with torch._dynamo.config.patch(error_on_recompile=True):
                 compiled = [o["token_ids"] for o in llm.generate(batch + batch[:4], sp, use_tqdm=False)]
                 compiled += [o["token_ids"] for o in llm.generate(batch[5:7], sp, use_tqdm=False)]
+                compiled += [o["token_ids"] for o in llm.generate(batch[:1], sp, use_tqdm=False)]  # a batch of one
         finally:
             llm.exit()
+        # one graph per fused op (norm + rope, residual add + norm, SiLU-and-mul, sampler), whatever the sizes
+        assert counters["stats"]["unique_graphs"] == 4
     llm = LLM(qwen3_path, **options)
     try:
         eager = [o["token_ids"] for o in llm.generate(batch + batch[:4], sp, use_tqdm=False)]
         eager += [o["token_ids"] for o in llm.generate(batch[5:7], sp, use_tqdm=False)]
+        eager += [o["token_ids"] for o in llm.generate(batch[:1], sp, use_tqdm=False)]
     finally:
         llm.exit()
     assert compiled == eager

@@ -134,10 +134,9 @@ class ModelRunner:
 
     def warmup_compiled_paths(self):
         """Compile, before any real request, every variant that serving could otherwise compile mid-step:
-        a plain prefill, a prefill that reads keys from the paged cache (a chunk after a cached part), one-token
-        inputs (torch.compile specialises size 1 apart from larger sizes) and eager decode steps over a short
-        and over the longest context (split-KV decode merges partial results only for long ones). Block 0 is
-        scribbled on; no sequence owns it yet."""
+        a plain prefill, a prefill that reads keys from the paged cache (a chunk after a cached part), a
+        one-token chunk, and eager decode steps over a short and over the longest context (split-KV decode
+        merges partial results only for long ones). Block 0 is scribbled on; no sequence owns it yet."""
         bs, max_len = self.block_size, self.config.max_model_len
         greedy = SamplingParams(temperature=0.0, max_tokens=1)
 

@@ -6,7 +6,9 @@ to run everything eagerly.
 
 Serving must never recompile: a recompile costs 0.5-2 s in the middle of a step, and after
 torch._dynamo.config.recompile_limit of them dynamo silently falls back to eager. So:
-  - `dynamic=True`: one graph for every token count (sizes 0 and 1 still get their own, warmed at start-up);
+  - `dynamic=True`: one graph for every token count. Dynamo would give size 1 a graph of its own (one more
+    compile of every op at start-up), so inputs with a leading dimension of 1 (a one-token step, a batch of one)
+    run the eager function instead: a few more small kernels on a step that is tiny anyway;
   - duck sizing is off while tracing. With it on, dynamo ties together sizes, strides and storage offsets
     that happen to be equal in the first call (the packed step inputs put `positions` at offset == token
     count) and guards on that coincidence, which a later batch breaks.
@@ -28,7 +30,7 @@ def compile_on_cuda(fn):
 
     @functools.wraps(fn)
     def dispatch(x: torch.Tensor, *args):
-        if not (_settings["enabled"] and x.device.type in _settings["devices"]):
+        if not (_settings["enabled"] and x.device.type in _settings["devices"]) or x.size(0) == 1:
             return fn(x, *args)
         compiled = cache.get("fn")
         if compiled is None:

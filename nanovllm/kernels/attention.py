@@ -54,6 +54,19 @@ def _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_page, stride_slot,
 
 
 @triton.jit
+def _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d,
+                  stride_kpage, stride_kslot, stride_vpage, stride_vslot,
+                  MASK_ROWS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK_D: tl.constexpr):
+    """The K and V tiles ([BLOCK_N, BLOCK_D]) of keys offs_n of one sequence; k_ptr/v_ptr point at its KV head."""
+    k_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_kpage, stride_kslot, PAGED, PAGE_SIZE, BLOCK_N)
+    v_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_vpage, stride_vslot, PAGED, PAGE_SIZE, BLOCK_N)
+    k = _load_2d(k_ptr + k_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASK_ROWS, MASK_D)
+    v = _load_2d(v_ptr + v_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASK_ROWS, MASK_D)
+    return k, v
+
+
+@triton.jit
 def _load_2d(ptrs, mask_rows, mask_d, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
     # masks are only built when needed: an all-true mask along head_dim would still block vectorised loads
     if MASK_ROWS:
@@ -97,10 +110,8 @@ def _prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start_n, offs_m, o
                   MASK_D: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < k_len
-    k_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_kpage, stride_kslot, PAGED, PAGE_SIZE, BLOCK_N)
-    v_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_vpage, stride_vslot, PAGED, PAGE_SIZE, BLOCK_N)
-    k = _load_2d(k_ptr + k_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASKED, MASK_D)
-    v = _load_2d(v_ptr + v_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASKED, MASK_D)
+    k, v = _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d, stride_kpage,
+                         stride_kslot, stride_vpage, stride_vslot, MASKED, PAGED, PAGE_SIZE, BLOCK_N, MASK_D)
     # query row i sits at key position shift + i (bottom-right causal alignment)
     visible = (offs_n[None, :] <= (shift + offs_m)[:, None]) & mask_n[None, :]
     return _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED, PRECISION)
@@ -285,10 +296,8 @@ def _decode_split_kernel(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        k_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_kpage, stride_kslot, True, PAGE_SIZE, BLOCK_N)
-        v_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_vpage, stride_vslot, True, PAGE_SIZE, BLOCK_N)
-        k = _load_2d(k_base + k_rows[:, None] + offs_d[None, :], mask_n, mask_d, True, MASK_D)
-        v = _load_2d(v_base + v_rows[:, None] + offs_d[None, :], mask_n, mask_d, True, MASK_D)
+        k, v = _load_kv_tile(k_base, v_base, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d, stride_kpage,
+                             stride_kslot, stride_vpage, stride_vslot, True, True, PAGE_SIZE, BLOCK_N, MASK_D)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, mask_n[None, :], True, PRECISION)
 
     # an empty split or sequence (l = 0, acc = 0) yields 0, not nan

@@ -116,8 +116,10 @@ def test_preemption_is_token_exact(qwen3_path, hf_reference, caching):
         llm.exit()
 
 
-def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference):
-    llm = LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16, max_num_batched_tokens=40)
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
+def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference, overlap):
+    llm = LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16, max_num_batched_tokens=40,
+              async_scheduling=overlap)
     try:
         prompts = random_prompts([1, 12, 45, 90], seed=6)
         run_and_compare(llm, qwen3_path, prompts, hf_reference)
@@ -225,8 +227,9 @@ def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_referenc
         assert out["text"].startswith("w")
 
 
-@pytest.mark.parametrize("options", [dict(), dict(num_kvcache_blocks=10, max_num_batched_tokens=20)],
-                         ids=["plain", "preempt-chunked"])
+@pytest.mark.parametrize("options", [dict(), dict(num_kvcache_blocks=10, max_num_batched_tokens=20),
+                                     dict(num_kvcache_blocks=10, max_num_batched_tokens=20, tensor_parallel_size=2)],
+                         ids=["plain", "preempt-chunked", "preempt-chunked-tp2"])
 def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, options):
     """Scheduling step N+1 before step N's tokens are read back changes nothing: same tokens, same stops (an EOS
     found one step late drops the surplus token), same finish reasons, an empty pool afterwards."""

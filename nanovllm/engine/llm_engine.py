@@ -163,7 +163,7 @@ class LLMEngine:
             launched = None
             if seqs:
                 num_tokens = self._num_tokens(seqs, is_prefill)
-                sampled = self.model_runner.launch(seqs, is_prefill)
+                sampled = self.model_runner.call("launch", seqs, is_prefill)
                 launched = (self.scheduler.launched(seqs), sampled, num_tokens)
             if in_flight is not None:
                 records, sampled, num_tokens = in_flight
@@ -215,8 +215,7 @@ class LLMEngine:
     def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
         pending = {seq.seq_id for seq in seqs}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        overlap = self.config.async_scheduling and self.config.tensor_parallel_size == 1
-        steps = self._overlapped_steps() if overlap else iter(self.step, None)
+        steps = self._overlapped_steps() if self.config.async_scheduling else iter(self.step, None)
         prefill_tps = decode_tps = 0.0
         with bar:
             t = perf_counter()

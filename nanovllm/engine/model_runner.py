@@ -256,14 +256,19 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor | None:
         """Queue one step on the device and return its sampled token ids without waiting for them (rank 0;
-        other ranks return None). The result also feeds the next decode step's pending tokens."""
+        other ranks return None). The result also feeds the next decode step's pending tokens (under tensor
+        parallelism with overlapped steps, rank 0 broadcasts it so every rank holds it)."""
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, ctx, temperatures = prepare(seqs)
         logits = self.run_model(input_ids, positions, ctx)
-        if self.rank != 0:
-            return None
-        self.last_sampled = self.sampler(logits, temperatures, self.generator)
-        return self.last_sampled
+        if self.rank == 0:
+            self.last_sampled = self.sampler(logits, temperatures, self.generator)
+        if self.world_size > 1 and self.config.async_scheduling:
+            # overlapped steps read a token still in flight on the device, on every rank: share the ids
+            if self.rank != 0:
+                self.last_sampled = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+            dist.broadcast(self.last_sampled, 0)
+        return self.last_sampled if self.rank == 0 else None
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
         sampled = self.launch(seqs, is_prefill)

@@ -100,15 +100,17 @@ class Sequence:
         self.last_token = self.token_ids[-1]
 
     # Worker processes only need what prepare_prefill/prepare_decode read: a decode step ships the last
-    # token instead of the whole history.
+    # token instead of the whole history (a PENDING_TOKEN with its row in the previous step's output).
     def __getstate__(self):
         tokens = self.token_ids if self.needs_prefill or self.num_cached_tokens == 0 else self.last_token
         return (self.seq_id, self.num_tokens, self.num_prompt_tokens, self.num_cached_tokens,
-                self.num_scheduled_tokens, self.block_size, self.block_table, self.temperature, tokens)
+                self.num_scheduled_tokens, self.block_size, self.block_table, self.temperature, self.pending_row,
+                tokens)
 
     def __setstate__(self, state):
         (self.seq_id, self.num_tokens, self.num_prompt_tokens, self.num_cached_tokens,
-         self.num_scheduled_tokens, self.block_size, self.block_table, self.temperature, tokens) = state
+         self.num_scheduled_tokens, self.block_size, self.block_table, self.temperature, self.pending_row,
+         tokens) = state
         if isinstance(tokens, list):
             self.token_ids = tokens
             self.last_token = tokens[-1]

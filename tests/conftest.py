@@ -3,6 +3,9 @@ import gc
 
 import pytest
 import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.sequence import Sequence
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 512
@@ -66,3 +69,26 @@ def hf_reference():
     yield generate
     models.clear()
     gc.collect()
+
+
+def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """The engine's own next-token logits after `token_ids` (one prefill through its backend, on every rank)."""
+    seq = Sequence(token_ids, SamplingParams(temperature=0, max_tokens=1), -1, llm.config.kvcache_block_size)
+    bm = llm.scheduler.block_manager
+    bm.allocate(seq)
+    seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+    try:
+        return llm.model_runner.call("prefill_logits", [seq])[0].float()
+    finally:
+        bm.deallocate(seq)
+
+
+def agree_by_logprob_rule(a: LLM, b: LLM, prompt, out_a, out_b, k=5) -> bool:
+    """Equal, or at the first differing token each side's token is in the other's top-k."""
+    for i, (x, y) in enumerate(zip(out_a, out_b)):
+        if x != y:
+            prefix = prompt + out_a[:i]
+            top_a = next_token_logits(a, prefix).topk(k).indices.tolist()
+            top_b = next_token_logits(b, prefix).topk(k).indices.tolist()
+            return x in top_b and y in top_a
+    return True

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.sequence import Sequence
+from conftest import agree_by_logprob_rule
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -62,31 +62,6 @@ def test_cuda_graphs_equal_eager_bf16(qwen3_path):
     eager = run(qwen3_path, dtype="bfloat16", attention_backend="triton", enforce_eager=True, kvcache_block_size=16)
     graphs = run(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
     assert graphs == eager
-
-
-def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
-    """The engine's own next-token logits after `token_ids` (one prefill through its backend)."""
-    seq = Sequence(token_ids, GREEDY, -1, llm.config.kvcache_block_size)
-    bm = llm.scheduler.block_manager
-    bm.allocate(seq)
-    seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
-    try:
-        runner = llm.model_runner
-        input_ids, positions, ctx, _ = runner.prepare_prefill([seq])
-        return runner.run_model(input_ids, positions, ctx)[0].float()
-    finally:
-        bm.deallocate(seq)
-
-
-def agree_by_logprob_rule(a: LLM, b: LLM, prompt, out_a, out_b, k=5) -> bool:
-    """Equal, or at the first differing token each side's token is in the other's top-k."""
-    for i, (x, y) in enumerate(zip(out_a, out_b)):
-        if x != y:
-            prefix = prompt + out_a[:i]
-            top_a = next_token_logits(a, prefix).topk(k).indices.tolist()
-            top_b = next_token_logits(b, prefix).topk(k).indices.tolist()
-            return x in top_b and y in top_a
-    return True
 
 
 @pytest.mark.skipif(not HAS_FLASH_ATTN, reason="flash_attn is not installed")

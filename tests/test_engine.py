@@ -281,3 +281,19 @@ def test_a_step_that_raises_leaves_a_working_engine(qwen3_path, hf_reference, ov
         run_and_compare(llm, qwen3_path, prompts, hf_reference)
     finally:
         llm.exit()
+
+
+def test_prefill_logits_under_tensor_parallelism(qwen3_path, hf_reference):
+    """Scoring through every rank: TP=2's next-token logits equal TP=1's, and their argmax is transformers'."""
+    from conftest import next_token_logits
+    prompt = random_prompts([37], seed=21)[0]
+    logits = []
+    for tp in (1, 2):
+        llm = LLM(qwen3_path, tensor_parallel_size=tp, kvcache_block_size=16)
+        try:
+            logits.append(next_token_logits(llm, prompt))
+            assert_pool_empty(llm)
+        finally:
+            llm.exit()
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    assert logits[0].argmax().item() == hf_reference(qwen3_path, prompt, 1)[0]

@@ -270,6 +270,13 @@ class ModelRunner:
             dist.broadcast(self.last_sampled, 0)
         return self.last_sampled if self.rank == 0 else None
 
+    @torch.inference_mode()
+    def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Next-token logits ([num_seqs, vocab], rank 0; None elsewhere) after prefilling the scheduled tokens,
+        without sampling: for scoring and for comparing backends. Every rank takes part (use `call`)."""
+        input_ids, positions, ctx, _ = self.prepare_prefill(seqs)
+        return self.run_model(input_ids, positions, ctx)
+
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
         sampled = self.launch(seqs, is_prefill)
         return sampled.tolist() if sampled is not None else None

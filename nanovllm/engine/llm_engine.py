@@ -1,6 +1,8 @@
 import atexit
 import os
+import signal
 import tempfile
+from contextlib import contextmanager
 from itertools import count
 from numbers import Integral
 from time import perf_counter
@@ -20,6 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 
 def worker_main(config: Config, rank: int, dist_init_file: str, conn):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops the workers
     if config.device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     runner = ModelRunner(config, rank, dist_init_file, [conn])
@@ -35,6 +38,7 @@ class LLMEngine:
         self._workers, self._conns = [], []
         self._dist_init_file = None
         self._closed = False
+        self._broken: str | None = None  # why a tensor-parallel engine had to stop its ranks
         if config.tensor_parallel_size > 1:
             self._start_workers(config)
         atexit.register(self.exit)
@@ -63,9 +67,10 @@ class LLMEngine:
             self._workers.append(process)
             self._conns.append(parent)
 
-    def _stop_workers(self, kill: bool = False):
+    def _stop_workers(self, kill: bool = False, grace: float = 5.0):
+        """Wait for the workers to exit; with kill, give them `grace` seconds and then kill them."""
         for process in self._workers:
-            process.join(timeout=None if not kill else 5)
+            process.join(timeout=None if not kill else grace)
             if process.is_alive():
                 process.kill()
                 process.join()
@@ -77,17 +82,55 @@ class LLMEngine:
 
     def exit(self):
         """Release the model, the KV cache, worker processes and the process group. Safe to call twice."""
+        self._shut_down(abort=self._dead_worker() is not None)
+
+    def _shut_down(self, abort: bool):
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.exit)
         runner = getattr(self, "model_runner", None)
+        if abort:  # the workers may be stuck in a collective: kill them, then let rank 0 go without waiting
+            self._stop_workers(kill=True, grace=0)
         if runner is not None:
-            runner.call("exit")
+            if abort:
+                runner.exit(abort=True)
+            else:
+                runner.call("exit")
             del self.model_runner
         self._stop_workers()
-        if self.config.device.type == "cuda":
+        if self.config.device.type == "cuda" and not abort:
             torch.cuda.empty_cache()
+
+    def _dead_worker(self) -> str | None:
+        for rank, process in enumerate(self._workers, start=1):
+            if not process.is_alive():
+                return f"tensor-parallel worker rank {rank} exited (exit code {process.exitcode})"
+        return None
+
+    @contextmanager
+    def _ranks_in_step(self):
+        """Under tensor parallelism a step that fails part-way (a worker died, Ctrl-C, an error) leaves the ranks
+        out of step: a later call would hang in a collective or mix up steps. So the engine stops every rank and
+        refuses further work with the reason; create a new LLM. A single rank recovers and goes on."""
+        try:
+            yield
+        except BaseException as e:
+            if self.config.tensor_parallel_size == 1 or self._closed:
+                raise
+            cause = self._dead_worker() or f"a step stopped part-way ({type(e).__name__}: {e})"
+            self._broken = (f"{cause}; the tensor-parallel ranks are out of step, so this LLM was shut down: "
+                            f"create a new one")
+            self._shut_down(abort=True)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise RuntimeError(self._broken) from e
+
+    def _check_open(self):
+        if self._broken:
+            raise RuntimeError(self._broken)
+        if self._closed:
+            raise RuntimeError("this LLM has been shut down with exit(); create a new one")
 
     # ---- requests ----------------------------------------------------------------------------------------
 
@@ -141,11 +184,13 @@ class LLMEngine:
     def step(self) -> tuple[list[Sequence], int]:
         """Run one scheduled batch to completion. Returns the finished sequences and the number of tokens
         processed (positive for a prefill step, negative for a decode step, as nano-vllm reports it)."""
+        self._check_open()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return [], 0
         num_tokens = self._num_tokens(seqs, is_prefill)
-        token_ids = self.model_runner.call("run", seqs, is_prefill)
+        with self._ranks_in_step():
+            token_ids = self.model_runner.call("run", seqs, is_prefill)
         return self.scheduler.postprocess(seqs, token_ids), num_tokens
 
     @staticmethod
@@ -180,12 +225,12 @@ class LLMEngine:
     def generate(self, prompts: list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams],
                  use_tqdm: bool = True) -> list[dict]:
-        if self._closed:
-            raise RuntimeError("this LLM has been shut down with exit(); create a new one")
+        self._check_open()
         requests = self._validate(prompts, sampling_params)
         seqs = [self._enqueue(token_ids, sp) for token_ids, sp in requests]  # checked by _validate
         try:
-            self._run_until_done(seqs, use_tqdm)
+            with self._ranks_in_step():
+                self._run_until_done(seqs, use_tqdm)
         except BaseException:
             self._abort(seqs)
             raise

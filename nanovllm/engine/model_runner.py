@@ -98,22 +98,33 @@ class ModelRunner:
         return getattr(self, method)(*args)
 
     def loop(self):
-        """Worker ranks: serve rank 0's calls until told to exit."""
+        """Worker ranks: serve rank 0's calls until told to exit (or until rank 0 is gone)."""
         while True:
-            method, args = self.conns[0].recv()
+            try:
+                method, args = self.conns[0].recv()
+            except EOFError:
+                break
             getattr(self, method)(*args)
             if method == "exit":
                 break
 
-    def exit(self):
+    def exit(self, abort: bool = False):
+        """Release graphs, cache and process group. abort: another rank is gone or out of step, so neither wait
+        for the device (a collective may never finish) nor for the group."""
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
         self.kv_cache = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not abort:
             torch.cuda.synchronize(self.device)
         if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            if abort and dist.get_backend() == "nccl":
+                try:  # makes NCCL kernels that wait for a dead peer give up
+                    dist.distributed_c10d._abort_process_group()
+                except Exception:
+                    pass
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     # ---- preparing inputs ---------------------------------------------------------------------------------
 

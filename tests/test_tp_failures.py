@@ -1,0 +1,86 @@
+"""Tensor parallelism when something goes wrong part-way (CPU, gloo): a worker dies, or rank 0 is interrupted.
+
+The ranks are then out of step, so the engine must stop them all and say why, rather than hang in a collective
+or return mixed-up results; exit() still works and no process is left behind.
+"""
+import multiprocessing
+import os
+import signal
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+
+SP = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+PROMPTS = [[1, 2, 3], list(range(40)), [7] * 18]
+
+
+def tp2(path, **options):
+    return LLM(path, tensor_parallel_size=2, kvcache_block_size=16, **options)
+
+
+def kill_on_call(llm, n, action):
+    """Run `action` on rank 0's n-th launch, after the workers were sent that call."""
+    runner, calls = llm.model_runner, []
+    original = runner.launch
+
+    def launch(seqs, is_prefill):
+        calls.append(1)
+        if len(calls) == n:
+            action()
+        return original(seqs, is_prefill)
+
+    runner.launch = launch
+
+
+def assert_stopped(llm, match):
+    with pytest.raises(RuntimeError, match=match):
+        llm.generate(PROMPTS, SP, use_tqdm=False)
+    llm.exit()
+    llm.exit()
+    assert multiprocessing.active_children() == []
+
+
+def test_worker_killed_while_idle(qwen3_path):
+    llm = tp2(qwen3_path)
+    worker = llm._workers[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    with pytest.raises(RuntimeError, match=r"worker rank 1 exited \(exit code -9\).*create a new one"):
+        llm.generate(PROMPTS, SP, use_tqdm=False)
+    assert_stopped(llm, "worker rank 1 exited")
+
+
+def test_exit_after_a_worker_died(qwen3_path):
+    llm = tp2(qwen3_path)
+    os.kill(llm._workers[0].pid, signal.SIGKILL)
+    llm._workers[0].join()
+    llm.exit()
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
+def test_worker_killed_mid_generate(qwen3_path, overlap):
+    llm = tp2(qwen3_path, async_scheduling=overlap)
+    worker = llm._workers[0]
+
+    def kill():
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+
+    kill_on_call(llm, 3, kill)
+    with pytest.raises(RuntimeError, match=r"worker rank 1 exited \(exit code -9\)"):
+        llm.generate(PROMPTS, SP, use_tqdm=False)
+    assert_stopped(llm, "worker rank 1 exited")
+
+
+def test_interrupt_on_rank_0_stops_every_rank(qwen3_path):
+    llm = tp2(qwen3_path)
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    kill_on_call(llm, 4, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, SP, use_tqdm=False)
+    assert_stopped(llm, "a step stopped part-way \\(KeyboardInterrupt.*out of step")

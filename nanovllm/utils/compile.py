@@ -11,7 +11,9 @@ torch._dynamo.config.recompile_limit of them dynamo silently falls back to eager
     run the eager function instead: a few more small kernels on a step that is tiny anyway;
   - duck sizing is off while tracing. With it on, dynamo ties together sizes, strides and storage offsets
     that happen to be equal in the first call (the packed step inputs put `positions` at offset == token
-    count) and guards on that coincidence, which a later batch breaks.
+    count) and guards on that coincidence, which a later batch breaks. The switch is torch's process-wide
+    config: it is flipped only for the duration of each compiled call and restored after (dynamo has no
+    per-function setting for it).
 """
 import contextlib
 import functools

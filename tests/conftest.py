@@ -1,5 +1,6 @@
 """Tiny random-weight Qwen3 / Qwen2 checkpoints made with transformers, float32, shared by the tests."""
 import gc
+import random
 
 import pytest
 import torch
@@ -71,6 +72,21 @@ def hf_reference():
     gc.collect()
 
 
+def random_prompts(lengths, seed=0, vocab=500) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def generate_twice(llm: LLM, prompts, sp: SamplingParams) -> list[list[int]]:
+    """Token ids of a run; a second run (through the prefix cache) must equal it and leave the pool empty."""
+    first = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    again = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert again == first
+    bm = llm.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    return first
+
+
 def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     """The engine's own next-token logits after `token_ids` (one prefill through its backend, on every rank)."""
     seq = Sequence(token_ids, SamplingParams(temperature=0, max_tokens=1), -1, llm.config.kvcache_block_size)
@@ -81,6 +97,11 @@ def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
         return llm.model_runner.call("prefill_logits", [seq])[0].float()
     finally:
         bm.deallocate(seq)
+
+
+def assert_agree_by_logprob_rule(a: LLM, b: LLM, prompts, outs_a, outs_b):
+    for prompt, x, y in zip(prompts, outs_a, outs_b, strict=True):
+        assert agree_by_logprob_rule(a, b, prompt, x, y), prompt
 
 
 def agree_by_logprob_rule(a: LLM, b: LLM, prompt, out_a, out_b, k=5) -> bool:

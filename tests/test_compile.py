@@ -5,27 +5,21 @@ and guards through dynamo and AOTAutograd exactly as inductor's path does but ru
 C++ toolchain needed). A guard that a later batch breaks shows up as a recompile, and error_on_recompile turns
 that into a failure.
 """
-import random
-
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from conftest import random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils.compile import compile_settings
-
-
-def prompts(lengths, seed):
-    rng = random.Random(seed)
-    return [[rng.randrange(500) for _ in range(n)] for n in lengths]
 
 
 @pytest.mark.parametrize("block_size,budget", [(16, 50), (32, 23)])
 def test_no_recompile_while_serving(qwen3_path, block_size, budget):
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     # odd and even token counts, one-token prompts, chunked prefill (budget), prefix-cache hits (the repeat)
-    batch = prompts([1, 2, 3, 16, 17, 49, 50, 51, 70, 7, 33], seed=block_size)
+    batch = random_prompts([1, 2, 3, 16, 17, 49, 50, 51, 70, 7, 33], seed=block_size)
     options = dict(device="cpu", kvcache_block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=6)
     with compile_settings(devices=("cpu",), backend="aot_eager"):
         counters.clear()

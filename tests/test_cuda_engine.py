@@ -1,35 +1,24 @@
 """The engine on an NVIDIA GPU (skipped elsewhere): backends, CUDA graphs, memory, lifecycle."""
 import importlib.util
-import random
 
 import pytest
 import torch
 
+from conftest import assert_agree_by_logprob_rule, generate_twice, make_model, random_prompts
 from nanovllm import LLM, SamplingParams
-from conftest import agree_by_logprob_rule
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
-def prompts(lengths, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(500) for _ in range(n)] for n in lengths]
-
-
-PROMPTS = prompts([1, 9, 40, 100, 300, 17, 64, 65])
+PROMPTS = random_prompts([1, 9, 40, 100, 300, 17, 64, 65])
 
 
 def run(path, prompt_list=PROMPTS, sp=GREEDY, **options):
     llm = LLM(path, **options)
     try:
-        first = [o["token_ids"] for o in llm.generate(prompt_list, sp, use_tqdm=False)]
-        again = [o["token_ids"] for o in llm.generate(prompt_list, sp, use_tqdm=False)]  # through the prefix cache
-        assert again == first
-        bm = llm.scheduler.block_manager
-        assert bm.num_free_blocks == bm.num_blocks
-        return first
+        return generate_twice(llm, prompt_list, sp)
     finally:
         llm.exit()
 
@@ -37,7 +26,6 @@ def run(path, prompt_list=PROMPTS, sp=GREEDY, **options):
 @pytest.fixture(scope="module")
 def qwen3_path(tmp_path_factory):
     """head_dim 64: a size every GPU backend (and the prebuilt flash-attn) serves."""
-    from conftest import make_model
     return make_model(tmp_path_factory.mktemp("qwen3_hd64"), "qwen3", hidden_size=128, head_dim=64,
                       num_attention_heads=4, num_key_value_heads=2)
 
@@ -77,8 +65,7 @@ def test_flash_attn_bf16_agrees_with_torch_backend(qwen3_path, options):
     try:
         out_ref = [o["token_ids"] for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
         out_fa = [o["token_ids"] for o in fa.generate(PROMPTS, sp, use_tqdm=False)]
-        for p, x, y in zip(PROMPTS, out_ref, out_fa):
-            assert agree_by_logprob_rule(ref, fa, p, x, y)
+        assert_agree_by_logprob_rule(ref, fa, PROMPTS, out_ref, out_fa)
     finally:
         ref.exit()
         fa.exit()
@@ -118,7 +105,7 @@ def test_no_recompiles_during_a_run(qwen3_path):
             try:
                 knobs.runtime.jit_cache_hook = record
                 with torch._dynamo.config.patch(error_on_recompile=True):
-                    mixed = prompts([1, 2, 3, 16, 17, 49, 50, 51, 130, 7, 300, 33] * 3, seed=11)
+                    mixed = random_prompts([1, 2, 3, 16, 17, 49, 50, 51, 130, 7, 300, 33] * 3, seed=11)
                     llm.generate(mixed, SamplingParams(temperature=0.7, max_tokens=30), use_tqdm=False)
                     llm.generate(mixed[:1], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
                     llm.generate(mixed[:25], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)

@@ -1,17 +1,11 @@
 """Whole runs against Hugging Face transformers: greedy token ids must be equal, float32 on the CPU."""
-import random
-
 import pytest
 import torch
 
+from conftest import next_token_logits, random_prompts
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-def random_prompts(lengths, seed=0, vocab=500):
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
 def assert_pool_empty(llm: LLM):
@@ -285,7 +279,6 @@ def test_a_step_that_raises_leaves_a_working_engine(qwen3_path, hf_reference, ov
 
 def test_prefill_logits_under_tensor_parallelism(qwen3_path, hf_reference):
     """Scoring through every rank: TP=2's next-token logits equal TP=1's, and their argmax is transformers'."""
-    from conftest import next_token_logits
     prompt = random_prompts([37], seed=21)[0]
     logits = []
     for tp in (1, 2):

@@ -7,13 +7,12 @@ import glob
 import importlib.util
 import multiprocessing
 import os
-import random
 import tempfile
 
 import pytest
 import torch
 
-from conftest import agree_by_logprob_rule, make_model
+from conftest import assert_agree_by_logprob_rule, generate_twice, make_model, random_prompts
 from nanovllm import LLM, SamplingParams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two NVIDIA GPUs")]
@@ -23,12 +22,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 
-def prompts(lengths, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(500) for _ in range(n)] for n in lengths]
-
-
-PROMPTS = prompts([1, 9, 40, 100, 300, 17, 64, 65, 250])
+PROMPTS = random_prompts([1, 9, 40, 100, 300, 17, 64, 65, 250])
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
@@ -37,15 +31,6 @@ def qwen3_path(tmp_path_factory):
     # 4 query and 2 KV heads of 64: each rank keeps 2 query heads and 1 KV head
     return make_model(tmp_path_factory.mktemp("qwen3_tp"), "qwen3", hidden_size=256, head_dim=64,
                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
-
-
-def generate_twice(llm: LLM, sp=GREEDY):
-    first = [o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
-    again = [o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]  # through the prefix cache
-    assert again == first
-    bm = llm.scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
-    return first
 
 
 @pytest.mark.parametrize("options", [
@@ -60,7 +45,7 @@ def test_tp2_triton_float32_equals_tp1(qwen3_path, options):
     for tp in (1, 2):
         llm = LLM(qwen3_path, tensor_parallel_size=tp, dtype="float32", attention_backend="triton", **options)
         try:
-            outs.append(generate_twice(llm))
+            outs.append(generate_twice(llm, PROMPTS, GREEDY))
         finally:
             llm.exit()
     assert outs[1] == outs[0]
@@ -76,9 +61,8 @@ def test_tp2_flash_attn_bf16_agrees_with_tp1(qwen3_path, options):
     tp1 = LLM(qwen3_path, tensor_parallel_size=1, **common)
     tp2 = LLM(qwen3_path, tensor_parallel_size=2, **common)
     try:
-        out1, out2 = generate_twice(tp1), generate_twice(tp2)
-        for p, x, y in zip(PROMPTS, out1, out2):
-            assert agree_by_logprob_rule(tp1, tp2, p, x, y)
+        out1, out2 = generate_twice(tp1, PROMPTS, GREEDY), generate_twice(tp2, PROMPTS, GREEDY)
+        assert_agree_by_logprob_rule(tp1, tp2, PROMPTS, out1, out2)
     finally:
         tp1.exit()
         tp2.exit()

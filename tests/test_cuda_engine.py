@@ -113,3 +113,14 @@ def test_no_recompiles_during_a_run(qwen3_path):
                 knobs.runtime.jit_cache_hook = None
                 llm.exit()
             assert jitted == [], (backend, options)
+
+
+def test_reading_a_step_back_does_not_wait_for_later_steps():
+    """Overlapped scheduling reads step N's tokens while step N+1 runs: that read must wait for step N alone."""
+    from nanovllm.engine.model_runner import SampledTokens
+    ids = torch.arange(5, device="cuda") * 7
+    step_n = SampledTokens(ids)
+    torch.cuda._sleep(2_000_000_000)  # stands for step N+1, queued behind it on the same stream (~1 s)
+    assert step_n.tolist() == [0, 7, 14, 21, 28]
+    assert not torch.cuda.current_stream().query()  # returned while the later work still runs
+    torch.cuda.synchronize()

@@ -41,6 +41,31 @@ def default_dtype_and_device(dtype: torch.dtype, device: torch.device):
         torch.set_default_dtype(old_dtype)
 
 
+class SampledTokens:
+    """One step's sampled token ids on their way to the host.
+
+    The device-to-host copy is queued right behind the sampler and an event marks its end, so `tolist()` waits
+    for this step alone. A plain `.tolist()` on the device tensor would queue its copy behind every step launched
+    since (overlapped scheduling launches the next one first) and wait for those too, leaving the device idle
+    while the host books the step.
+    """
+
+    def __init__(self, ids: torch.Tensor):
+        self._ready = None
+        if ids.device.type == "cuda":
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = ids
+
+    def tolist(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 class ModelRunner:
 
     def __init__(self, config: Config, rank: int, dist_init_file: str | None, conns: list[Connection]):
@@ -265,7 +290,7 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor | None:
+    def launch(self, seqs: list[Sequence], is_prefill: bool) -> SampledTokens | None:
         """Queue one step on the device and return its sampled token ids without waiting for them (rank 0;
         other ranks return None). The result also feeds the next decode step's pending tokens (under tensor
         parallelism with overlapped steps, rank 0 broadcasts it so every rank holds it)."""
@@ -279,7 +304,7 @@ class ModelRunner:
             if self.rank != 0:
                 self.last_sampled = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
             dist.broadcast(self.last_sampled, 0)
-        return self.last_sampled if self.rank == 0 else None
+        return SampledTokens(self.last_sampled) if self.rank == 0 else None
 
     @torch.inference_mode()
     def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor | None:

@@ -299,7 +299,8 @@ def _check_folder(out: Path, eos_id: int) -> None:
     if config.model_type != "qwen2":
         raise DemoModelError(f"converted config.json has model_type {config.model_type!r}, expected 'qwen2'")
     tokenizer = AutoTokenizer.from_pretrained(out)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
     if "<|im_start|>assistant" not in text:
         raise DemoModelError(f"the converted tokenizer lost its chat template, it renders: {text!r}")
     if tokenizer.eos_token_id != eos_id:

@@ -36,8 +36,12 @@ class CUDAGraphRunner:
         max_blocks = blocks_for_tokens(config, config.max_model_len)
         hidden = config.hf_config.hidden_size
         kw = dict(device=device)
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, **kw)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, **kw)
+        # token ids and positions packed in one int32 buffer, like an eager step's upload (ModelRunner._upload):
+        # the compiled ops then see inputs of the same dtype and with a storage offset > 1 as in eager steps, so
+        # capture reuses their compiled graphs (an int64 or offset-0 `positions` would compile new ones)
+        offset = -(-max_bs // 4) * 4
+        packed = torch.zeros(offset + max_bs, dtype=torch.int32, **kw)
+        self.input_ids, self.positions = packed[:max_bs], packed[offset:]
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int32, **kw)
         self.context_lens = torch.zeros(max_bs, dtype=torch.int32, **kw)
         self.block_tables = torch.full((max_bs, max_blocks), -1, dtype=torch.int32, **kw)

@@ -115,6 +115,37 @@ def test_no_recompiles_during_a_run(qwen3_path):
             assert jitted == [], (backend, options)
 
 
+def test_start_up_compiles_each_fused_op_once(qwen3_path):
+    """Warm-up, graph capture and serving share one compiled graph per fused op (graph capture used to compile
+    norm_rope again: its static inputs were int64 and at offset 0, the eager steps' int32 and packed)."""
+    from torch._dynamo.utils import counters
+    from nanovllm.utils.compile import compile_settings
+    with compile_settings(devices=("cuda",), backend="inductor"):  # a fresh start: nothing compiled yet
+        counters.clear()
+        llm = LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
+        try:
+            llm.generate(random_prompts([5, 40, 77], seed=3), SamplingParams(temperature=0.7, max_tokens=20),
+                         use_tqdm=False)
+        finally:
+            llm.exit()
+        assert counters["stats"]["unique_graphs"] == 4  # norm_rope, add_rms_norm, silu_and_mul, the sampler
+
+
+def test_exit_gives_the_memory_back(qwen3_path):
+    """exit() frees the cache and the weights at once, not at some later garbage collection, even while the
+    user still holds the LLM object: a second LLM in the process sizes its cache from what is free."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    llm = LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
+    llm.generate(PROMPTS, SamplingParams(temperature=0.7, max_tokens=8), use_tqdm=False)
+    free, total = torch.cuda.mem_get_info()
+    assert free < 0.3 * total  # the cache took most of the GPU
+    llm.exit()
+    assert torch.cuda.memory_allocated() - before < 1 << 30
+    free, total = torch.cuda.mem_get_info()
+    assert free > 0.8 * total  # and it went back to the driver
+
+
 def test_reading_a_step_back_does_not_wait_for_later_steps():
     """Overlapped scheduling reads step N's tokens while step N+1 runs: that read must wait for step N alone."""
     from nanovllm.engine.model_runner import SampledTokens

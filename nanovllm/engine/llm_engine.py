@@ -1,4 +1,5 @@
 import atexit
+import gc
 import os
 import signal
 import tempfile
@@ -100,6 +101,7 @@ class LLMEngine:
             del self.model_runner
         self._stop_workers()
         if self.config.device.type == "cuda" and not abort:
+            gc.collect()  # anything the model or the cache is still tied to through a reference cycle
             torch.cuda.empty_cache()
 
     def _dead_worker(self) -> str | None:

@@ -139,7 +139,13 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
-        self.kv_cache = None
+        # drop the cache and the weights now rather than whenever the garbage collector next runs: a later
+        # LLM in this process sizes its KV cache from the memory that is free
+        if getattr(self, "model", None) is not None:
+            for module in self.model.modules():
+                if hasattr(module, "k_cache") and hasattr(module, "v_cache"):
+                    module.k_cache = module.v_cache = torch.tensor([])
+        self.model = self.kv_cache = self.last_sampled = None
         if self.device.type == "cuda" and not abort:
             torch.cuda.synchronize(self.device)
         if self.world_size > 1 and dist.is_initialized():

@@ -132,18 +132,17 @@ def test_start_up_compiles_each_fused_op_once(qwen3_path):
 
 
 def test_exit_gives_the_memory_back(qwen3_path):
-    """exit() frees the cache and the weights at once, not at some later garbage collection, even while the
-    user still holds the LLM object: a second LLM in the process sizes its cache from what is free."""
+    """exit() returns the cache and the weights to the driver while the user still holds the LLM object, so a
+    second LLM in the process can size its cache from them."""
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    before, free_before = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
     llm = LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
     llm.generate(PROMPTS, SamplingParams(temperature=0.7, max_tokens=8), use_tqdm=False)
     free, total = torch.cuda.mem_get_info()
-    assert free < 0.3 * total  # the cache took most of the GPU
+    assert free < free_before - 0.5 * total  # the cache took most of what was free
     llm.exit()
     assert torch.cuda.memory_allocated() - before < 1 << 30
-    free, total = torch.cuda.mem_get_info()
-    assert free > 0.8 * total  # and it went back to the driver
+    assert torch.cuda.mem_get_info()[0] > free_before - (2 << 30)  # back to the driver, up to kernels/workspaces
 
 
 def test_reading_a_step_back_does_not_wait_for_later_steps():

@@ -84,3 +84,16 @@ def test_interrupt_on_rank_0_stops_every_rank(qwen3_path):
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, SP, use_tqdm=False)
     assert_stopped(llm, "a step stopped part-way \\(KeyboardInterrupt.*out of step")
+
+
+def test_failure_after_the_runner_is_built_stops_the_workers(qwen3_path, monkeypatch):
+    """An error later in LLM() (here: the tokenizer) must not leave the built ranks and their cache behind."""
+    import nanovllm.engine.llm_engine as llm_engine
+
+    def broken_tokenizer(model):
+        raise OSError("tokenizer files are unreadable")
+
+    monkeypatch.setattr(llm_engine, "load_tokenizer", broken_tokenizer)
+    with pytest.raises(OSError, match="unreadable"):
+        tp2(qwen3_path)
+    assert multiprocessing.active_children() == []

@@ -48,12 +48,16 @@ class LLMEngine:
         except BaseException:
             self._stop_workers(kill=True)
             raise
-        config.num_kvcache_blocks = self.model_runner.num_kvcache_blocks
-        self.tokenizer = load_tokenizer(model)
-        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if isinstance(tokenizer_eos, int) and tokenizer_eos not in config.eos:
-            config.eos += (tokenizer_eos,)
-        self.scheduler = Scheduler(config)
+        try:
+            config.num_kvcache_blocks = self.model_runner.num_kvcache_blocks
+            self.tokenizer = load_tokenizer(model)
+            tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+            if isinstance(tokenizer_eos, int) and tokenizer_eos not in config.eos:
+                config.eos += (tokenizer_eos,)
+            self.scheduler = Scheduler(config)
+        except BaseException:  # the runner holds most of the GPU and maybe worker processes: give them back
+            self._shut_down(abort=False)
+            raise
 
     def _start_workers(self, config: Config):
         fd, self._dist_init_file = tempfile.mkstemp(prefix="nanovllm-dist-")

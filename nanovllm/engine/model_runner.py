@@ -53,10 +53,10 @@ class SampledTokens:
     def __init__(self, ids: torch.Tensor):
         self._ready = None
         if ids.device.type == "cuda":
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            self._host.copy_(ids, non_blocking=True)
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, device="cpu", pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)  # queued on the current stream of ids' device
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(ids.device))
         else:
             self._host = ids
 

@@ -98,14 +98,19 @@ def test_hash_blocks_publishes_only_full_computed_blocks():
     assert (bm.blocks[2].hash, bm.blocks[2].token_ids) == (-1, [])
 
 
+def assert_allocated_without_hits(bm, seq):
+    """seq (3 blocks) gets the three free blocks of a 6-block manager, none of them cached or shared."""
+    bm.allocate(seq)
+    assert seq.block_table == [3, 4, 5]
+    assert seq.num_cached_tokens == 0
+    assert refs(bm) == [1] * 6
+
+
 def test_no_hit_before_kv_is_published():
     bm = BlockManager(6, BS)
     a, b = make_seq(A10), make_seq(A10)
     bm.allocate(a)  # same prefill step: a's K/V does not exist yet
-    bm.allocate(b)
-    assert b.block_table == [3, 4, 5]
-    assert b.num_cached_tokens == 0
-    assert refs(bm) == [1] * 6
+    assert_allocated_without_hits(bm, b)
 
 
 def test_hit_on_published_blocks_of_a_running_sequence():
@@ -232,10 +237,7 @@ def test_prefix_caching_disabled_never_hits():
     prefill(bm, a)
     assert bm.hash_to_block_id == {}
     assert [blk.hash for blk in bm.blocks] == [-1] * 6
-    bm.allocate(b)
-    assert b.block_table == [3, 4, 5]
-    assert b.num_cached_tokens == 0
-    assert refs(bm) == [1] * 6
+    assert_allocated_without_hits(bm, b)
 
 
 # ---- can_allocate --------------------------------------------------------------------------------------

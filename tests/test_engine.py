@@ -189,6 +189,13 @@ def test_step_inputs_are_packed_16_byte_aligned(qwen3_path):
         llm.exit()
 
 
+def test_packed_starts_align_every_part_to_16_bytes():
+    from nanovllm.utils.packing import packed_starts
+    assert packed_starts([5, 4, 0, 1, 8]) == [0, 8, 12, 12, 16, 24]
+    assert packed_starts([512, 512]) == [0, 512, 1024]  # the CUDA graphs' ids and positions
+    assert packed_starts([]) == [0]
+
+
 @pytest.fixture(scope="module")
 def qwen3_with_tokenizer(qwen3_path, tmp_path_factory):
     """The tiny model plus a word-level tokenizer over its 512 ids ("w0" .. "w509", "<bos>", "<eos>")."""

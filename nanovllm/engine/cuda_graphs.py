@@ -14,6 +14,7 @@ import torch
 from nanovllm.config import Config
 from nanovllm.engine.kv_cache import blocks_for_tokens
 from nanovllm.utils.context import forward_context
+from nanovllm.utils.packing import packed_starts
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -36,12 +37,11 @@ class CUDAGraphRunner:
         max_blocks = blocks_for_tokens(config, config.max_model_len)
         hidden = config.hf_config.hidden_size
         kw = dict(device=device)
-        # token ids and positions packed in one int32 buffer, like an eager step's upload (ModelRunner._upload):
-        # the compiled ops then see inputs of the same dtype and with a storage offset > 1 as in eager steps, so
-        # capture reuses their compiled graphs (an int64 or offset-0 `positions` would compile new ones)
-        offset = -(-max_bs // 4) * 4
-        packed = torch.zeros(offset + max_bs, dtype=torch.int32, **kw)
-        self.input_ids, self.positions = packed[:max_bs], packed[offset:]
+        # token ids and positions packed in one int32 buffer like an eager step's (see packed_starts), so
+        # capture reuses the compiled graphs of eager steps (int64 or offset-0 positions would compile new ones)
+        ids_at, positions_at, end = packed_starts([max_bs, max_bs])
+        packed = torch.zeros(end, dtype=torch.int32, **kw)
+        self.input_ids, self.positions = packed[ids_at:ids_at + max_bs], packed[positions_at:positions_at + max_bs]
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int32, **kw)
         self.context_lens = torch.zeros(max_bs, dtype=torch.int32, **kw)
         self.block_tables = torch.full((max_bs, max_blocks), -1, dtype=torch.int32, **kw)

@@ -73,10 +73,18 @@ def allocate_kv_cache(model: nn.Module, config: Config, num_blocks: int, device:
     # zeros, not empty: masked-out cache entries still enter P @ V, and 0 * NaN garbage would be NaN
     kv_cache = torch.zeros(2, hf.num_hidden_layers, num_blocks, config.kvcache_block_size, num_kv_heads,
                            head_dim_of(hf), dtype=config.torch_dtype, device=device)
-    layer = 0
-    for module in model.modules():
-        if hasattr(module, "k_cache") and hasattr(module, "v_cache"):
-            module.k_cache, module.v_cache = kv_cache[0, layer], kv_cache[1, layer]
-            layer += 1
-    assert layer == hf.num_hidden_layers
+    layers = _attention_layers(model)
+    assert len(layers) == hf.num_hidden_layers
+    for i, module in enumerate(layers):
+        module.k_cache, module.v_cache = kv_cache[0, i], kv_cache[1, i]
     return kv_cache
+
+
+def detach_kv_cache(model: nn.Module) -> None:
+    """Drop every layer's view of the cache, so freeing the cache tensor frees its memory."""
+    for module in _attention_layers(model):
+        module.k_cache = module.v_cache = torch.tensor([])
+
+
+def _attention_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]

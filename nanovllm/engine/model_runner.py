@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graphs import CUDAGraphRunner
-from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
+from nanovllm.engine.kv_cache import allocate_kv_cache, detach_kv_cache, num_kvcache_blocks
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 from nanovllm.layers.backends import create_backend
 from nanovllm.layers.sampler import Sampler
@@ -23,6 +23,7 @@ from nanovllm.models.qwen3 import Qwen3ForCausalLM, head_dim_of
 from nanovllm.utils.compile import compiling_on
 from nanovllm.utils.context import forward_context
 from nanovllm.utils.loader import init_dummy_weights, load_model
+from nanovllm.utils.packing import packed_starts
 from nanovllm.utils.parallel import tensor_parallel
 
 
@@ -142,9 +143,7 @@ class ModelRunner:
         # drop the cache and the weights now rather than whenever the garbage collector next runs: a later
         # LLM in this process sizes its KV cache from the memory that is free
         if getattr(self, "model", None) is not None:
-            for module in self.model.modules():
-                if hasattr(module, "k_cache") and hasattr(module, "v_cache"):
-                    module.k_cache = module.v_cache = torch.tensor([])
+            detach_kv_cache(self.model)
         self.model = self.kv_cache = self.last_sampled = None
         if self.device.type == "cuda" and not abort:
             torch.cuda.synchronize(self.device)
@@ -204,17 +203,15 @@ class ModelRunner:
         temperatures travel as the bit patterns of float32 values and are viewed back as float32 on the device.
         """
         sizes = [len(p) for p in parts] + [len(temperatures)]
-        # every part starts 16-byte aligned: Triton specialises kernels on pointer alignment, so unaligned
-        # views would compile new variants mid-run (and load slower)
-        starts = np.cumsum([0] + [-(-n // 4) * 4 for n in sizes])
-        host = np.zeros(int(starts[-1]), dtype=np.int32)
+        starts = packed_starts(sizes)
+        host = np.zeros(starts[-1], dtype=np.int32)
         for part, start, size in zip(parts, starts, sizes):
             host[start:start + size] = part
         host[starts[-2]:starts[-2] + sizes[-1]].view(np.float32)[:] = temperatures
         data = torch.from_numpy(host)
         if self.device.type == "cuda":
             data = data.pin_memory().to(self.device, non_blocking=True)
-        views = [data[start:start + size] for start, size in zip(starts.tolist(), sizes)]
+        views = [data[start:start + size] for start, size in zip(starts, sizes)]
         return views[:-1], views[-1].view(torch.float32)
 
     @staticmethod

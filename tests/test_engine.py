@@ -257,6 +257,23 @@ def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, opti
     assert any(reason == "stop" for _, reason in results[1])
 
 
+def test_generate_completes_the_other_requests_it_stepped(qwen3_path, hf_reference):
+    """generate() returns once its own requests are done, with a step of a request queued by add_request
+    still in flight: that step's token must be filled in, and the request must go on exactly as if alone."""
+    from nanovllm.engine.sequence import PENDING_TOKEN
+    llm = LLM(qwen3_path, kvcache_block_size=16)
+    try:
+        other = llm.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        llm.generate([[9, 10]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+        assert 3 < len(other.token_ids) < 3 + 30 and PENDING_TOKEN not in other.token_ids
+        while not llm.is_finished():
+            llm.step()
+        assert other.completion_token_ids == hf_reference(qwen3_path, [5, 6, 7], 30)
+        assert_pool_empty(llm)
+    finally:
+        llm.exit()
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_a_step_that_raises_leaves_a_working_engine(qwen3_path, hf_reference, overlap):
     """An error (or Ctrl-C) in the middle of generate drops that call's requests; the next call is exact."""

@@ -3,7 +3,7 @@ import gc
 import os
 import signal
 import tempfile
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from itertools import count
 from numbers import Integral
 from time import perf_counter
@@ -209,21 +209,28 @@ class LLMEngine:
         PENDING_TOKEN that the next decode step reads on the device; a sequence that turns out to have stopped
         (EOS) one step earlier just has that step's token dropped. Yields (finished, num_tokens) per step."""
         in_flight = None  # (records, sampled token ids on the device, num_tokens)
-        while True:
-            seqs, is_prefill = self.scheduler.schedule()
-            launched = None
-            if seqs:
-                num_tokens = self._num_tokens(seqs, is_prefill)
-                sampled = self.model_runner.call("launch", seqs, is_prefill)
-                launched = (self.scheduler.launched(seqs), sampled, num_tokens)
+        try:
+            while True:
+                seqs, is_prefill = self.scheduler.schedule()
+                previous, in_flight = in_flight, None
+                if seqs:
+                    num_tokens = self._num_tokens(seqs, is_prefill)
+                    sampled = self.model_runner.call("launch", seqs, is_prefill)
+                    in_flight = (self.scheduler.launched(seqs), sampled, num_tokens)
+                if previous is not None:
+                    records, sampled, num_tokens = previous
+                    yield self.scheduler.resolve(records, sampled.tolist()), num_tokens
+                elif not seqs:
+                    if self.scheduler.is_finished():
+                        return
+                    raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
+        except GeneratorExit:
+            # the caller stopped early (generate() has all it asked for): the step already launched may carry
+            # other requests (add_request), whose tokens must be filled in, not left pending
             if in_flight is not None:
-                records, sampled, num_tokens = in_flight
-                yield self.scheduler.resolve(records, sampled.tolist()), num_tokens
-            elif not seqs:
-                if self.scheduler.is_finished():
-                    return
-                raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
-            in_flight = launched
+                records, sampled, _ = in_flight
+                self.scheduler.resolve(records, sampled.tolist())
+            raise
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
@@ -268,7 +275,7 @@ class LLMEngine:
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         steps = self._overlapped_steps() if self.config.async_scheduling else iter(self.step, None)
         prefill_tps = decode_tps = 0.0
-        with bar:
+        with bar, closing(steps) if hasattr(steps, "close") else nullcontext():
             t = perf_counter()
             for finished, num_tokens in steps:
                 now = perf_counter()

@@ -165,11 +165,7 @@ class ModelRunner:
         max_len, budget = self.config.max_model_len, self.config.max_num_batched_tokens
         total = min(budget, max_len * self.config.max_num_seqs)
         lens = [max_len] * (total // max_len) + ([total % max_len] if total % max_len else [])
-        seqs = []
-        for i, n in enumerate(lens):
-            seq = Sequence([0] * n, SamplingParams(temperature=0.0, max_tokens=1), i, self.block_size)
-            seq.num_scheduled_tokens = n
-            seqs.append(seq)
+        seqs = [self._dummy_seq(n, cached=0, scheduled=n, in_block_0=False) for n in lens]
         self.run(seqs, True)
         torch.cuda.synchronize(self.device)
 
@@ -179,13 +175,9 @@ class ModelRunner:
         one-token chunk, and eager decode steps over a short and over the longest context (split-KV decode
         merges partial results only for long ones). Block 0 is scribbled on; no sequence owns it yet."""
         bs, max_len = self.block_size, self.config.max_model_len
-        greedy = SamplingParams(temperature=0.0, max_tokens=1)
 
         def seq_of(n: int, cached: int, scheduled: int) -> Sequence:
-            seq = Sequence([0] * n, greedy, -1, bs)
-            seq.block_table = [0] * -(-n // bs)
-            seq.num_cached_tokens, seq.num_scheduled_tokens = cached, scheduled
-            return seq
+            return self._dummy_seq(n, cached, scheduled, in_block_0=True)
 
         n = min(bs, max_len)
         self.run([seq_of(n, 0, n), seq_of(n, 0, n)], True)
@@ -196,6 +188,15 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _dummy_seq(self, num_tokens: int, cached: int, scheduled: int, in_block_0: bool) -> Sequence:
+        """A warm-up sequence of zeros with `cached` tokens already cached and `scheduled` to run. in_block_0:
+        every one of its blocks is block 0 (its K/V is written there); else it has no blocks (nothing stored)."""
+        seq = Sequence([0] * num_tokens, SamplingParams(temperature=0.0, max_tokens=1), -1, self.block_size)
+        if in_block_0:
+            seq.block_table = [0] * -(-num_tokens // self.block_size)
+        seq.num_cached_tokens, seq.num_scheduled_tokens = cached, scheduled
+        return seq
+
     def _upload(self, *parts: list[int], temperatures: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Pack a step's int32 inputs and its temperatures into one host buffer and send it in one copy.
 
@@ -204,13 +205,14 @@ class ModelRunner:
         """
         sizes = [len(p) for p in parts] + [len(temperatures)]
         starts = packed_starts(sizes)
-        host = np.zeros(starts[-1], dtype=np.int32)
+        # filled in place: in pinned memory straight away on CUDA (no second host copy); the gaps are never read
+        data = torch.empty(starts[-1], dtype=torch.int32, device="cpu", pin_memory=self.device.type == "cuda")
+        host = data.numpy()
         for part, start, size in zip(parts, starts, sizes):
             host[start:start + size] = part
         host[starts[-2]:starts[-2] + sizes[-1]].view(np.float32)[:] = temperatures
-        data = torch.from_numpy(host)
         if self.device.type == "cuda":
-            data = data.pin_memory().to(self.device, non_blocking=True)
+            data = data.to(self.device, non_blocking=True)
         views = [data[start:start + size] for start, size in zip(starts, sizes)]
         return views[:-1], views[-1].view(torch.float32)
 

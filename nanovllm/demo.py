@@ -313,24 +313,11 @@ def _say(progress: bool, message: str) -> None:
         print(f"[nanovllm.demo] {message}", file=sys.stderr, flush=True)
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        return None
-
-
 def _byte_bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return _NoBar()
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"[nanovllm.demo] {desc}", unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr)
+                file=sys.stderr, disable=not progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -363,6 +363,7 @@ MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
 
 
+@functools.lru_cache(maxsize=None)  # every layer of a step asks with the same shapes
 def decode_splits(max_keys: int, num_seqs: int, num_kv_heads: int, block_n: int,
                   target_programs: int) -> tuple[int, int]:
     """(num_splits, split_size) from shapes alone; split_size is a multiple of block_n."""

@@ -47,6 +47,22 @@ def qwen2_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen3_with_tokenizer(qwen3_path, tmp_path_factory):
+    """The tiny model plus a word-level tokenizer over its 512 ids ("w0" .. "w509", "<bos>", "<eos>")."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("qwen3_tok") / "model"
+    shutil.copytree(qwen3_path, folder)
+    vocab = {f"w{i}": i for i in range(510)} | {"<bos>": 510, "<eos>": 511}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def hf_reference():
     """Greedy completions from transformers, memoised per (model, prompt, n)."""
     cache, models = {}, {}

@@ -196,22 +196,6 @@ def test_packed_starts_align_every_part_to_16_bytes():
     assert packed_starts([]) == [0]
 
 
-@pytest.fixture(scope="module")
-def qwen3_with_tokenizer(qwen3_path, tmp_path_factory):
-    """The tiny model plus a word-level tokenizer over its 512 ids ("w0" .. "w509", "<bos>", "<eos>")."""
-    import shutil
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    folder = tmp_path_factory.mktemp("qwen3_tok") / "model"
-    shutil.copytree(qwen3_path, folder)
-    vocab = {f"w{i}": i for i in range(510)} | {"<bos>": 510, "<eos>": 511}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>").save_pretrained(folder)
-    return str(folder)
-
-
 def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_reference):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(qwen3_with_tokenizer)

@@ -1,0 +1,447 @@
+"""Data parallelism on Ray: N engine replicas as Ray actors, each on its own GPUs (or share of the CPUs).
+
+    DataParallelLLM(model, data_parallel_size=N, **options).generate(prompts, sampling_params)
+
+The driver validates and tokenizes the requests, spreads them over the replicas by token count, and returns the
+outputs in input order. A replica that dies mid-call is replaced (or its requests go to the others) and its
+unfinished requests run again. Ray is imported only when a DataParallelLLM is built.
+"""
+import heapq
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from numbers import Integral
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nanovllm.config import Config
+from nanovllm.engine.llm_engine import LLMEngine, load_tokenizer
+from nanovllm.sampling_params import SamplingParams
+
+RAY_INSTALL_HINT = 'pip install -e ".[ray]"'
+DEVICES = ("auto", "cpu", "cuda")
+PLACEMENT_TIMEOUT_S = 120.0  # for a cluster to free the resources of all replicas
+START_TIMEOUT_S = 900.0  # for a replica to load its model (cold compile caches, large checkpoints)
+POLL_INTERVAL_S = 0.5
+MAX_RESTARTS = 3  # per replica and generate call: a request that kills every replica must not loop forever
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError(f"data_parallel_size > 1 and nanovllm.ray_data need Ray: {RAY_INSTALL_HINT}") from e
+    return ray
+
+
+def check_data_parallel_size(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"data_parallel_size must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"data_parallel_size must be >= 1, got {value}")
+    return int(value)
+
+
+def driver_config(model: str, options: dict) -> Config:
+    """The engine's Config, built on the driver to reject bad options before any actor starts. The driver may not
+    have the replicas' GPUs, so it checks the options as for the CPU; each replica resolves the device itself."""
+    device = options.get("device", "auto")
+    if str(device) not in DEVICES:
+        raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    return Config.from_options(model, **{**options, "device": "cpu"})
+
+
+def wants_gpu(device, cluster_gpus: float) -> bool:
+    return str(device) == "cuda" or (str(device) == "auto" and cluster_gpus > 0)
+
+
+def spread_by_cost(costs: list[int], loads: list[int]) -> list[list[int]]:
+    """Longest first into the least loaded replica (ties: the lower replica). Returns each replica's request
+    indices in input order. `loads` is the work each replica already has."""
+    heap = [(load, slot) for slot, load in enumerate(loads)]
+    heapq.heapify(heap)
+    shares = [[] for _ in loads]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        load, slot = heapq.heappop(heap)
+        shares[slot].append(i)
+        heapq.heappush(heap, (load + costs[i], slot))
+    return [sorted(share) for share in shares]
+
+
+@dataclass(slots=True)
+class ReplicaInfo:
+    """What a started replica reports about itself."""
+    slot: int
+    node_id: str
+    pid: int
+    device: str
+    gpu_ids: list
+    num_kvcache_blocks: int
+
+
+class EngineReplica:
+    """One LLMEngine inside a Ray actor (DataParallelLLM makes it remote, so this module imports without Ray)."""
+
+    def __init__(self, slot: int, model: str, options: dict, num_threads: int | None):
+        if num_threads is not None:  # the replica's share of the node's cores, not all of them
+            torch.set_num_threads(num_threads)
+        self.slot = slot
+        self.engine = LLMEngine(model, **options)
+
+    def info(self) -> ReplicaInfo:
+        import ray
+        ctx = ray.get_runtime_context()
+        return ReplicaInfo(self.slot, ctx.get_node_id(), os.getpid(), self.engine.config.device.type,
+                           list(ray.get_gpu_ids()), self.engine.config.num_kvcache_blocks)
+
+    def generate(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> list[dict]:
+        return self.engine.generate(prompts, sampling_params, use_tqdm=False)
+
+    def exit(self):
+        self.engine.exit()
+
+
+@dataclass(slots=True)
+class Request:
+    token_ids: list[int]
+    sampling_params: SamplingParams
+
+    @property
+    def cost(self) -> int:
+        return len(self.token_ids) + self.sampling_params.max_tokens
+
+
+@dataclass(slots=True)
+class _Replica:
+    slot: int
+    placement_group: Any
+    actor: Any = None
+    started: Any = None  # ObjectRef of actor.info(): resolves once the engine is up
+    start_deadline: float = 0.0
+    info: ReplicaInfo | None = None
+    restarts: int = 0  # in the current generate call
+    last_error: str = ""
+
+
+@dataclass(slots=True)
+class _Job:
+    """Requests submitted to one actor in one call."""
+    replica: _Replica
+    actor: Any
+    indices: list[int]
+    cost: int
+
+
+class _RaySession:
+    """Connects this process to Ray for all DataParallelLLMs: joins the cluster that RAY_ADDRESS names, or starts
+    a local one; the last user to leave disconnects (which stops a local cluster) only if it connected."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._connected_here = False
+
+    def acquire(self, ray):
+        with self._lock:
+            if not ray.is_initialized():
+                ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local")
+                self._connected_here = True
+            self._users += 1
+
+    def release(self, ray):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._connected_here:
+                self._connected_here = False
+                ray.shutdown()
+
+
+RAY_SESSION = _RaySession()
+
+
+class DataParallelLLM:
+    """`data_parallel_size` engine replicas on a Ray cluster; `generate` works as on one engine."""
+
+    def __init__(self, model: str, data_parallel_size: int, **options):
+        self._closed = True  # until the replicas are up: exit() then has nothing to do
+        self.data_parallel_size = check_data_parallel_size(data_parallel_size)
+        self._config = driver_config(model, options)  # bad options fail here, before Ray is even imported
+        self.tokenizer = load_tokenizer(model)
+        # workers on other nodes, or in another working directory, need the path as the driver sees it
+        self._model = os.path.abspath(os.fspath(model))
+        self._options = options
+        self._ray = ray = import_ray()
+        RAY_SESSION.acquire(ray)
+        try:
+            self._replicas = self._start_replicas()
+        except BaseException:
+            RAY_SESSION.release(ray)
+            raise
+        self._closed = False
+
+    # ---- replicas ----------------------------------------------------------------------------------------
+
+    def _resources(self) -> tuple[dict, int | None]:
+        """One replica's placement-group bundle and its torch thread count (None on GPU)."""
+        ray, n, tp = self._ray, self.data_parallel_size, self._config.tensor_parallel_size
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        total = {key: sum(node.get(key, 0) for node in nodes) for key in ("CPU", "GPU")}
+        per_node = {key: max((node.get(key, 0) for node in nodes), default=0) for key in ("CPU", "GPU")}
+        if wants_gpu(self._options.get("device", "auto"), total["GPU"]):
+            if n * tp > total["GPU"] or tp > per_node["GPU"]:
+                raise RuntimeError(f"data_parallel_size={n} x tensor_parallel_size={tp} needs {n * tp} GPUs, "
+                                   f"{tp} on one node, but the Ray cluster has {total['GPU']:g} GPUs, at most "
+                                   f"{per_node['GPU']:g} on one node")
+            return {"GPU": tp, "CPU": tp}, None  # a CPU per rank for its host-side work
+        cpus = min(int(total["CPU"]) // n, int(per_node["CPU"]))
+        if cpus < 1:
+            raise RuntimeError(f"data_parallel_size={n} CPU replicas need at least one CPU each, but the Ray cluster "
+                               f"has {total['CPU']:g} CPUs")
+        return {"CPU": cpus}, cpus
+
+    def _start_replicas(self) -> list[_Replica]:
+        from ray.util import placement_group, remove_placement_group
+        ray = self._ray
+        self._bundle, self._num_threads = bundle, _ = self._resources()
+        # one bundle holds all of a replica's GPUs: the engine spawns its tensor-parallel ranks itself, so they
+        # must see the actor's CUDA_VISIBLE_DEVICES, on one node (STRICT_PACK)
+        replicas = [_Replica(slot, placement_group([bundle], strategy="STRICT_PACK"))
+                    for slot in range(self.data_parallel_size)]
+        try:
+            try:
+                ray.get([r.placement_group.ready() for r in replicas], timeout=PLACEMENT_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"the Ray cluster did not free {bundle} for each of {len(replicas)} replicas "
+                                   f"within {PLACEMENT_TIMEOUT_S:.0f}s; available: {ray.available_resources()}")
+            for r in replicas:
+                self._spawn(r)
+            for r in replicas:
+                r.info = self._wait_started(r)
+            # every replica must be able to hold any request the driver lets through
+            self._num_kvcache_blocks = min(r.info.num_kvcache_blocks for r in replicas)
+        except BaseException:
+            for r in replicas:
+                if r.actor is not None:
+                    ray.kill(r.actor)
+                remove_placement_group(r.placement_group)
+            raise
+        return replicas
+
+    def _spawn(self, replica: _Replica):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        bundle = self._bundle
+        actor_class = self._ray.remote(EngineReplica).options(
+            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(replica.placement_group, 0))
+        # sampling streams of different replicas must differ, or equal requests get equal samples
+        options = {**self._options, "seed": self._config.seed + replica.slot}
+        replica.actor = actor_class.remote(replica.slot, self._model, options, self._num_threads)
+        replica.started = replica.actor.info.remote()
+        replica.start_deadline = time.monotonic() + START_TIMEOUT_S
+        replica.info = None
+
+    def _wait_started(self, replica: _Replica) -> ReplicaInfo:
+        ray = self._ray
+        try:
+            info = ray.get(replica.started, timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"replica {replica.slot} did not start within {START_TIMEOUT_S:.0f}s") from None
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"replica {replica.slot} could not start: {e}") from e
+        if self._num_threads is None and info.device != "cuda":
+            raise RuntimeError(f"replica {replica.slot} holds GPUs {info.gpu_ids} but its engine runs on "
+                               f"{info.device!r}: torch in the actor sees no CUDA device")
+        return info
+
+    @property
+    def replicas(self) -> list[ReplicaInfo]:
+        """The replicas that have started (where they run, their KV cache size)."""
+        return [r.info for r in self._live() if r.info is not None]
+
+    @property
+    def actors(self) -> list:
+        """The replicas' Ray actor handles, by replica."""
+        return [r.actor for r in self._live()]
+
+    def _live(self) -> list[_Replica]:
+        return [r for r in self._replicas if r.actor is not None]
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = True) -> list[dict]:
+        self._check_open()
+        requests = self._requests(prompts, sampling_params)
+        results: list[dict | None] = [None] * len(requests)
+        for r in self._replicas:
+            r.restarts = 0
+        jobs = self._submit_spread(requests, list(range(len(requests))), {})
+        bar = tqdm(total=len(requests), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        start, num_tokens = time.perf_counter(), 0
+        with bar:
+            while jobs:
+                ready, _ = self._ray.wait(list(jobs), num_returns=1, timeout=POLL_INTERVAL_S)
+                for ref in ready:
+                    job = jobs.pop(ref)
+                    outputs = self._collect(ref, job, requests, jobs)
+                    for i, out in zip(job.indices, outputs):
+                        results[i] = out
+                        num_tokens += len(out["token_ids"])
+                    bar.update(len(outputs))
+                    bar.set_postfix(output=f"{num_tokens / (time.perf_counter() - start):.0f}tok/s")
+                self._check_starts()
+        return results
+
+    def _collect(self, ref, job: _Job, requests: list[Request], jobs: dict) -> list[dict]:
+        """The outputs of a finished job; for a job whose replica died, none (its requests are resubmitted)."""
+        try:
+            return self._ray.get(ref)
+        except self._ray.exceptions.RayActorError as e:
+            jobs.update(self._recover(job, e, requests, jobs))
+            return []
+
+    def _submit_spread(self, requests: list[Request], indices: list[int], jobs: dict) -> dict:
+        """Jobs for `indices` spread over the live replicas by token count, on top of the work they have."""
+        live = self._live()
+        if not live:
+            reasons = "; ".join(f"replica {r.slot}: {r.last_error}" for r in self._replicas)
+            raise RuntimeError(f"no data-parallel replica is left to run the requests: {reasons}")
+        loads = [sum(job.cost for job in jobs.values() if job.replica is r) for r in live]
+        shares = spread_by_cost([requests[i].cost for i in indices], loads)
+        return dict(self._submit(r, [indices[k] for k in share], requests) for r, share in zip(live, shares) if share)
+
+    def _submit(self, replica: _Replica, indices: list[int], requests: list[Request]):
+        batch = [requests[i] for i in indices]
+        ref = replica.actor.generate.remote([r.token_ids for r in batch], [r.sampling_params for r in batch])
+        return ref, _Job(replica, replica.actor, indices, sum(r.cost for r in batch))
+
+    def _recover(self, job: _Job, error, requests: list[Request], jobs: dict) -> dict:
+        """A replica died with `job` unfinished: restart it once per death (a replacement that fails to start is
+        given up) and run the job again there, or spread it over the others."""
+        replica, ray = job.replica, self._ray
+        if replica.actor is job.actor:  # the first of this actor's jobs to fail: replace the actor
+            started = self._note_started(replica)
+            ray.kill(job.actor)
+            replica.last_error = str(error)
+            # a replica that never came up would not come up again either
+            restart = started and replica.restarts < MAX_RESTARTS
+            what = "restarting it" if restart else "giving it up"
+            warnings.warn(f"data-parallel replica {replica.slot} died ({str(error).splitlines()[0]}); {what} and "
+                          f"running its {len(job.indices)} unfinished requests again", RuntimeWarning, stacklevel=4)
+            if restart:
+                replica.restarts += 1
+                self._spawn(replica)
+            else:
+                self._retire(replica)
+        if replica.actor is not None:
+            ref, new_job = self._submit(replica, job.indices, requests)
+            return {ref: new_job}
+        return self._submit_spread(requests, job.indices, jobs)
+
+    def _retire(self, replica: _Replica):
+        from ray.util import remove_placement_group
+        replica.actor = replica.started = None
+        remove_placement_group(replica.placement_group)
+
+    def _check_starts(self):
+        """Note the replacements that are up; kill one that is not up in time (its node is gone and there is no
+        room elsewhere, say), which would otherwise wait forever: its jobs then fail and move on."""
+        for r in self._live():
+            if not self._note_started(r) and time.monotonic() > r.start_deadline:
+                self._ray.kill(r.actor)
+
+    def _note_started(self, replica: _Replica) -> bool:
+        """Whether the replica's engine came up (without waiting)."""
+        ray = self._ray
+        if replica.info is None and replica.started is not None and ray.wait([replica.started], timeout=0)[0]:
+            try:
+                replica.info = ray.get(replica.started)
+            except ray.exceptions.RayActorError:
+                pass  # it died starting: its jobs fail too, and _recover handles them
+        return replica.info is not None
+
+    def _requests(self, prompts, sampling_params) -> list[Request]:
+        """Tokenized and checked on the driver, with the engine's rules, so a bad request reaches no replica."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
+        if prompts and all(isinstance(p, Integral) and not isinstance(p, bool) for p in prompts):
+            raise TypeError("prompts must be a list of prompts: wrap a single token-id list as [token_ids]")
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(sampling_params)} entries but there are "
+                                 f"{len(prompts)} prompts: give one SamplingParams or one per prompt")
+        else:
+            sampling_params = [sampling_params] * len(prompts)
+        requests = [Request(self._tokenize(p), sp) for p, sp in zip(prompts, sampling_params)]
+        for r in requests:
+            self._check_request(r)
+        return requests
+
+    def _tokenize(self, prompt) -> list[int]:
+        if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model folder {self._model!r} has no tokenizer: pass prompts as token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = [int(t) if isinstance(t, Integral) and not isinstance(t, bool) else t for t in prompt]
+        else:
+            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
+        vocab_size = self._config.hf_config.vocab_size
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
+        return token_ids
+
+    def _check_request(self, request: Request):
+        sp = request.sampling_params
+        if not isinstance(sp, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
+        n, max_len = len(request.token_ids), self._config.max_model_len
+        if n + sp.max_tokens > max_len:
+            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} = {n + sp.max_tokens} exceeds "
+                             f"max_model_len={max_len}")
+        # the last sampled token never needs a cache slot
+        bs, num_blocks = self._config.kvcache_block_size, self._num_kvcache_blocks
+        needed = -(-(n + sp.max_tokens - 1) // bs)
+        if needed > num_blocks:
+            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} needs {needed} KV blocks of "
+                             f"{bs} tokens but the cache has only num_kvcache_blocks={num_blocks}: it can never fit")
+
+    # ---- shutting down -----------------------------------------------------------------------------------
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this LLM has been shut down with exit(); create a new one")
+
+    def exit(self):
+        """End the replicas' engines and actors and free their placement groups. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        ray = self._ray
+        live = self._live()
+        exits = [r.actor.exit.remote() for r in live]
+        ray.wait(exits, num_returns=len(exits), timeout=30)  # let the engines free their GPUs and workers
+        for r in live:
+            ray.kill(r.actor)
+            self._retire(r)
+        RAY_SESSION.release(ray)
+
+    def __enter__(self) -> "DataParallelLLM":
+        return self
+
+    def __exit__(self, *exc_info):
+        self.exit()

@@ -1,0 +1,204 @@
+"""Data parallelism on Ray and the Ray Data processor, on a simulated two-node cluster (two raylets, 1 CPU each):
+replicas must give exactly the single engine's outputs, in input order, also when one is killed mid-call."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import random_prompts
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.data_parallel import DataParallelLLM, spread_by_cost
+
+ray = pytest.importorskip("ray")
+
+OPTIONS = dict(kvcache_block_size=16)
+OBJECT_STORE = 80 << 20  # Ray's minimum is 75 MiB
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from ray.cluster_utils import Cluster
+    two_nodes = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=OBJECT_STORE))
+    try:
+        two_nodes.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+        two_nodes.wait_for_nodes()
+        ray.init(address=two_nodes.address)
+        yield two_nodes
+    finally:
+        ray.shutdown()
+        two_nodes.shutdown()
+
+
+def single_engine(path: str, prompts, sampling_params) -> list[dict]:
+    llm = LLM(path, **OPTIONS)
+    try:
+        return llm.generate(prompts, sampling_params, use_tqdm=False)
+    finally:
+        llm.exit()
+
+
+def mixed_batch() -> tuple[list, list[SamplingParams]]:
+    """Text and token-id prompts of many lengths, each with its own max_tokens."""
+    tokens = random_prompts([3, 40, 25, 9, 60, 17], seed=7)
+    texts = ["w5 w17 w300", "w1 " * 50 + "w2", "w400 w3", " ".join(f"w{i}" for i in range(100, 130))]
+    prompts = [p for pair in zip(tokens, texts) for p in pair] + tokens[len(texts):]
+    return prompts, [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+
+
+def test_spread_by_cost_puts_the_longest_first_into_the_least_loaded():
+    assert spread_by_cost([10, 3, 7, 7, 1], [0, 0]) == [[0, 1, 4], [2, 3]]  # loads 14 and 14
+    assert spread_by_cost([10, 3, 7, 7, 1], [12, 0]) == [[3, 4], [0, 1, 2]]  # on top of their work: 20 and 20
+    assert spread_by_cost([5], [0, 0, 0]) == [[0], [], []]
+
+
+def test_too_many_replicas_for_the_cluster(cluster, qwen3_path):
+    with pytest.raises(RuntimeError, match=r"data_parallel_size=3 CPU replicas need at least one CPU each, but the "
+                                           r"Ray cluster has 2 CPUs"):
+        LLM(qwen3_path, data_parallel_size=3, **OPTIONS)
+
+
+class TestTwoReplicas:
+    """One DataParallelLLM for these tests: it holds both nodes' CPUs until the class is done."""
+
+    @pytest.fixture(scope="class")
+    def llm(self, cluster, qwen3_with_tokenizer):
+        llm = LLM(qwen3_with_tokenizer, data_parallel_size=2, **OPTIONS)
+        yield llm
+        llm.exit()
+
+    def test_equal_to_one_engine_in_input_order(self, llm, qwen3_with_tokenizer):
+        assert isinstance(llm, DataParallelLLM)
+        assert len({r.node_id for r in llm.replicas}) == 2  # one replica on each raylet
+        prompts, sps = mixed_batch()
+        outputs = llm.generate(prompts, sps, use_tqdm=False)
+        assert outputs == single_engine(qwen3_with_tokenizer, prompts, sps)
+        assert [len(o["token_ids"]) for o in outputs] == [sp.max_tokens for sp in sps]
+
+    def test_bad_requests_are_refused_on_the_driver(self, llm):
+        with pytest.raises(ValueError, match=r"token id 512 is out of range: it must be in \[0, vocab_size=512\)"):
+            llm.generate([[1, 2], [512]], SamplingParams(max_tokens=4), use_tqdm=False)
+        with pytest.raises(ValueError, match="exceeds max_model_len=1024"):
+            llm.generate([[1] * 1000], SamplingParams(max_tokens=30), use_tqdm=False)
+        with pytest.raises(TypeError, match="sampling_params must be SamplingParams, got dict"):
+            llm.generate([[1, 2]], [dict(max_tokens=3)], use_tqdm=False)
+        assert llm.generate([], SamplingParams(), use_tqdm=False) == []
+
+    def test_a_replica_killed_mid_generate_loses_no_request(self, llm, qwen3_with_tokenizer):
+        prompts = random_prompts([20] * 12, seed=3)
+        sp = SamplingParams(temperature=0, max_tokens=800, ignore_eos=True)
+        expected = single_engine(qwen3_with_tokenizer, prompts, sp)
+        victim = llm.actors[1]
+        kill = threading.Timer(1.5, ray.kill, args=(victim,))
+        with pytest.warns(RuntimeWarning, match=r"replica 1 died .*; restarting it and running its 6 unfinished "
+                                                r"requests again"):
+            kill.start()
+            outputs = llm.generate(prompts, sp, use_tqdm=False)
+        kill.join()
+        assert outputs == expected
+        assert llm.actors[1] != victim and len(llm.replicas) == 2
+
+
+def test_no_replica_can_restart(cluster, qwen3_path, tmp_path):
+    model = shutil.copytree(qwen3_path, tmp_path / "model")
+    llm = LLM(model, data_parallel_size=2, **OPTIONS)
+    try:
+        shutil.rmtree(model)  # the replacements cannot load it
+        for actor in llm.actors:
+            ray.kill(actor)
+        with pytest.warns(RuntimeWarning, match="died"), \
+                pytest.raises(RuntimeError, match=r"no data-parallel replica is left to run the requests: replica 0: "
+                                                  r"The actor died because of an error raised in its creation task"
+                                                  r"(.|\n)*does not exist"):
+            llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=4), use_tqdm=False)
+    finally:
+        llm.exit()
+
+
+def test_ray_data_processor(cluster, qwen3_with_tokenizer):
+    from nanovllm.ray_data import build_processor
+    prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(3 + i)) for i in range(20)]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    process = build_processor(qwen3_with_tokenizer, sampling_params=sp, concurrency=2, batch_size=6, **OPTIONS)
+    ds = ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+    rows = sorted(process(ds).take_all(), key=lambda row: row["id"])
+    expected = single_engine(qwen3_with_tokenizer, prompts, sp)
+    assert [row["prompt"] for row in rows] == prompts
+    assert [(row["generated_text"], list(row["token_ids"]), row["finish_reason"]) for row in rows] == \
+        [(e["text"], e["token_ids"], e["finish_reason"]) for e in expected]
+
+
+def test_processor_renders_messages_with_the_chat_template(cluster, qwen3_with_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from nanovllm.ray_data import LLMProcessor
+    model = str(tmp_path / "chat")
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_with_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}w9{% endif %}")
+    shutil.copytree(qwen3_with_tokenizer, model)
+    tokenizer.save_pretrained(model)
+    conversations = [[{"role": "user", "content": "w1 w2"}],
+                     [{"role": "system", "content": "w3"}, {"role": "user", "content": "w4 w5 w6"}]]
+    # the batch exactly as Ray Data hands it to map_batches
+    batch = ray.data.from_items([{"messages": c} for c in conversations]).take_batch(batch_format="numpy")
+    sp = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    out = LLMProcessor(model, sampling_params=sp, **OPTIONS)(batch)
+    expected = single_engine(model, ["w1 w2 w9", "w3 w4 w5 w6 w9"], SamplingParams(**sp))
+    assert list(out["generated_text"]) == [e["text"] for e in expected]
+    assert [list(t) for t in out["token_ids"]] == [e["token_ids"] for e in expected]
+    with pytest.raises(ValueError, match=r"the dataset needs a 'prompt' or a 'messages' column, it has \['text'\]"):
+        LLMProcessor(model, sampling_params=sp, **OPTIONS)({"text": batch["messages"]})
+
+
+RAY_ONLY_WHEN_ASKED = """
+import json, sys
+from nanovllm import LLM, SamplingParams
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+llm = LLM(path, kvcache_block_size=16, data_parallel_size=1)
+single = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+llm.exit()
+errors = []
+for dp, options in [(2, dict(max_num_seq=4)), (0, {}), ("2", {}), (True, {}), (2, dict(device="tpu"))]:
+    try:
+        LLM(path, data_parallel_size=dp, **options)
+    except (TypeError, ValueError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
+no_ray = "ray" not in sys.modules
+with LLM(path, kvcache_block_size=16, data_parallel_size=2) as llm:  # starts a local Ray, stops it at exit
+    import ray
+    started = ray.is_initialized()
+    parallel = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+print(json.dumps(dict(single=single, parallel=parallel, errors=errors, no_ray=no_ray, started=started,
+                      stopped=not ray.is_initialized())))
+"""
+
+
+def test_ray_only_when_asked_and_a_local_cluster_of_its_own(qwen3_path):
+    """data_parallel_size=1 and bad options never import Ray; without a cluster, a local one is started and
+    stopped again by exit()."""
+    prompts = random_prompts([5, 30, 12], seed=4)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", RAY_ONLY_WHEN_ASKED, qwen3_path, json.dumps(prompts)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == [
+        "TypeError: unknown option(s) ['max_num_seq'] for LLM(); valid options are " + str(_engine_options()),
+        "ValueError: data_parallel_size must be >= 1, got 0",
+        "TypeError: data_parallel_size must be an int, got '2'",
+        "TypeError: data_parallel_size must be an int, got True",
+        "ValueError: device must be one of ['auto', 'cpu', 'cuda'], got 'tpu'",
+    ]
+    assert result["no_ray"] and result["started"] and result["stopped"]
+    assert result["parallel"] == result["single"]
+
+
+def _engine_options() -> list[str]:
+    from nanovllm.config import Config
+    return Config.options()

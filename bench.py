@@ -4,6 +4,7 @@
     python bench.py --size 8B            # dummy Qwen3-8B
     python bench.py --model PATH         # a real local checkpoint
     python bench.py --size tiny --num-seqs 8 --max-input-len 64 --max-output-len 32   # a CPU smoke run
+    python bench.py --data-parallel-size 2   # two replicas on Ray (the [ray] extra), 2 x 256 sequences
 
 Without --model the weights are random ("dummy") on the real architecture, so a fresh machine benchmarks
 without any download; throughput does not depend on the weights' values.
@@ -49,6 +50,8 @@ def parse_args():
     p.add_argument("--min-len", type=int, default=100, help="lower bound of prompt and output lengths")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "--dp", type=int, default=1,
+                   help="engine replicas on Ray; the workload grows with them (N x --num-seqs sequences)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=512)
@@ -58,7 +61,10 @@ def parse_args():
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="read each step's tokens back before scheduling the next (no overlap)")
     p.add_argument("--profile", action="store_true", help="split the time into host launching and GPU (CUDA)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.profile and args.data_parallel_size > 1:
+        p.error("--profile times one engine in this process: use it with --data-parallel-size 1")
+    return args
 
 
 class StepProfile:
@@ -101,20 +107,24 @@ def main():
     args = parse_args()
     seed(0)
     lo = min(args.min_len, args.max_input_len, args.max_output_len)
+    num_seqs = args.num_seqs * args.data_parallel_size
     prompt_token_ids = [[randint(0, 10000) for _ in range(randint(lo, args.max_input_len))]
-                        for _ in range(args.num_seqs)]
+                        for _ in range(num_seqs)]
     sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(lo, args.max_output_len))
-                       for _ in range(args.num_seqs)]
+                       for _ in range(num_seqs)]
     path = args.model or dummy_model_folder(args.size)
     t = time.perf_counter()
     llm = LLM(path, load_format="auto" if args.model else "dummy", max_model_len=args.max_model_len,
               tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
               enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
-              async_scheduling=not args.no_async_scheduling)
-    print(f"LLM() ready in {time.perf_counter() - t:.1f}s "
-          f"(attention backend: {llm.model_runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
-    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+              async_scheduling=not args.no_async_scheduling, data_parallel_size=args.data_parallel_size)
+    if args.data_parallel_size > 1:
+        print(f"LLM() ready in {time.perf_counter() - t:.1f}s ({args.data_parallel_size} replicas: {llm.replicas})")
+    else:
+        print(f"LLM() ready in {time.perf_counter() - t:.1f}s (attention backend: "
+              f"{llm.model_runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
+    llm.generate([[1, 2, 3, 4]] * args.data_parallel_size, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     profile = StepProfile(llm) if args.profile else None
     t = time.perf_counter()
     llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)

@@ -24,7 +24,7 @@ from nanovllm.sampling_params import SamplingParams
 
 RAY_INSTALL_HINT = 'pip install -e ".[ray]"'
 DEVICES = ("auto", "cpu", "cuda")
-PLACEMENT_TIMEOUT_S = 120.0  # for a cluster to free the resources of all replicas
+PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to find room for a replica (a busy cluster, a lost node)
 START_TIMEOUT_S = 900.0  # for a replica to load its model (cold compile caches, large checkpoints)
 POLL_INTERVAL_S = 0.5
 MAX_RESTARTS = 3  # per replica and generate call: a request that kills every replica must not loop forever
@@ -121,7 +121,7 @@ class _Replica:
     placement_group: Any
     actor: Any = None
     started: Any = None  # ObjectRef of actor.info(): resolves once the engine is up
-    start_deadline: float = 0.0
+    spawned_at: float = 0.0
     info: ReplicaInfo | None = None
     restarts: int = 0  # in the current generate call
     last_error: str = ""
@@ -129,9 +129,10 @@ class _Replica:
 
 @dataclass(slots=True)
 class _Job:
-    """Requests submitted to one actor in one call."""
+    """Requests submitted to one actor in one call of its method `method` (an EngineReplica method)."""
     replica: _Replica
     actor: Any
+    method: str
     indices: list[int]
     cost: int
 
@@ -148,7 +149,10 @@ class _RaySession:
     def acquire(self, ray):
         with self._lock:
             if not ray.is_initialized():
-                ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local")
+                if os.environ.get("RAY_ADDRESS"):
+                    ray.init(address="auto")
+                else:  # Ray finds the GPUs itself; torch's count makes sure they are the ones torch can use
+                    ray.init(address="local", num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else None)
                 self._connected_here = True
             self._users += 1
 
@@ -206,7 +210,8 @@ class DataParallelLLM:
     def _start_replicas(self) -> list[_Replica]:
         from ray.util import placement_group, remove_placement_group
         ray = self._ray
-        self._bundle, self._num_threads = bundle, _ = self._resources()
+        bundle, num_threads = self._resources()
+        self._bundle, self._num_threads = bundle, num_threads
         # one bundle holds all of a replica's GPUs: the engine spawns its tensor-parallel ranks itself, so they
         # must see the actor's CUDA_VISIBLE_DEVICES, on one node (STRICT_PACK)
         replicas = [_Replica(slot, placement_group([bundle], strategy="STRICT_PACK"))
@@ -239,9 +244,11 @@ class DataParallelLLM:
             scheduling_strategy=PlacementGroupSchedulingStrategy(replica.placement_group, 0))
         # sampling streams of different replicas must differ, or equal requests get equal samples
         options = {**self._options, "seed": self._config.seed + replica.slot}
+        if self._num_threads is not None:  # a CPU replica stays off any GPU its node has but Ray does not list
+            options["device"] = "cpu"
         replica.actor = actor_class.remote(replica.slot, self._model, options, self._num_threads)
         replica.started = replica.actor.info.remote()
-        replica.start_deadline = time.monotonic() + START_TIMEOUT_S
+        replica.spawned_at = time.monotonic()
         replica.info = None
 
     def _wait_started(self, replica: _Replica) -> ReplicaInfo:
@@ -276,11 +283,15 @@ class DataParallelLLM:
                  sampling_params: SamplingParams | list[SamplingParams],
                  use_tqdm: bool = True) -> list[dict]:
         self._check_open()
-        requests = self._requests(prompts, sampling_params)
+        return self._run("generate", self._requests(prompts, sampling_params), use_tqdm)
+
+    def _run(self, method: str, requests: list[Request], use_tqdm: bool) -> list[dict]:
+        """Spread the requests over the replicas, call `method` of each with its share, and gather the outputs in
+        input order, running again the shares of replicas that die."""
         results: list[dict | None] = [None] * len(requests)
         for r in self._replicas:
             r.restarts = 0
-        jobs = self._submit_spread(requests, list(range(len(requests))), {})
+        jobs = self._submit_spread(method, requests, list(range(len(requests))), {})
         bar = tqdm(total=len(requests), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         start, num_tokens = time.perf_counter(), 0
         with bar:
@@ -299,13 +310,14 @@ class DataParallelLLM:
 
     def _collect(self, ref, job: _Job, requests: list[Request], jobs: dict) -> list[dict]:
         """The outputs of a finished job; for a job whose replica died, none (its requests are resubmitted)."""
+        ray = self._ray
         try:
-            return self._ray.get(ref)
-        except self._ray.exceptions.RayActorError as e:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:  # lost: its node died
             jobs.update(self._recover(job, e, requests, jobs))
             return []
 
-    def _submit_spread(self, requests: list[Request], indices: list[int], jobs: dict) -> dict:
+    def _submit_spread(self, method: str, requests: list[Request], indices: list[int], jobs: dict) -> dict:
         """Jobs for `indices` spread over the live replicas by token count, on top of the work they have."""
         live = self._live()
         if not live:
@@ -313,12 +325,14 @@ class DataParallelLLM:
             raise RuntimeError(f"no data-parallel replica is left to run the requests: {reasons}")
         loads = [sum(job.cost for job in jobs.values() if job.replica is r) for r in live]
         shares = spread_by_cost([requests[i].cost for i in indices], loads)
-        return dict(self._submit(r, [indices[k] for k in share], requests) for r, share in zip(live, shares) if share)
+        return dict(self._submit(r, method, [indices[k] for k in share], requests)
+                    for r, share in zip(live, shares) if share)
 
-    def _submit(self, replica: _Replica, indices: list[int], requests: list[Request]):
+    def _submit(self, replica: _Replica, method: str, indices: list[int], requests: list[Request]):
         batch = [requests[i] for i in indices]
-        ref = replica.actor.generate.remote([r.token_ids for r in batch], [r.sampling_params for r in batch])
-        return ref, _Job(replica, replica.actor, indices, sum(r.cost for r in batch))
+        call = getattr(replica.actor, method)
+        ref = call.remote([r.token_ids for r in batch], [r.sampling_params for r in batch])
+        return ref, _Job(replica, replica.actor, method, indices, sum(r.cost for r in batch))
 
     def _recover(self, job: _Job, error, requests: list[Request], jobs: dict) -> dict:
         """A replica died with `job` unfinished: restart it once per death (a replacement that fails to start is
@@ -339,9 +353,9 @@ class DataParallelLLM:
             else:
                 self._retire(replica)
         if replica.actor is not None:
-            ref, new_job = self._submit(replica, job.indices, requests)
+            ref, new_job = self._submit(replica, job.method, job.indices, requests)
             return {ref: new_job}
-        return self._submit_spread(requests, job.indices, jobs)
+        return self._submit_spread(job.method, requests, job.indices, jobs)
 
     def _retire(self, replica: _Replica):
         from ray.util import remove_placement_group
@@ -351,8 +365,13 @@ class DataParallelLLM:
     def _check_starts(self):
         """Note the replacements that are up; kill one that is not up in time (its node is gone and there is no
         room elsewhere, say), which would otherwise wait forever: its jobs then fail and move on."""
+        from ray.util import placement_group_table
         for r in self._live():
-            if not self._note_started(r) and time.monotonic() > r.start_deadline:
+            if self._note_started(r):
+                continue
+            waited = time.monotonic() - r.spawned_at
+            placed = placement_group_table(r.placement_group).get("state") == "CREATED"
+            if waited > START_TIMEOUT_S or (waited > PLACEMENT_TIMEOUT_S and not placed):
                 self._ray.kill(r.actor)
 
     def _note_started(self, replica: _Replica) -> bool:

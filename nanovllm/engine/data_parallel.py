@@ -79,7 +79,8 @@ class ReplicaInfo:
     node_id: str
     pid: int
     device: str
-    gpu_ids: list
+    gpu_ids: list  # Ray's ids of the node's GPUs the replica holds; the engine sees them as cuda:0..
+    cuda_visible_devices: str | None
     num_kvcache_blocks: int
 
 
@@ -96,7 +97,8 @@ class EngineReplica:
         import ray
         ctx = ray.get_runtime_context()
         return ReplicaInfo(self.slot, ctx.get_node_id(), os.getpid(), self.engine.config.device.type,
-                           list(ray.get_gpu_ids()), self.engine.config.num_kvcache_blocks)
+                           list(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                           self.engine.config.num_kvcache_blocks)
 
     def generate(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> list[dict]:
         return self.engine.generate(prompts, sampling_params, use_tqdm=False)

@@ -104,8 +104,8 @@ class TestTwoReplicas:
         victim = llm.actors[1]
         # its job is out by then on any machine; on this one the replica is some seconds into it
         kill = threading.Timer(0.5, ray.kill, args=(victim,))
-        with pytest.warns(RuntimeWarning, match=r"replica 1 died .*; restarting it and running its 3 unfinished "
-                                                r"requests again"):
+        with pytest.warns(RuntimeWarning, match=r"replica 1 \(pid \d+\) died .*; restarting it and running its "
+                                                r"3 unfinished requests again"):
             kill.start()
             outputs = llm.generate(prompts, sp, use_tqdm=False)
         kill.join()

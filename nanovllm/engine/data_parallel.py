@@ -347,8 +347,9 @@ class DataParallelLLM:
             # a replica that never came up would not come up again either
             restart = started and replica.restarts < MAX_RESTARTS
             what = "restarting it" if restart else "giving it up"
-            warnings.warn(f"data-parallel replica {replica.slot} died ({str(error).splitlines()[0]}); {what} and "
-                          f"running its {len(job.indices)} unfinished requests again", RuntimeWarning, stacklevel=4)
+            who = f"pid {replica.info.pid}" if started else "starting"  # also keeps the warnings apart
+            warnings.warn(f"data-parallel replica {replica.slot} ({who}) died ({str(error).splitlines()[0]}); {what} "
+                          f"and running its {len(job.indices)} unfinished requests again", RuntimeWarning, stacklevel=4)
             if restart:
                 replica.restarts += 1
                 self._spawn(replica)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,8 +48,9 @@ def single_engine(path: str, prompts, sampling_params) -> list[dict]:
 
 
 def mixed_batch() -> tuple[list, list[SamplingParams]]:
-    """Text and token-id prompts of many lengths, each with its own max_tokens."""
+    """Text and token-id prompts (lists, a numpy array) of many lengths, each with its own max_tokens."""
     tokens = random_prompts([3, 40, 25, 9, 60, 17], seed=7)
+    tokens[2] = np.array(tokens[2], dtype=np.int64)
     texts = ["w5 w17 w300", "w1 " * 50 + "w2", "w400 w3", " ".join(f"w{i}" for i in range(100, 130))]
     prompts = [p for pair in zip(tokens, texts) for p in pair] + tokens[len(texts):]
     return prompts, [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
@@ -90,7 +92,9 @@ class TestTwoReplicas:
 
     def test_bad_requests_are_refused_on_the_driver(self, llm):
         with pytest.raises(ValueError, match=r"token id 512 is out of range: it must be in \[0, vocab_size=512\)"):
-            llm.generate([[1, 2], [512]], SamplingParams(max_tokens=4), use_tqdm=False)
+            llm.generate([[1, 2], [3, 512, -1]], SamplingParams(max_tokens=4), use_tqdm=False)
+        with pytest.raises(TypeError, match=r"token ids must be ints, got True \(bool\)"):
+            llm.generate([[1, True]], SamplingParams(max_tokens=4), use_tqdm=False)
         with pytest.raises(ValueError, match="exceeds max_model_len=1024"):
             llm.generate([[1] * 1000], SamplingParams(max_tokens=30), use_tqdm=False)
         with pytest.raises(TypeError, match="sampling_params must be SamplingParams, got dict"):
@@ -128,6 +132,8 @@ def test_ray_data_processor(cluster, qwen3_with_tokenizer):
     from nanovllm.ray_data import build_processor
     prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(3 + i)) for i in range(20)]
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_num_seq'\] for LLM\(\)"):
+        build_processor(qwen3_with_tokenizer, max_num_seq=4)  # on the driver, before any actor
     process = build_processor(qwen3_with_tokenizer, sampling_params=sp, concurrency=2, batch_size=6, **OPTIONS)
     ds = ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(prompts)])
     rows = sorted(process(ds).take_all(), key=lambda row: row["id"])
@@ -185,6 +191,10 @@ with LLM(path, kvcache_block_size=16, data_parallel_size=2) as llm:  # starts a 
     import ray
     started = ray.is_initialized()
     parallel = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+try:
+    llm.generate(prompts, sp)
+except RuntimeError as e:
+    errors.append(f"RuntimeError: {e}")
 print(json.dumps(dict(single=single, parallel=parallel, errors=errors, no_ray=no_ray, started=started,
                       stopped=not ray.is_initialized())))
 """
@@ -206,6 +216,7 @@ def test_ray_only_when_asked_and_a_local_cluster_of_its_own(qwen3_path):
         "TypeError: data_parallel_size must be an int, got True",
         "ValueError: device must be one of ['auto', 'cpu', 'cuda'], got 'tpu'",
         'ImportError: data_parallel_size > 1 and nanovllm.ray_data need Ray: pip install -e ".[ray]"',
+        "RuntimeError: this LLM has been shut down with exit(); create a new one",
     ]
     assert result["no_ray"] and result["started"] and result["stopped"]
     assert result["parallel"] == result["single"]

@@ -414,17 +414,21 @@ class DataParallelLLM:
                 raise ValueError(f"model folder {self._model!r} has no tokenizer: pass prompts as token ids")
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
-            token_ids = [int(t) if isinstance(t, Integral) and not isinstance(t, bool) else t for t in prompt]
+            token_ids = list(prompt)
         else:
             raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
+        # the common case (plain ints in range) in C-speed passes: the driver checks every prompt of the batch
+        if not all(type(t) is int for t in token_ids):
+            token_ids = [int(t) if isinstance(t, Integral) and not isinstance(t, bool) else t for t in token_ids]
+            for t in token_ids:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
         vocab_size = self._config.hf_config.vocab_size
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
-            if not 0 <= t < vocab_size:
-                raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+            t = next(t for t in token_ids if not 0 <= t < vocab_size)
+            raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
         return token_ids
 
     def _check_request(self, request: Request):

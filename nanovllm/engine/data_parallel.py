@@ -11,8 +11,9 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ POLL_INTERVAL_S = 0.5
 MAX_RESTARTS = 3  # per replica and generate call: a request that kills every replica must not loop forever
 
 
-def import_ray():
+def import_ray() -> ModuleType:
     try:
         import ray
     except ImportError as e:

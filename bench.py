@@ -68,14 +68,14 @@ class StepProfile:
     def __init__(self, llm):
         import torch
         self.rows = []  # (is_prefill, host seconds, start event, end event, batch size)
-        runner = llm.model_runner
+        runner = llm.executor.runner
         launch, run_model = runner.launch, runner.run_model
 
-        def timed_launch(seqs, is_prefill):
+        def timed_launch(step):
             t = time.perf_counter()
             self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            out = launch(seqs, is_prefill)
-            self.rows.append((is_prefill, time.perf_counter() - t, *self._events, len(seqs)))
+            out = launch(step)
+            self.rows.append((step.kind.value == "prefill", time.perf_counter() - t, *self._events, len(step)))
             return out
 
         def timed_run_model(*args):
@@ -113,7 +113,7 @@ def main():
               max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
               async_scheduling=not args.no_async_scheduling)
     print(f"LLM() ready in {time.perf_counter() - t:.1f}s "
-          f"(attention backend: {llm.model_runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
+          f"(attention backend: {llm.executor.runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     profile = StepProfile(llm) if args.profile else None
     t = time.perf_counter()

@@ -110,6 +110,10 @@ def load_hf_config(model: str) -> PretrainedConfig:
     return hf_config
 
 
+def head_dim_of(hf_config: PretrainedConfig) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 def eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
     """End-of-sequence ids from config.json and generation_config.json (chat models often list several)."""
     ids = []

@@ -7,6 +7,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step import NewSequence, ScheduledStep, StepKind
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 512
@@ -89,12 +90,13 @@ def generate_twice(llm: LLM, prompts, sp: SamplingParams) -> list[list[int]]:
 
 def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     """The engine's own next-token logits after `token_ids` (one prefill through its backend, on every rank)."""
-    seq = Sequence(token_ids, SamplingParams(temperature=0, max_tokens=1), -1, llm.config.kvcache_block_size)
+    sp = SamplingParams(temperature=0, max_tokens=1)
+    seq = Sequence(token_ids, sp, -1, llm.config.kvcache_block_size)
     bm = llm.scheduler.block_manager
     bm.allocate(seq)
-    seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+    new = NewSequence(-1, token_ids, seq.block_table, seq.num_cached_tokens, len(seq) - seq.num_cached_tokens, sp)
     try:
-        return llm.model_runner.call("prefill_logits", [seq])[0].float()
+        return llm.executor.call("prefill_logits", ScheduledStep(StepKind.PREFILL, new=[new]))[0].float()
     finally:
         bm.deallocate(seq)
 

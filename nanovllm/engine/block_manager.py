@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 import xxhash
 
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
+from nanovllm.engine.sequence import Sequence
 
 
 class Block:
@@ -146,7 +146,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             prefix = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
             token_ids = seq.block(i)
-            if PENDING_TOKEN in token_ids:  # a sampled token not read back yet: publish once it is known
+            if len(token_ids) < self.block_size:  # a sampled token not read back yet: publish once it is known
                 break
             h = compute_hash(token_ids, prefix)
             block.publish(h, token_ids)

@@ -76,10 +76,6 @@ class SamplingParams:
             if value is not None:
                 _check(value >= 0, name, value, "None or >= 0")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

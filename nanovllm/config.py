@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.layers.backends import BACKENDS
+from nanovllm.utils.loader import check_weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,7 +51,10 @@ class Config:
 
     def __post_init__(self):
         self._check_numbers()
+        self.model = model_folder(self.model)
         self.hf_config = load_hf_config(self.model)
+        if self.load_format != "dummy":
+            check_weight_files(self.model)  # here, before the runner allocates anything on the device
         self.device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
@@ -95,12 +99,22 @@ class Config:
                              f"{torch.cuda.device_count()}")
 
 
-def load_hf_config(model: str) -> PretrainedConfig:
+def model_folder(model: str | os.PathLike) -> str:
+    """The model folder as a str with `~` expanded."""
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path to a local model folder, got {type(model).__name__}")
-    model = os.fspath(model)
-    if not os.path.isdir(model):
-        raise ValueError(f"model folder {model!r} does not exist (nanovllm loads local Hugging Face folders only)")
+    given = os.fspath(model)
+    path = os.path.expanduser(given)
+    shown = repr(given) if path == given else f"{given!r} ({path})"
+    if os.path.isfile(path):
+        raise ValueError(f"model {shown} is a file, expected a model folder (with config.json and *.safetensors)")
+    if not os.path.isdir(path):
+        raise ValueError(f"model folder {shown} does not exist (nanovllm loads local Hugging Face folders only)")
+    return path
+
+
+def load_hf_config(model: str | os.PathLike) -> PretrainedConfig:
+    model = model_folder(model)
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"model folder {model!r} has no config.json")
     hf_config = AutoConfig.from_pretrained(model)

@@ -79,7 +79,7 @@ def _entry_problem(entry) -> str | None:
     bits = DTYPE_BITS.get(entry["dtype"])
     if bits is not None and (offsets[1] - offsets[0]) * 8 != math.prod(shape) * bits:
         return (f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, but shape {shape} of "
-                f"{entry['dtype']} needs {math.prod(shape) * bits / 8:g}")
+                f"{entry['dtype']} needs {-(-math.prod(shape) * bits // 8)}")
     return None
 
 

@@ -14,8 +14,9 @@ class SequenceStatus(Enum):
 class Sequence:
     """One request as the scheduler sees it: its tokens, how many have K/V in the cache, and its KV blocks.
 
-    `num_tokens` counts a sampled token still in flight (overlapped scheduling books a step before its ids are
-    read back); `token_ids` holds the known ones only, so `num_pending` is 0 or 1.
+    `num_tokens` counts sampled tokens still in flight (overlapped scheduling books a step before its ids are
+    read back); `token_ids` holds the known ones only. `num_pending` is 2 between booking step N+1 and reading
+    back step N, else 0 or 1.
     """
 
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams, seq_id: int, block_size: int):

@@ -37,10 +37,12 @@ class Config:
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos: tuple[int, ...] = ()
     torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
+    generation_defaults: dict = field(default_factory=dict)  # SamplingParams fields the model folder sets
 
     @classmethod
     def options(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config", "eos", "torch_dtype")]
+        return [f.name for f in fields(cls)
+                if f.name not in ("model", "hf_config", "eos", "torch_dtype", "generation_defaults")]
 
     @classmethod
     def from_options(cls, model: str, **options) -> "Config":
@@ -60,6 +62,7 @@ class Config:
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self._check_tensor_parallel()
         self.eos = eos_token_ids(self.model, self.hf_config)
+        self.generation_defaults = generation_defaults(self.model)
 
     def _check_numbers(self):
         positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
@@ -141,6 +144,21 @@ def eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
             if isinstance(t, int) and t not in ids:
                 ids.append(t)
     return tuple(ids)
+
+
+# generation_config.json key -> SamplingParams field, the ones vLLM takes from a model folder
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model: str) -> dict:
+    """The sampling settings a model folder recommends (Qwen3: temperature 0.6, top_p 0.95, top_k 20)."""
+    path = os.path.join(model, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    return {field: data[key] for key, field in GENERATION_CONFIG_FIELDS.items() if data.get(key) is not None}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

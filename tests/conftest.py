@@ -99,7 +99,8 @@ def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     seq = Sequence(token_ids, sp, -1, llm.config.kvcache_block_size)
     bm = llm.scheduler.block_manager
     bm.allocate(seq)
-    new = NewSequence(-1, token_ids, seq.block_table, seq.num_cached_tokens, len(seq) - seq.num_cached_tokens, sp)
+    new = NewSequence(-1, token_ids, seq.block_table, seq.num_cached_tokens, len(seq) - seq.num_cached_tokens, sp,
+                      len(token_ids), 0)
     try:
         return llm.executor.call("prefill_logits", ScheduledStep(StepKind.PREFILL, new=[new]))[0].float()
     finally:

@@ -187,14 +187,14 @@ def test_a_sequence_is_sent_in_full_once_then_as_deltas():
     s0 = make_seq(0, [1, 2, 3, 4, 5])
     sched.add(s0)
     step = sched.schedule()
-    assert step.new == [NewSequence(0, [1, 2, 3, 4, 5], [0, 1], 0, 5, s0.sampling_params)]
+    assert step.new == [NewSequence(0, [1, 2, 3, 4, 5], [0, 1], 0, 5, s0.sampling_params, 5, 0)]
     assert step.cached == [] and step.finished_seq_ids == []
     run(sched, step, [6])
     s1 = make_seq(1, [1, 2, 3, 4, 9, 9, 9])
     sched.add(s1)
     step = sched.schedule()  # s1 hits s0's first block; s0 has no prompt left and sits this step out
     assert step.kind == PREFILL
-    assert step.new == [NewSequence(1, [1, 2, 3, 4, 9, 9, 9], [0, 2], 4, 3, s1.sampling_params)]
+    assert step.new == [NewSequence(1, [1, 2, 3, 4, 9, 9, 9], [0, 2], 4, 3, s1.sampling_params, 7, 0)]
     assert step.cached == []
     run(sched, step, [10])
     step = sched.schedule()
@@ -211,7 +211,7 @@ def test_a_chunked_prompt_continues_as_a_delta():
     seq = make_seq(0, [1, 2, 3, 4, 5, 6])
     sched.add(seq)
     step = sched.schedule()
-    assert step.new == [NewSequence(0, [1, 2, 3, 4, 5, 6], [0, 1], 0, 4, seq.sampling_params)]
+    assert step.new == [NewSequence(0, [1, 2, 3, 4, 5, 6], [0, 1], 0, 4, seq.sampling_params, 6, 0)]
     run(sched, step, [50])
     step = sched.schedule()
     assert step.kind == PREFILL and step.new == []
@@ -264,8 +264,8 @@ def test_one_token_prompts_go_straight_to_decode_in_admission_order():
     add_all(sched, s0, s1, s2)
     step = sched.schedule()
     assert (step.kind, rows(step)) == (DECODE, [(0, 1), (1, 1)])
-    assert step.new == [NewSequence(0, [1], [0], 0, 1, s0.sampling_params),
-                        NewSequence(1, [2], [1], 0, 1, s1.sampling_params)]
+    assert step.new == [NewSequence(0, [1], [0], 0, 1, s0.sampling_params, 1, 0),
+                        NewSequence(1, [2], [1], 0, 1, s1.sampling_params, 1, 0)]
     assert list(sched.running) == [s0, s1]
     assert list(sched.waiting) == [s2]
 
@@ -300,8 +300,8 @@ def test_preempts_most_recently_admitted_and_readmits_it_in_full():
     # s1 comes back first, in full: all its tokens, generated one included
     step = sched.schedule()
     assert step.kind == PREFILL
-    assert step.new == [NewSequence(1, [5, 6, 11], [1], 0, 3, s1.sampling_params),
-                        NewSequence(2, [8, 9], [0], 0, 2, s2.sampling_params)]
+    assert step.new == [NewSequence(1, [5, 6, 11], [1], 0, 3, s1.sampling_params, 2, 0),
+                        NewSequence(2, [8, 9], [0], 0, 2, s2.sampling_params, 2, 0)]
     assert step.finished_seq_ids == [0]
     assert run(sched, step, [13, 14]) == []
     assert s1.token_ids == [5, 6, 11, 13]
@@ -409,7 +409,7 @@ def test_finish_on_max_tokens_frees_blocks_and_keeps_the_prefix_cached():
     sched.add(again)
     step = sched.schedule()
     assert step.kind == DECODE
-    assert step.new == [NewSequence(1, [1, 2, 3, 10, 5], [0, 2], 4, 1, again.sampling_params)]
+    assert step.new == [NewSequence(1, [1, 2, 3, 10, 5], [0, 2], 4, 1, again.sampling_params, 5, 0)]
 
 
 def test_finish_on_max_model_len():
@@ -520,7 +520,7 @@ def test_overlapped_steps_send_in_flight_tokens_as_none_and_drop_a_surplus_one()
     # block 0 was computed while its last token was in flight; it is cached once that token is known
     again = make_seq(2, [1, 2, 3, 10, 5])
     sched.add(again)
-    assert sched.schedule().new == [NewSequence(2, [1, 2, 3, 10, 5], [0, 4], 4, 1, again.sampling_params)]
+    assert sched.schedule().new == [NewSequence(2, [1, 2, 3, 10, 5], [0, 4], 4, 1, again.sampling_params, 5, 0)]
 
 
 def test_a_sequence_preempted_with_a_token_in_flight_gets_it_back():
@@ -539,7 +539,7 @@ def test_a_sequence_preempted_with_a_token_in_flight_gets_it_back():
     assert read_back(sched, booked1, [22]) == [s0]
     assert s0.token_ids == [1, 2, 3, 4, 20, 22]
     step = sched.schedule()  # s1 comes back in full, with the token it got while preempted
-    assert step.new == [NewSequence(1, [5, 6, 7, 21], [1], 0, 4, s1.sampling_params)]
+    assert step.new == [NewSequence(1, [5, 6, 7, 21], [1], 0, 4, s1.sampling_params, 3, 0)]
     assert step.finished_seq_ids == [0]
     assert run(sched, step, [23]) == []
     assert s1.token_ids == [5, 6, 7, 21, 23]

@@ -20,7 +20,7 @@ P = SamplingParams()
 
 def new(seq_id: int, token_ids: list[int], block_table: list[int], num_cached: int, num_scheduled: int
         ) -> NewSequence:
-    return NewSequence(seq_id, token_ids, block_table, num_cached, num_scheduled, P)
+    return NewSequence(seq_id, token_ids, block_table, num_cached, num_scheduled, P, len(token_ids), 0)
 
 
 def prefill(*records: NewSequence | CachedSequence, finished: list[int] | None = None) -> ScheduledStep:
@@ -63,7 +63,7 @@ def test_apply_step_keeps_new_sequences_and_extends_cached_ones():
     states: dict[int, SeqState] = {}
     rows = apply_step(states, prefill(new(1, [10, 11, 12, 13, 14, 15], [7, 3], 4, 2), new(2, [20, 21, 22], [5], 0, 3)))
     assert [(r.seq_id, r.num_tokens, r.last_token) for r in rows] == [(1, 2, 15), (2, 3, 22)]
-    assert states == {1: SeqState([10, 11, 12, 13, 14, 15], [7, 3], 4, P), 2: SeqState([20, 21, 22], [5], 0, P)}
+    assert states == {1: SeqState([10, 11, 12, 13, 14, 15], [7, 3], 4, P, 6), 2: SeqState([20, 21, 22], [5], 0, P, 3)}
     assert rows[0].state is states[1]
     finish_step(rows)
     assert [states[1].num_computed, states[2].num_computed] == [6, 3]
@@ -76,7 +76,7 @@ def test_apply_step_drops_finished_sequences_before_taking_new_ones():
     states = {1: SeqState([1, 2, 3], [4], 4, P), 2: SeqState([5, 6], [6], 3, P), 3: SeqState([7], [8], 2, P)}
     # 1 was preempted and comes back in full, 2 finished, 3 goes on
     rows = apply_step(states, prefill(new(1, [1, 2, 3, 9], [0], 0, 4), finished=[1, 2]))
-    assert states == {1: SeqState([1, 2, 3, 9], [0], 0, P), 3: SeqState([7], [8], 2, P)}
+    assert states == {1: SeqState([1, 2, 3, 9], [0], 0, P, 4), 3: SeqState([7], [8], 2, P)}
     assert [(r.seq_id, r.num_tokens) for r in rows] == [(1, 4)]
 
 

@@ -1,5 +1,7 @@
+import random
 import threading
 import weakref
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from itertools import count
@@ -10,7 +12,8 @@ from tqdm.auto import tqdm
 from nanovllm.config import Config
 from nanovllm.engine.executor import Executor
 from nanovllm.engine.model_runner import SampledTokens
-from nanovllm.engine.requests import RequestBuilder, load_tokenizer
+from nanovllm.engine.output import OutputProcessor
+from nanovllm.engine.requests import Request, RequestBuilder, load_tokenizer
 from nanovllm.engine.scheduler import BookedStep, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step import StepKind, StepSummary
@@ -45,6 +48,7 @@ class LLMEngine:
             self.exit()
             raise
         self._seq_ids = count()
+        self._rng = random.Random(config.seed)  # seeds for requests that bring none
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/step, to refuse re-entrant calls
 
@@ -78,8 +82,13 @@ class LLMEngine:
         with self._exclusive():
             return self._enqueue(request.token_ids, request.sampling_params)
 
-    def _enqueue(self, token_ids: list[int], sampling_params: SamplingParams) -> Sequence:
+    def _enqueue(self, token_ids: list[int], sampling_params: SamplingParams, branch: int = 0,
+                 parent: Sequence | None = None) -> Sequence:
+        """A request without a seed gets one from the engine's seeded stream; branch i of n draws with seed + i."""
         seq = Sequence(token_ids, sampling_params, next(self._seq_ids), self.config.kvcache_block_size)
+        seq.seed = (parent.seed if parent is not None else
+                    sampling_params.seed if sampling_params.seed is not None else self._rng.getrandbits(62)) + branch
+        seq.branch, seq.parent = branch, parent
         self.scheduler.add(seq)
         return seq
 
@@ -99,7 +108,8 @@ class LLMEngine:
         if step is None:
             return None
         result = self.executor.call("run", step)
-        return StepSummary(step.kind, step.num_tokens, self.scheduler.postprocess(step, result))
+        booked = self.scheduler.launched(step)
+        return StepSummary(step.kind, step.num_tokens, self.scheduler.update(booked, result), booked.sampling)
 
     def _steps(self):
         """Steps one after the other, or overlapped (async_scheduling)."""
@@ -126,7 +136,7 @@ class LLMEngine:
                 if previous is not None:
                     booked = previous.booked
                     finished = self.scheduler.update(booked, previous.tokens.result())
-                    yield StepSummary(booked.step.kind, booked.step.num_tokens, finished)
+                    yield StepSummary(booked.step.kind, booked.step.num_tokens, finished, booked.sampling)
                 elif step is None:
                     if self.scheduler.is_finished():
                         return
@@ -138,45 +148,89 @@ class LLMEngine:
                 self.scheduler.update(in_flight.booked, in_flight.tokens.result())
             raise
 
-    # ---- generate ----------------------------------------------------------------------------------------------
+    # ---- generate, chat, stream ----------------------------------------------------------------------------------
+
+    def default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults with what the model folder's generation_config.json sets (see README)."""
+        return SamplingParams(**self.config.generation_defaults)
 
     def generate(self, prompts: list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
-        self.executor.check_open()
-        requests = self.requests.build(prompts, sampling_params)
+        """One output dict per prompt, in order; with n > 1 its completions are in "outputs"."""
+        requests = self._requests(prompts, sampling_params)
         with self._exclusive():
-            seqs = [self._enqueue(r.token_ids, r.sampling_params) for r in requests]
-            try:
-                with self.executor.in_step():
-                    self._run_until_done(seqs, use_tqdm)
-            except BaseException:
-                for seq in seqs:
-                    self.scheduler.abort(seq)
-                raise
-            return [self._output(seq) for seq in seqs]
+            groups = self._enqueue_all(requests)
+            outputs = OutputProcessor(self.tokenizer, groups, stream=False)
+            for _ in self._run(groups, outputs, use_tqdm):
+                pass
+            return outputs.outputs()
 
-    def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[dict]:
+        """generate() over conversations rendered by the tokenizer's chat template (e.g. Qwen3's
+        chat_template_kwargs={"enable_thinking": False})."""
+        return self.generate(self.requests.render_chat(messages, chat_template_kwargs), sampling_params, use_tqdm)
+
+    def stream(self, prompts: list[str] | list[list[int]],
+               sampling_params: SamplingParams | list[SamplingParams] | None = None,
+               use_tqdm: bool = False) -> Iterator[dict]:
+        """Events as tokens arrive: {"index", "completion", "text" (new text), "token_ids" (new ids), "finished",
+        "finish_reason", "stop_reason"}. Leaving the loop early drops the requests still running."""
+        requests = self._requests(prompts, sampling_params)  # bad input raises here, not at the first next()
+        return self._stream(requests, use_tqdm)
+
+    def _stream(self, requests: list[Request], use_tqdm: bool) -> Iterator[dict]:
+        with self._exclusive():
+            groups = self._enqueue_all(requests)
+            outputs = OutputProcessor(self.tokenizer, groups, stream=True)
+            for sampled in self._run(groups, outputs, use_tqdm):
+                yield from outputs.events(sampled)
+
+    def _requests(self, prompts, sampling_params) -> list[Request]:
+        self.executor.check_open()
+        return self.requests.build(prompts, self.default_sampling_params() if sampling_params is None
+                                   else sampling_params)
+
+    def _enqueue_all(self, requests: list[Request]) -> list[list[Sequence]]:
+        """n sequences per request: the first prefills the prompt, the others share its blocks."""
+        groups = []
+        for index, request in enumerate(requests):
+            first = self._enqueue(request.token_ids, request.sampling_params)
+            branches = [first] + [self._enqueue(request.token_ids, request.sampling_params, i, first)
+                                  for i in range(1, request.sampling_params.n)]
+            for seq in branches:
+                seq.request_index = index
+            groups.append(branches)
+        return groups
+
+    def _run(self, groups: list[list[Sequence]], outputs: OutputProcessor, use_tqdm: bool) -> Iterator[list[Sequence]]:
+        """Step until every sequence of this call has finished; yield this call's sequences that got tokens. On
+        any exit (done, error, the caller leaving a stream) what is still running is dropped."""
+        seqs = [seq for branches in groups for seq in branches]
         pending = {seq.seq_id for seq in seqs}
         tps = {StepKind.PREFILL: 0.0, StepKind.DECODE: 0.0}
-        with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar, \
-                closing(self._steps()) as steps:
-            t = perf_counter()
-            for summary in steps:
-                now = perf_counter()
-                if summary.num_tokens:
-                    tps[summary.kind] = summary.num_tokens / max(now - t, 1e-9)
-                t = now
-                bar.set_postfix(prefill=f"{tps[StepKind.PREFILL]:.0f}tok/s", decode=f"{tps[StepKind.DECODE]:.0f}tok/s")
-                done = [seq for seq in summary.finished if seq.seq_id in pending]
-                pending.difference_update(seq.seq_id for seq in done)
-                bar.update(len(done))
-                if not pending:
-                    break
-
-    def _output(self, seq: Sequence) -> dict:
-        token_ids = seq.completion_token_ids
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
-        return {"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason,
-                "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens],
-                "num_cached_tokens": seq.num_cached_prompt_tokens or 0}
+        try:
+            with self.executor.in_step(), closing(self._steps()) as steps, \
+                    tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
+                t = perf_counter()
+                for summary in steps:
+                    now = perf_counter()
+                    if summary.num_tokens:
+                        tps[summary.kind] = summary.num_tokens / max(now - t, 1e-9)
+                    t = now
+                    bar.set_postfix(prefill=f"{tps[StepKind.PREFILL]:.0f}tok/s",
+                                    decode=f"{tps[StepKind.DECODE]:.0f}tok/s")
+                    mine = [seq for seq in summary.sampled if outputs.owns(seq)]
+                    for seq in outputs.update(mine):
+                        self.scheduler.finish(seq, "stop")
+                    done = [seq.seq_id for seq in mine if seq.is_finished and seq.seq_id in pending]
+                    pending.difference_update(done)
+                    bar.update(len(done))
+                    yield mine
+                    if not pending:
+                        break
+        finally:
+            for seq in seqs:
+                self.scheduler.abort(seq)

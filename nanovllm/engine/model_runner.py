@@ -1,8 +1,8 @@
 """One rank's model: built once (weights, KV cache, warm-up, CUDA graphs), then each step uploads its inputs,
 runs the model (eagerly or by graph replay) and samples. Process management lives in executor.py."""
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -10,10 +10,13 @@ from nanovllm.config import Config, head_dim_of
 from nanovllm.engine.cuda_graphs import CUDAGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
 from nanovllm.engine.step import ScheduledStep, StepKind, StepResult
-from nanovllm.engine.step_inputs import (Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout)
+from nanovllm.engine.penalties import PenaltyTables, is_penalized
+from nanovllm.engine.step_inputs import (Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout,
+                                         wants_prompt_logprobs)
 from nanovllm.layers.attention import attention_layers
 from nanovllm.layers.backends import create_backend
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import (SamplerOutput, TokenLogprobs, compute_logprobs, sample, sampling_tensors,
+                                     warm_up_sampler)
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.compile import compiling_on
@@ -39,26 +42,82 @@ def default_dtype_and_device(dtype: torch.dtype, device: torch.device):
         torch.set_default_dtype(old_dtype)
 
 
-class SampledTokens:
-    """A step's sampled ids on their way to the host: a copy queued right behind the sampler and an event, so
-    reading waits for this step alone, not for the steps launched after it."""
+@dataclass(slots=True)
+class PromptScores:
+    """One row's prompt logprobs of a step: `count` entries from `offset` in the step's scores."""
+    scores: TokenLogprobs | None
+    first: bool  # the chunk starts the prompt: token 0 has no logprob
+    count: int
+    offset: int = 0
+    targets: list[int] | None = None
 
-    def __init__(self, ids: torch.Tensor):
+
+@dataclass(slots=True)
+class StepOutput:
+    sampler: SamplerOutput
+    num_logprobs: list[int | None]  # per row, as its SamplingParams asked
+    prompt_logprobs: dict[int, PromptScores] | None = None
+    num_prompt_logprobs: list[int | None] | None = None
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+class SampledTokens:
+    """A step's sampled ids (and logprobs) on their way to the host: copies queued right behind the sampler and an
+    event, so reading waits for this step alone, not for the steps launched after it."""
+
+    def __init__(self, output: StepOutput):
+        self._output = output
+        out = output.sampler
+        self._ids = _host_copy(out.token_ids)
+        self._logprobs = None if out.logprobs is None else [_host_copy(t) for t in _fields(out.logprobs)]
+        self._prompt = {i: [_host_copy(t) for t in _fields(p.scores)] for i, p in
+                        (output.prompt_logprobs or {}).items() if p.scores is not None}
         self._ready = None
-        self._host = ids
-        if ids.device.type == "cuda":
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, device="cpu", pin_memory=True)
-            self._host.copy_(ids, non_blocking=True)
+        if out.token_ids.device.type == "cuda":
             self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(ids.device))
+            self._ready.record(torch.cuda.current_stream(out.token_ids.device))
 
     def tolist(self) -> list[int]:
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        return self._ids.tolist()
 
     def result(self) -> StepResult:
-        return StepResult(self.tolist())
+        ids = self.tolist()
+        logprobs = None
+        if self._logprobs is not None:
+            chosen, top_ids, top_lps = (t.tolist() for t in self._logprobs)
+            logprobs = [None if n is None else _entry(ids[i], chosen[i], top_ids[i][:n], top_lps[i][:n])
+                        for i, n in enumerate(self._output.num_logprobs)]
+        prompt = None
+        if self._output.prompt_logprobs is not None:
+            prompt = {}
+            for i, p in self._output.prompt_logprobs.items():
+                entries = [None] if p.first else []
+                if p.count:
+                    n = self._output.num_prompt_logprobs[i]
+                    chosen, top_ids, top_lps = (t.tolist() for t in self._prompt[i])
+                    for j in range(p.offset, p.offset + p.count):
+                        entries.append(_entry(p.targets[j - p.offset], chosen[j], top_ids[j][:n], top_lps[j][:n]))
+                prompt[i] = entries
+        return StepResult(ids, logprobs, prompt)
+
+
+def _fields(lp: TokenLogprobs) -> list[torch.Tensor]:
+    return [lp.token_logprobs, lp.top_ids, lp.top_logprobs]
+
+
+def _entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> dict[int, float]:
+    """{token id: logprob} for the top-N and the chosen token (vLLM's shape)."""
+    entry = dict(zip(top_ids, top_logprobs))
+    entry[token] = logprob
+    return entry
 
 
 class ModelRunner:
@@ -85,8 +144,7 @@ class ModelRunner:
         self.layers = attention_layers(self.model)
         for layer in self.layers:
             layer.set_backend(self.attn_backend)
-        self.sampler = Sampler()
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.penalties = PenaltyTables(config.hf_config.vocab_size, device)
         if self.on_cuda:
             self.warmup_model()
         self.num_kvcache_blocks = num_kvcache_blocks(config, device, self.world_size)
@@ -95,6 +153,8 @@ class ModelRunner:
             layer.set_cache(self.kv_cache[0, i], self.kv_cache[1, i])
         if self.on_cuda or compiling_on(device):
             self.warmup_compiled_paths()
+            if rank == 0:
+                warm_up_sampler(config.hf_config.vocab_size, config.torch_dtype, device)
         if self.on_cuda and not config.enforce_eager:
             self.graphs = CUDAGraphRunner(self.model, config, device)
 
@@ -144,77 +204,121 @@ class ModelRunner:
         """Zeros with `cached` tokens already cached and `scheduled` to run. in_block_0: all its blocks are block
         0 (its K/V is written there); else it has no blocks (nothing stored)."""
         table = [0] * cdiv(num_tokens, self.block_size) if in_block_0 else []
-        return Row(-1, SeqState([0] * num_tokens, table, cached, WARMUP), scheduled, 0)
+        return Row(-1, SeqState([0] * num_tokens, table, cached, WARMUP, num_tokens), scheduled, 0)
 
     @torch.inference_mode()  # every step's inputs are inference tensors: compiled ops guard on it
-    def _run_rows(self, rows: list[Row], kind: StepKind) -> torch.Tensor | None:
-        input_ids, positions, ctx, temperatures = self.prepare(rows, kind)
-        logits = self.run_model(input_ids, positions, ctx)
-        return self.sampler(logits, temperatures, self.generator) if self.rank == 0 else None
+    def _run_rows(self, rows: list[Row], kind: StepKind) -> StepOutput | None:
+        """Run a step's rows and sample (rank 0; other ranks return None)."""
+        input_ids, positions, ctx, logits_indices = self.prepare(rows, kind)
+        logits = self.run_model(input_ids, positions, ctx, logits_indices)
+        if self.rank != 0:
+            return None
+        prompt_logprobs = None
+        if logits_indices is not None and logits.size(0) > len(rows):  # rows scored their prompt tokens too
+            last = torch.tensor(_last_of_each_row(rows, ctx), device=self.device)
+            prompt_logprobs = self._prompt_logprobs(rows, logits)
+            logits = logits[last]
+        counts = prompt_mask = slots = None
+        if any(is_penalized(row) for row in rows):
+            counts, prompt_mask, slots = self.penalties.tables(rows)
+        params = [row.state.sampling_params for row in rows]
+        tensors = sampling_tensors(params, [row.state.seed for row in rows], [row.output_position for row in rows],
+                                   self.device, self.config.eos, counts, prompt_mask)
+        out = sample(logits, tensors)
+        if slots is not None:
+            self.penalties.count(out.token_ids, rows, slots)
+        return StepOutput(out, [p.logprobs for p in params], prompt_logprobs, [p.prompt_logprobs for p in params])
+
+    def _prompt_logprobs(self, rows: list[Row], logits: torch.Tensor) -> dict[int, PromptScores]:
+        """For rows scoring their prompt: the logprobs of prompt token p + 1 given tokens <= p, for each p of the
+        chunk (each row contributes all its chunk's positions to logits, in order; other rows their last)."""
+        picks, targets, spans, at = [], [], {}, 0
+        for i, row in enumerate(rows):
+            if not wants_prompt_logprobs(row):
+                at += 1
+                continue
+            state = row.state
+            start, end = state.num_computed, state.num_computed + row.num_tokens
+            scored = range(start, min(end, state.num_prompt_tokens - 1))  # the last prompt position predicts output
+            spans[i] = (len(picks), len(scored), start == 0)
+            picks.extend(at + p - start for p in scored)
+            targets.extend(state.token_ids[p + 1] for p in scored)
+            at += row.num_tokens
+        if not picks:
+            return {i: PromptScores(None, first, 0) for i, (_, _, first) in spans.items()}
+        num_top = max(max(rows[i].state.sampling_params.prompt_logprobs for i in spans), 1)
+        scores = compute_logprobs(logits[torch.tensor(picks, device=self.device)],
+                                  torch.tensor(targets, device=self.device), num_top)
+        return {i: PromptScores(scores if n else None, first, n, offset, targets[offset:offset + n])
+                for i, (offset, n, first) in spans.items()}
 
     # ---- a step ----------------------------------------------------------------------------------------------
 
-    def _upload(self, *parts: list[int], temperatures: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Pack a step's int32 inputs and its temperatures (as float32 bit patterns) into one host buffer and send
-        it in one copy (pinned on CUDA, filled in place): many small tensors would each pay an allocation and a
-        copy launch."""
-        sizes = [len(p) for p in parts] + [len(temperatures)]
+    def _upload(self, *parts: list[int]) -> list[torch.Tensor]:
+        """Pack a step's int32 inputs into one host buffer and send it in one copy (pinned on CUDA, filled in
+        place): many small tensors would each pay an allocation and a copy launch."""
+        sizes = [len(p) for p in parts]
         starts = packed_starts(sizes)
         data = torch.empty(starts[-1], dtype=torch.int32, device="cpu", pin_memory=self.on_cuda)
         host = data.numpy()
         for part, start, size in zip(parts, starts, sizes):
             host[start:start + size] = part
-        host[starts[-2]:starts[-2] + sizes[-1]].view(np.float32)[:] = temperatures
         data = data.to(self.device, non_blocking=True)
-        views = [data[start:start + size] for start, size in zip(starts, sizes)]
-        return views[:-1], views[-1].view(torch.float32)
+        return [data[start:start + size] for start, size in zip(starts, sizes)]
 
-    def prepare(self, rows: list[Row], kind: StepKind) -> tuple[torch.Tensor, torch.Tensor, Context, torch.Tensor]:
-        """The step's input ids, positions, attention metadata and temperatures, on the device."""
-        temperatures = [row.state.sampling_params.temperature for row in rows]
+    def prepare(self, rows: list[Row], kind: StepKind) -> tuple[torch.Tensor, torch.Tensor, Context,
+                                                                 torch.Tensor | None]:
+        """The step's input ids, positions, attention metadata and (prefill) which tokens need logits."""
         if kind == StepKind.PREFILL:
             lay = prefill_layout(rows, self.block_size)
-            (ids, pos, slots, cu_q, cu_k, tables), temps = self._upload(
+            ids, pos, slots, cu_q, cu_k, tables, logits_indices = self._upload(
                 lay.input_ids, lay.positions, lay.slot_mapping, lay.cu_seqlens_q, lay.cu_seqlens_k,
-                lay.block_tables, temperatures=temperatures)
+                lay.block_tables, lay.logits_indices)
             ctx = Context(True, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, slots,
                           block_tables=tables.view(len(rows), lay.width) if lay.width else None)
-            return ids, pos, ctx, temps
+            return ids, pos, ctx, logits_indices
         lay = decode_layout(rows, self.block_size)
         # a token still in flight is read from the previous step's output, on the device
         pending = [self.rows_of_last_step[r.seq_id] if r.last_token is None else -1 for r in rows]
         in_flight = any(p >= 0 for p in pending)
-        (ids, pos, slots, lens, tables, pending), temps = self._upload(
+        ids, pos, slots, lens, tables, pending = self._upload(
             lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables,
-            pending if in_flight else [], temperatures=temperatures)
+            pending if in_flight else [])
         if in_flight:
             previous = self.last_sampled[pending.clamp(min=0)].to(ids.dtype)
             ids = torch.where(pending >= 0, previous, ids)
         ctx = Context(False, slot_mapping=slots, context_lens=lens, block_tables=tables.view(len(rows), lay.width))
-        return ids, pos, ctx, temps
+        return ids, pos, ctx, None
 
     @torch.inference_mode()
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor | None:
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context,
+                  logits_indices: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits of each decode token, or of the prefill tokens at logits_indices (rank 0; None elsewhere)."""
         with forward_context(ctx):
             if not ctx.is_prefill and self.graphs is not None and self.graphs.can_run(input_ids.size(0)):
                 return self.model.compute_logits(self.graphs.replay(input_ids, positions, ctx))
-            return self.model.compute_logits(self.model(input_ids, positions))
+            hidden_states = self.model(input_ids, positions)
+            if logits_indices is not None:
+                hidden_states = hidden_states[logits_indices]
+            return self.model.compute_logits(hidden_states)
 
     @torch.inference_mode()
     def launch(self, step: ScheduledStep) -> SampledTokens | None:
         """Queue one step on the device; return its sampled ids without waiting for them (rank 0; other ranks
         return None). Under TP with overlapped steps rank 0 broadcasts them: the next step may read them."""
+        for seq_id in step.finished_seq_ids:
+            self.penalties.drop(seq_id)
         rows = apply_step(self.states, step)
-        sampled = self._run_rows(rows, step.kind)
+        output = self._run_rows(rows, step.kind)
         finish_step(rows)
         if self.rank == 0:
-            self.last_sampled = sampled
+            self.last_sampled = output.sampler.token_ids
         if self.world_size > 1 and self.config.async_scheduling:
             if self.rank != 0:
                 self.last_sampled = torch.empty(len(rows), dtype=torch.int64, device=self.device)
             dist.broadcast(self.last_sampled, 0)
         self.rows_of_last_step = {row.seq_id: i for i, row in enumerate(rows)}
-        return SampledTokens(self.last_sampled) if self.rank == 0 else None
+        return SampledTokens(output) if self.rank == 0 else None
 
     def run(self, step: ScheduledStep) -> StepResult | None:
         sampled = self.launch(step)
@@ -226,8 +330,17 @@ class ModelRunner:
         and without keeping the sequences: for scoring. Every rank takes part."""
         rows = apply_step(self.states, step)
         try:
-            input_ids, positions, ctx, _ = self.prepare(rows, StepKind.PREFILL)
-            return self.run_model(input_ids, positions, ctx)
+            input_ids, positions, ctx, logits_indices = self.prepare(rows, StepKind.PREFILL)
+            return self.run_model(input_ids, positions, ctx, logits_indices)
         finally:
             for row in rows:
                 self.states.pop(row.seq_id, None)
+
+
+def _last_of_each_row(rows: list[Row], ctx: Context) -> list[int]:
+    """Where each row's last token sits among the computed logits (see PrefillLayout.logits_indices)."""
+    out, at = [], 0
+    for row in rows:
+        at += row.num_tokens if wants_prompt_logprobs(row) else 1
+        out.append(at - 1)
+    return out

@@ -31,6 +31,25 @@ class RequestBuilder:
         self.config = config
         self.tokenizer = tokenizer
 
+    def render_chat(self, conversations, chat_template_kwargs: dict | None) -> list[list[int]]:
+        """One conversation (a list of {"role", "content"} messages) or a list of them, through the tokenizer's
+        chat template with the generation prompt, as token ids (the template writes the special tokens itself)."""
+        if self.tokenizer is None:
+            raise ValueError(f"model folder {self.config.model!r} has no tokenizer: chat needs its chat template")
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, or a list of such lists")
+        if isinstance(conversations[0], dict):
+            conversations = [conversations]
+        kwargs = dict(chat_template_kwargs or {})
+        prompts = []
+        for conversation in conversations:
+            if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
+                raise TypeError(f"a conversation must be a list of message dicts, got {conversation!r}")
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                                      **kwargs)
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return prompts
+
     def build(self, prompts, sampling_params) -> list[Request]:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -79,6 +98,11 @@ class RequestBuilder:
         if n + sp.max_tokens > max_len:
             raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} = {n + sp.max_tokens} exceeds "
                              f"max_model_len={max_len}")
+        vocab_size = self.config.hf_config.vocab_size
+        for t in sp.stop_token_ids:
+            if t >= vocab_size:
+                raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary: ids must be in "
+                                 f"[0, vocab_size={vocab_size})")
         bs, num_blocks = self.config.kvcache_block_size, self.config.num_kvcache_blocks
         needed = cdiv(n + sp.max_tokens - 1, bs)  # the last sampled token never needs a cache slot
         if needed > num_blocks:

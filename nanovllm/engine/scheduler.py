@@ -9,8 +9,9 @@ from nanovllm.engine.step import CachedSequence, NewSequence, ScheduledStep, Ste
 
 @dataclass(slots=True)
 class BookedStep:
-    """A step sent to the runner: its sequences that sample a token, and the batch row each reads it from."""
+    """A step sent to the runner: its sequences by row, those that sample a token and the row each reads."""
     step: ScheduledStep
+    seqs: list[Sequence] = field(default_factory=list)
     sampling: list[Sequence] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
 
@@ -74,7 +75,7 @@ class Scheduler:
                 budget -= chunks[-1][1]
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            if self._waits_for_parent(seq) or not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
             if seq.num_cached_prompt_tokens is None:
@@ -86,6 +87,14 @@ class Scheduler:
                 chunks.append((seq, min(seq.num_uncached_tokens, budget)))
                 budget -= chunks[-1][1]
         return chunks
+
+    @staticmethod
+    def _waits_for_parent(seq: Sequence) -> bool:
+        """n > 1: the other branches wait until the first has prefilled the prompt, so its blocks are shared
+        (prefix-cache hits) instead of computed n times."""
+        parent = seq.parent
+        return parent is not None and not parent.is_finished and (
+            parent.status == SequenceStatus.WAITING or parent.num_cached_tokens < parent.num_prompt_tokens)
 
     def _schedule_decode(self) -> list[tuple[Sequence, int]]:
         scheduled, done = [], []
@@ -115,7 +124,8 @@ class Scheduler:
             if sent is None:
                 assert not seq.num_pending, "a sequence new to the runner has all its tokens known"
                 step.new.append(NewSequence(seq.seq_id, list(seq.token_ids), list(seq.block_table),
-                                            seq.num_cached_tokens, num_tokens, seq.sampling_params))
+                                            seq.num_cached_tokens, num_tokens, seq.sampling_params,
+                                            seq.num_prompt_tokens, seq.seed))
             else:
                 step.cached.append(CachedSequence(seq.seq_id, seq.block_table[sent:], num_tokens, seq.last_token))
             self._blocks_sent[seq.seq_id] = len(seq.block_table)
@@ -141,6 +151,7 @@ class Scheduler:
         by_id = {seq.seq_id: seq for seq in self.running}
         for row, seq_id in enumerate(step.seq_ids):
             seq = by_id[seq_id]
+            booked.seqs.append(seq)
             full_blocks = seq.num_cached_blocks
             seq.num_cached_tokens += self._scheduled(step, row)
             if seq.num_cached_blocks > full_blocks:
@@ -160,11 +171,18 @@ class Scheduler:
     def update(self, booked: BookedStep, result: StepResult) -> list[Sequence]:
         """Fill in a launched step's sampled tokens, publish completed blocks, finish sequences."""
         finished = []
+        for row, entries in (result.prompt_logprobs or {}).items():
+            seq = booked.seqs[row]
+            seq.prompt_logprobs = (seq.prompt_logprobs or []) + entries
+            del seq.prompt_logprobs[seq.num_prompt_tokens:]  # a preempted sequence scores its prompt again
         for seq, row in zip(booked.sampling, booked.rows):
             if seq.is_finished:  # it finished one step earlier: this token is surplus
                 continue
             token_id = result.token_ids[row]
             seq.resolve_token(token_id)
+            if seq.logprobs is not None:
+                seq.logprobs.append(result.logprobs[row])
+                seq.cumulative_logprob += result.logprobs[row][token_id]
             index = len(seq.token_ids) - 1
             if seq.block_table and index // seq.block_size < seq.num_cached_blocks:  # it completed a block
                 self.block_manager.hash_blocks(seq)
@@ -174,6 +192,11 @@ class Scheduler:
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def finish(self, seq: Sequence, reason: str):
+        """End a sequence early (a stop string was found in its text)."""
+        if not seq.is_finished:
+            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str):
         if seq.status == SequenceStatus.RUNNING:
@@ -193,8 +216,13 @@ class Scheduler:
             self._forgotten.append(seq.seq_id)
 
     def _finish_reason(self, seq: Sequence, index: int, token_id: int) -> str | None:
-        if not seq.sampling_params.ignore_eos and token_id in self.eos:
-            return "stop"
+        sp = seq.sampling_params
+        if index + 1 - seq.num_prompt_tokens > sp.min_tokens or not sp.min_tokens:
+            if not sp.ignore_eos and token_id in self.eos:
+                return "stop"
+            if token_id in sp.stop_token_ids:
+                seq.stop_reason = token_id
+                return "stop"
         if self._reaches_length(seq, index + 1):
             return "length"
         return None

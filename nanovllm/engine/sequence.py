@@ -31,6 +31,14 @@ class Sequence:
         self.sampling_params = sampling_params
         self.finish_reason: str | None = None
         self.num_cached_prompt_tokens: int | None = None  # prefix-cache hits when first admitted
+        self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+        self.seed = 0 if sampling_params.seed is None else sampling_params.seed  # the engine draws one if unset
+        self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if sampling_params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.request_index = 0  # which prompt of its generate call, and which of its n completions
+        self.branch = 0
+        self.parent: "Sequence | None" = None  # n > 1: the branch whose prompt prefill the others wait for
 
     def __len__(self):
         return self.num_tokens

@@ -27,6 +27,8 @@ class NewSequence:
     num_cached_tokens: int  # prefix-cache hits: their K/V is already in the cache
     num_scheduled_tokens: int
     sampling_params: SamplingParams
+    num_prompt_tokens: int
+    seed: int  # the request's seed, or one the engine drew for it: a row's draws depend on it alone
 
 
 @dataclass(slots=True)
@@ -60,11 +62,16 @@ class ScheduledStep:
 @dataclass(slots=True)
 class StepResult:
     token_ids: list[int]  # one sampled id per row; a row that ran a mid-prompt chunk has one too, unused
+    # rows that asked: the sampled token's logprob and the top-N ({token id: logprob}); None elsewhere
+    logprobs: list[dict[int, float] | None] | None = None
+    # row -> one entry per prompt token this chunk scored (the logprobs of token i given tokens < i)
+    prompt_logprobs: dict[int, list[dict[int, float]]] | None = None
 
 
 @dataclass(slots=True)
 class StepSummary:
-    """What one engine step did: for progress bars and throughput figures."""
+    """What one engine step did: for outputs, progress bars and throughput figures."""
     kind: StepKind
     num_tokens: int
     finished: list  # list[Sequence]
+    sampled: list  # list[Sequence] that received a token (the finished ones included)

@@ -17,6 +17,8 @@ class SeqState:
     block_table: list[int]
     num_computed: int  # tokens whose K/V is in the cache or queued ahead of any reader
     sampling_params: SamplingParams
+    num_prompt_tokens: int = 0
+    seed: int = 0
 
 
 @dataclass(slots=True)
@@ -26,6 +28,16 @@ class Row:
     state: SeqState
     num_tokens: int  # scheduled this step
     last_token: int | None = None  # decode: the input token; None = the runner's previous sample, in flight
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step ends at the sequence's newest token (a mid-prompt chunk samples nothing)."""
+        return self.state.num_computed + self.num_tokens >= len(self.state.token_ids)
+
+    @property
+    def output_position(self) -> int:
+        """Index among the completion's tokens of the token this step samples."""
+        return max(self.state.num_computed + self.num_tokens - self.state.num_prompt_tokens, 0)
 
 
 @dataclass(slots=True)
@@ -39,6 +51,7 @@ class PrefillLayout:
     max_seqlen_k: int
     block_tables: list[int]  # flattened [num_seqs, width], -1 padded; empty when no key comes from the cache
     width: int
+    logits_indices: list[int]  # which tokens' logits to compute: each row's last, all of a prompt-logprobs row's
 
 
 @dataclass(slots=True)
@@ -57,7 +70,8 @@ def apply_step(states: dict[int, SeqState], step: ScheduledStep) -> list[Row]:
         states.pop(seq_id, None)
     rows = []
     for new in step.new:
-        state = SeqState(new.token_ids, new.block_table, new.num_cached_tokens, new.sampling_params)
+        state = SeqState(new.token_ids, new.block_table, new.num_cached_tokens, new.sampling_params,
+                         new.num_prompt_tokens, new.seed)
         states[new.seq_id] = state
         rows.append(Row(new.seq_id, state, new.num_scheduled_tokens, new.token_ids[-1]))
     for cached in step.cached:
@@ -119,7 +133,16 @@ def prefill_layout(rows: list[Row], block_size: int) -> PrefillLayout:
     tables, width = block_table_rows([r.state.block_table for r in rows]) if paged else ([], 0)
     max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
     max_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
-    return PrefillLayout(input_ids, positions, slot_mapping, cu_q, cu_k, max_q, max_k, tables, width)
+    indices = []
+    for row, start, end in zip(rows, cu_q, cu_q[1:]):
+        indices.extend(range(start, end) if wants_prompt_logprobs(row) else [end - 1])
+    return PrefillLayout(input_ids, positions, slot_mapping, cu_q, cu_k, max_q, max_k, tables, width, indices)
+
+
+def wants_prompt_logprobs(row: Row) -> bool:
+    """A chunk of a prompt whose tokens' logprobs were asked for."""
+    return (row.state.sampling_params.prompt_logprobs is not None
+            and row.state.num_computed < row.state.num_prompt_tokens)
 
 
 def decode_layout(rows: list[Row], block_size: int) -> DecodeLayout:

@@ -74,14 +74,14 @@ class StepProfile:
     def __init__(self, llm):
         import torch
         self.rows = []  # (is_prefill, host seconds, start event, end event, batch size)
-        runner = llm.model_runner
+        runner = llm.executor.runner
         launch, run_model = runner.launch, runner.run_model
 
-        def timed_launch(seqs, is_prefill):
+        def timed_launch(step):
             t = time.perf_counter()
             self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            out = launch(seqs, is_prefill)
-            self.rows.append((is_prefill, time.perf_counter() - t, *self._events, len(seqs)))
+            out = launch(step)
+            self.rows.append((step.kind.value == "prefill", time.perf_counter() - t, *self._events, len(step)))
             return out
 
         def timed_run_model(*args):
@@ -123,7 +123,7 @@ def main():
         print(f"LLM() ready in {time.perf_counter() - t:.1f}s ({args.data_parallel_size} replicas: {llm.replicas})")
     else:
         print(f"LLM() ready in {time.perf_counter() - t:.1f}s (attention backend: "
-              f"{llm.model_runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
+              f"{llm.executor.runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
     llm.generate([[1, 2, 3, 4]] * args.data_parallel_size, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     profile = StepProfile(llm) if args.profile else None
     t = time.perf_counter()

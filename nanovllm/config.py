@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.layers.backends import BACKENDS
+from nanovllm.utils.loader import check_weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,10 +37,12 @@ class Config:
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos: tuple[int, ...] = ()
     torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
+    generation_defaults: dict = field(default_factory=dict)  # SamplingParams fields the model folder sets
 
     @classmethod
     def options(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config", "eos", "torch_dtype")]
+        return [f.name for f in fields(cls)
+                if f.name not in ("model", "hf_config", "eos", "torch_dtype", "generation_defaults")]
 
     @classmethod
     def from_options(cls, model: str, **options) -> "Config":
@@ -50,12 +53,16 @@ class Config:
 
     def __post_init__(self):
         self._check_numbers()
+        self.model = model_folder(self.model)
         self.hf_config = load_hf_config(self.model)
+        if self.load_format != "dummy":
+            check_weight_files(self.model)  # here, before the runner allocates anything on the device
         self.device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self._check_tensor_parallel()
         self.eos = eos_token_ids(self.model, self.hf_config)
+        self.generation_defaults = generation_defaults(self.model)
 
     def _check_numbers(self):
         positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
@@ -95,12 +102,22 @@ class Config:
                              f"{torch.cuda.device_count()}")
 
 
-def load_hf_config(model: str) -> PretrainedConfig:
+def model_folder(model: str | os.PathLike) -> str:
+    """The model folder as a str with `~` expanded."""
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path to a local model folder, got {type(model).__name__}")
-    model = os.fspath(model)
-    if not os.path.isdir(model):
-        raise ValueError(f"model folder {model!r} does not exist (nanovllm loads local Hugging Face folders only)")
+    given = os.fspath(model)
+    path = os.path.expanduser(given)
+    shown = repr(given) if path == given else f"{given!r} ({path})"
+    if os.path.isfile(path):
+        raise ValueError(f"model {shown} is a file, expected a model folder (with config.json and *.safetensors)")
+    if not os.path.isdir(path):
+        raise ValueError(f"model folder {shown} does not exist (nanovllm loads local Hugging Face folders only)")
+    return path
+
+
+def load_hf_config(model: str | os.PathLike) -> PretrainedConfig:
+    model = model_folder(model)
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"model folder {model!r} has no config.json")
     hf_config = AutoConfig.from_pretrained(model)
@@ -108,6 +125,10 @@ def load_hf_config(model: str) -> PretrainedConfig:
         raise ValueError(f"model_type {hf_config.model_type!r} of {model!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")
     return hf_config
+
+
+def head_dim_of(hf_config: PretrainedConfig) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
 def eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
@@ -123,6 +144,21 @@ def eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
             if isinstance(t, int) and t not in ids:
                 ids.append(t)
     return tuple(ids)
+
+
+# generation_config.json key -> SamplingParams field, the ones vLLM takes from a model folder
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model: str) -> dict:
+    """The sampling settings a model folder recommends (Qwen3: temperature 0.6, top_p 0.95, top_k 20)."""
+    path = os.path.join(model, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    return {field: data[key] for key, field in GENERATION_CONFIG_FIELDS.items() if data.get(key) is not None}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

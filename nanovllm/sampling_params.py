@@ -1,23 +1,115 @@
 import math
 from dataclasses import dataclass
 
+# vLLM raises temperatures in (0, 0.01) to 0.01: dividing logits by less overflows float32 to inf
+MIN_TEMPERATURE = 1e-2
+
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How to pick each new token. temperature=0 is greedy (argmax); >0 samples softmax(logits / temperature)."""
+    """How to pick each new token and when to stop, with vLLM's fields, meanings, defaults and ranges.
+
+    temperature=0 is greedy (argmax); otherwise softmax(logits / temperature) restricted by top_k, top_p and
+    min_p. top_k 0 or -1 is off. stop and stop_token_ids end a completion; min_tokens suppresses EOS and the stop
+    tokens until that many tokens exist. logprobs=N returns the top-N alternatives of every generated token plus
+    the sampled one (raw log-softmax of the model's logits); prompt_logprobs likewise for the prompt tokens.
+    """
     temperature: float = 1.0
-    max_tokens: int = 64
+    max_tokens: int = 16
     ignore_eos: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
-        self.temperature = float(self.temperature)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            setattr(self, name, _number(name, getattr(self, name)))
+        for name in ("max_tokens", "top_k", "min_tokens", "n"):
+            _integer(name, getattr(self, name))
+        for name in ("seed", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name))
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        self.stop = _stop_strings(self.stop)
+        self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
+        if self.seed == -1:  # vLLM's spelling of "no seed"
+            self.seed = None
+        self._check_ranges()
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
+        if self.temperature == 0:  # greedy: the filters cannot change the argmax, so they are dropped
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _check_ranges(self):
+        _check(math.isfinite(self.temperature) and self.temperature >= 0,
+               "temperature", self.temperature, "a finite number >= 0")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(self.top_k >= -1, "top_k", self.top_k, "0 or -1 (off), or >= 1")
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]")
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+               "repetition_penalty", self.repetition_penalty, "a finite number > 0")
+        _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
+        _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+               f"in [0, max_tokens={self.max_tokens}]")
+        _check(self.n >= 1, "n", self.n, ">= 1")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n must be 1 with temperature=0 (greedy gives n equal completions), got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value >= 0, name, value, "None or >= 0")
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _integer(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def _check(ok: bool, name: str, value, allowed: str):
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _stop_strings(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop must be a str or a list of str, got {stop!r}")
+    if any(s == "" for s in stop):
+        raise ValueError(f"stop must not contain an empty string, got {list(stop)!r}")
+    return list(stop)
+
+
+def _stop_token_ids(ids) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise TypeError(f"stop_token_ids must be a list of int, got {ids!r}")
+    if any(i < 0 for i in ids):
+        raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(ids)!r}")
+    return list(dict.fromkeys(ids))  # vLLM drops repeats, keeping the order

@@ -67,17 +67,77 @@ def test_empty_prompt_list_returns_nothing(llm):
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    (dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0, got -0.5"),
-    (dict(temperature=math.nan), ValueError, "temperature"),
-    (dict(temperature=math.inf), ValueError, "temperature"),
-    (dict(temperature="hot"), TypeError, "temperature must be a number"),
-    (dict(max_tokens=0), ValueError, "max_tokens must be >= 1, got 0"),
-    (dict(max_tokens=2.0), TypeError, "max_tokens must be an int"),
-    (dict(ignore_eos="yes"), TypeError, "ignore_eos must be a bool"),
+    (dict(temperature=-0.5), ValueError, r"temperature must be a finite number >= 0, got -0.5"),
+    (dict(temperature=math.nan), ValueError, r"temperature must be a finite number >= 0, got nan"),
+    (dict(temperature=math.inf), ValueError, r"temperature must be a finite number >= 0, got inf"),
+    (dict(temperature="hot"), TypeError, r"temperature must be a number, got str"),
+    (dict(temperature=True), TypeError, r"temperature must be a number, got bool"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_p=math.nan), ValueError, r"top_p must be in \(0, 1\], got nan"),
+    (dict(top_p=None), TypeError, r"top_p must be a number, got NoneType"),
+    (dict(top_k=-2), ValueError, r"top_k must be 0 or -1 \(off\), or >= 1, got -2"),
+    (dict(top_k=2.0), TypeError, r"top_k must be an int, got float"),
+    (dict(top_k=True), TypeError, r"top_k must be an int, got bool"),
+    (dict(min_p=-0.1), ValueError, r"min_p must be in \[0, 1\], got -0.1"),
+    (dict(min_p=1.01), ValueError, r"min_p must be in \[0, 1\], got 1.01"),
+    (dict(presence_penalty=2.5), ValueError, r"presence_penalty must be in \[-2, 2\], got 2.5"),
+    (dict(presence_penalty=-3), ValueError, r"presence_penalty must be in \[-2, 2\], got -3.0"),
+    (dict(frequency_penalty=-2.01), ValueError, r"frequency_penalty must be in \[-2, 2\], got -2.01"),
+    (dict(frequency_penalty="1"), TypeError, r"frequency_penalty must be a number, got str"),
+    (dict(repetition_penalty=0), ValueError, r"repetition_penalty must be a finite number > 0, got 0.0"),
+    (dict(repetition_penalty=-1.2), ValueError, r"repetition_penalty must be a finite number > 0, got -1.2"),
+    (dict(repetition_penalty=math.inf), ValueError, r"repetition_penalty must be a finite number > 0, got inf"),
+    (dict(max_tokens=0), ValueError, r"max_tokens must be >= 1, got 0"),
+    (dict(max_tokens=2.0), TypeError, r"max_tokens must be an int, got float"),
+    (dict(max_tokens=None), TypeError, r"max_tokens must be an int, got NoneType"),
+    (dict(min_tokens=-1), ValueError, r"min_tokens must be in \[0, max_tokens=16\], got -1"),
+    (dict(min_tokens=9, max_tokens=8), ValueError, r"min_tokens must be in \[0, max_tokens=8\], got 9"),
+    (dict(min_tokens=1.0), TypeError, r"min_tokens must be an int, got float"),
+    (dict(stop=""), ValueError, r"stop must not contain an empty string, got \[''\]"),
+    (dict(stop=["end", ""]), ValueError, r"stop must not contain an empty string"),
+    (dict(stop=["end", 7]), TypeError, r"stop must be a str or a list of str, got \['end', 7\]"),
+    (dict(stop=7), TypeError, r"stop must be a str or a list of str, got 7"),
+    (dict(stop_token_ids=[1, "2"]), TypeError, r"stop_token_ids must be a list of int, got \[1, '2'\]"),
+    (dict(stop_token_ids=5), TypeError, r"stop_token_ids must be a list of int, got 5"),
+    (dict(stop_token_ids=[True]), TypeError, r"stop_token_ids must be a list of int"),
+    (dict(stop_token_ids=[3, -1]), ValueError, r"stop_token_ids must be token ids >= 0, got \[3, -1\]"),
+    (dict(n=0), ValueError, r"n must be >= 1, got 0"),
+    (dict(n=2.0), TypeError, r"n must be an int, got float"),
+    (dict(n=2, temperature=0), ValueError, r"n must be 1 with temperature=0 .*, got 2"),
+    (dict(logprobs=-1), ValueError, r"logprobs must be None or >= 0, got -1"),
+    (dict(logprobs=True), TypeError, r"logprobs must be an int, got bool"),
+    (dict(prompt_logprobs=-2), ValueError, r"prompt_logprobs must be None or >= 0, got -2"),
+    (dict(prompt_logprobs=1.0), TypeError, r"prompt_logprobs must be an int, got float"),
+    (dict(seed=1.5), TypeError, r"seed must be an int, got float"),
+    (dict(seed="42"), TypeError, r"seed must be an int, got str"),
+    (dict(ignore_eos="yes"), TypeError, r"ignore_eos must be a bool, got str"),
+    (dict(include_stop_str_in_output=1), TypeError, r"include_stop_str_in_output must be a bool, got int"),
+    (dict(skip_special_tokens=None), TypeError, r"skip_special_tokens must be a bool, got NoneType"),
 ])
 def test_sampling_params_validate_themselves(kwargs, error, words):
     with pytest.raises(error, match=words):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_defaults_and_normalisation():
+    sp = SamplingParams()
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.max_tokens, sp.min_tokens, sp.n) == (1.0, 1.0, 0, 0.0,
+                                                                                                  16, 0, 1)
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert (sp.seed, sp.stop, sp.stop_token_ids, sp.logprobs, sp.prompt_logprobs) == (None, [], [], None, None)
+    assert (sp.ignore_eos, sp.include_stop_str_in_output, sp.skip_special_tokens) == (False, False, True)
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(stop_token_ids=[5, 3, 5]).stop_token_ids == [5, 3]
+    assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed"
+    assert SamplingParams(temperature=1e-4).temperature == 0.01  # vLLM's floor: smaller overflows the logits
+    # greedy drops the filters, which cannot change the argmax
+    greedy = SamplingParams(temperature=0, top_p=0.5, top_k=3, min_p=0.2)
+    assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)
+    # the three fields nano-vllm had, positionally and by name, as before
+    assert SamplingParams(0.6, 256, True) == SamplingParams(temperature=0.6, max_tokens=256, ignore_eos=True)
+    assert isinstance(SamplingParams(temperature=1).temperature, float)
 
 
 @pytest.mark.parametrize("options, error, words", [

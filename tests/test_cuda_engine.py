@@ -46,10 +46,18 @@ def test_triton_float32_equals_cpu_torch(qwen3_path, cpu_reference, options):
     assert run(qwen3_path, device="cuda", dtype="float32", attention_backend="triton", **options) == cpu_reference
 
 
-def test_cuda_graphs_equal_eager_bf16(qwen3_path):
-    eager = run(qwen3_path, dtype="bfloat16", attention_backend="triton", enforce_eager=True, kvcache_block_size=16)
-    graphs = run(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
-    assert graphs == eager
+def test_cuda_graphs_agree_with_eager_bf16(qwen3_path):
+    """Not bitwise: a graph's block tables span max_model_len, so its split-KV decode splits the keys otherwise."""
+    common = dict(dtype="bfloat16", attention_backend="triton", kvcache_block_size=16,
+                  num_kvcache_blocks=128)  # two engines at once: fixed cache sizes
+    eager = LLM(qwen3_path, enforce_eager=True, **common)
+    graphs = LLM(qwen3_path, **common)
+    try:
+        out_eager, out_graphs = generate_twice(eager, PROMPTS, GREEDY), generate_twice(graphs, PROMPTS, GREEDY)
+        assert_agree_by_logprob_rule(eager, graphs, PROMPTS, out_eager, out_graphs)
+    finally:
+        eager.exit()
+        graphs.exit()
 
 
 @pytest.mark.skipif(not HAS_FLASH_ATTN, reason="flash_attn is not installed")

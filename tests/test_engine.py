@@ -1,4 +1,6 @@
 """Whole runs against Hugging Face transformers: greedy token ids must be equal, float32 on the CPU."""
+import multiprocessing
+
 import pytest
 import torch
 
@@ -11,9 +13,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 def assert_pool_empty(llm: LLM):
     bm = llm.scheduler.block_manager
     assert llm.is_finished()
-    assert sorted(bm.free_block_ids) == list(range(bm.num_blocks))
-    assert not bm.used_block_ids
-    assert all(block.ref_count == 0 for block in bm.blocks)
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 def run_and_compare(llm: LLM, path: str, prompts, hf_reference, sp=GREEDY):
@@ -25,16 +25,19 @@ def run_and_compare(llm: LLM, path: str, prompts, hf_reference, sp=GREEDY):
     return outputs
 
 
-class Counting:
-    """Wraps a method of an object to count its calls (and keep what it returned)."""
-
-    def __init__(self, obj, name):
-        self.calls, self.original = 0, getattr(obj, name)
-        setattr(obj, name, self)
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.original(*args, **kwargs)
+def model_with_eos(path: str, eos: int, tmp_path) -> str:
+    """A copy of a tiny model whose config names `eos` as its end-of-sequence token (same weights)."""
+    import json
+    import shutil
+    folder = tmp_path / f"eos{eos}"
+    shutil.copytree(path, folder)
+    for name in ("config.json", "generation_config.json"):
+        file = folder / name
+        if file.exists():
+            data = json.loads(file.read_text())
+            data["eos_token_id"] = eos
+            file.write_text(json.dumps(data))
+    return str(folder)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
@@ -51,30 +54,14 @@ def test_greedy_matches_transformers(kind, options, request, hf_reference):
 def test_prefix_caching_is_token_exact(qwen3_path, hf_reference):
     shared = random_prompts([48], seed=1)[0]  # three full blocks of 16
     prompts = [shared + tail for tail in random_prompts([5, 9, 20], seed=2)] + [shared[:32], shared[:32] + [7]]
-    llm = LLM(qwen3_path, kvcache_block_size=16)
-    allocate = Counting(llm.scheduler.block_manager, "allocate")
-    try:
-        run_and_compare(llm, qwen3_path, prompts, hf_reference)
-        cached_first = [seq_cached for seq_cached in _cached_tokens(llm, prompts)]
-        # second round: every prompt, including the fully cached 32-token one, is served from the cache
-        run_and_compare(llm, qwen3_path, prompts, hf_reference)
-        assert allocate.calls == 2 * len(prompts)
+    with LLM(qwen3_path, kvcache_block_size=16) as llm:
+        first = run_and_compare(llm, qwen3_path, prompts, hf_reference)
+        # in one batch, prompts are admitted together: none finds another's blocks computed yet
+        assert [o["num_cached_tokens"] for o in first] == [0, 0, 0, 0, 0]
+        second = run_and_compare(llm, qwen3_path, prompts, hf_reference)
         # full blocks before each prompt's last token; the 68-token prompt also finds its 4th block, computed
         # while it decoded; the 32-token prompt recomputes its last block, which holds its last token
-        assert cached_first == [48, 48, 64, 16, 32]
-    finally:
-        llm.exit()
-
-
-def _cached_tokens(llm: LLM, prompts) -> list[int]:
-    """How many tokens a fresh allocation of each prompt would take from the prefix cache now."""
-    from nanovllm.engine.sequence import Sequence
-    bm = llm.scheduler.block_manager
-    out = []
-    for i, p in enumerate(prompts):
-        seq = Sequence(p, GREEDY, -1 - i, bm.block_size)
-        out.append(len(bm._cached_prefix(seq)) * bm.block_size)
-    return out
+        assert [o["num_cached_tokens"] for o in second] == [48, 48, 64, 16, 32]
 
 
 def test_prefix_cache_hits_inside_one_batch_are_exact(qwen3_path, hf_reference):
@@ -100,14 +87,10 @@ def test_chunked_prefill_is_token_exact(qwen3_path, hf_reference, budget):
 @pytest.mark.parametrize("caching", [True, False])
 def test_preemption_is_token_exact(qwen3_path, hf_reference, caching):
     # 10 blocks of 16 tokens for 4 sequences that need 3-5 blocks each: decode must preempt and recompute
-    llm = LLM(qwen3_path, kvcache_block_size=16, num_kvcache_blocks=10, enable_prefix_caching=caching)
-    preempt = Counting(llm.scheduler, "preempt")
-    try:
+    with LLM(qwen3_path, kvcache_block_size=16, num_kvcache_blocks=10, enable_prefix_caching=caching) as llm:
         sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
         run_and_compare(llm, qwen3_path, random_prompts([20, 25, 30, 35], seed=5), hf_reference, sp)
-        assert preempt.calls > 0
-    finally:
-        llm.exit()
+        assert llm.scheduler.num_preemptions > 0
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
@@ -120,15 +103,14 @@ def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference, overlap):
         run_and_compare(llm, qwen3_path, prompts, hf_reference)  # again, through the prefix cache
     finally:
         llm.exit()
-    assert not llm._workers
+    assert multiprocessing.active_children() == []
 
 
-def test_eos_stops_and_is_reported(qwen3_path, hf_reference):
+def test_eos_stops_and_is_reported(qwen3_path, hf_reference, tmp_path):
     prompt = random_prompts([10], seed=7)[0]
     first = hf_reference(qwen3_path, prompt, 24)
     eos = first[5]
-    llm = LLM(qwen3_path)
-    llm.scheduler.eos = (eos,)  # pretend the model ends its text with that token
+    llm = LLM(model_with_eos(qwen3_path, eos, tmp_path))  # same weights, that token ends the text
     try:
         out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
         assert out["token_ids"] == first[:first.index(eos) + 1]
@@ -162,33 +144,6 @@ def test_outputs_keep_prompt_order_and_mixed_params(qwen3_path, hf_reference):
         llm.exit()
 
 
-def test_step_inputs_are_packed_16_byte_aligned(qwen3_path):
-    """One host-to-device copy per step; every input starts 16-byte aligned (Triton specialises on it)."""
-    from nanovllm.engine.sequence import Sequence
-    llm = LLM(qwen3_path, kvcache_block_size=16)
-    try:
-        seqs = []
-        for i, n in enumerate((3, 21, 40)):
-            seq = Sequence(list(range(1, n + 1)), SamplingParams(temperature=0.5 * i), i, 16)
-            llm.scheduler.block_manager.allocate(seq)
-            seq.num_cached_tokens, seq.num_scheduled_tokens = (16, n - 16) if n > 16 else (0, n)
-            seqs.append(seq)
-        input_ids, positions, ctx, temps = llm.model_runner.prepare_prefill(seqs)
-        tensors = [input_ids, positions, temps] + [v for v in ctx.values() if isinstance(v, torch.Tensor)]
-        base = input_ids.untyped_storage().data_ptr()
-        assert all(t.untyped_storage().data_ptr() == base for t in tensors)  # one buffer
-        assert all((t.data_ptr() - base) % 16 == 0 for t in tensors)
-        assert input_ids.tolist() == [1, 2, 3] + list(range(17, 22)) + list(range(17, 41))
-        assert positions.tolist() == [0, 1, 2] + list(range(16, 21)) + list(range(16, 40))
-        assert ctx["cu_seqlens_q"].tolist() == [0, 3, 8, 32] and ctx["cu_seqlens_k"].tolist() == [0, 3, 24, 64]
-        assert ctx["block_tables"].tolist() == [s.block_table + [-1] * (3 - len(s.block_table)) for s in seqs]
-        assert temps.tolist() == [0.0, 0.5, 1.0]
-        for seq in seqs:
-            llm.scheduler.block_manager.deallocate(seq)
-    finally:
-        llm.exit()
-
-
 def test_packed_starts_align_every_part_to_16_bytes():
     from nanovllm.utils.packing import packed_starts
     assert packed_starts([5, 4, 0, 1, 8]) == [0, 8, 12, 12, 16, 24]
@@ -215,7 +170,7 @@ def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_referenc
 @pytest.mark.parametrize("options", [dict(), dict(num_kvcache_blocks=10, max_num_batched_tokens=20),
                                      dict(num_kvcache_blocks=10, max_num_batched_tokens=20, tensor_parallel_size=2)],
                          ids=["plain", "preempt-chunked", "preempt-chunked-tp2"])
-def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, options):
+def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, options, tmp_path):
     """Scheduling step N+1 before step N's tokens are read back changes nothing: same tokens, same stops (an EOS
     found one step late drops the surplus token), same finish reasons, an empty pool afterwards."""
     prompts = random_prompts([3, 20, 25, 30, 35, 9], seed=12)
@@ -223,16 +178,12 @@ def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, opti
     eos = first[2][6]  # a token some sequences produce mid-way
     sp = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=(i % 3 == 0)) for i in range(len(prompts))]
     results = []
+    path = model_with_eos(qwen3_path, eos, tmp_path)
     for overlap in (False, True):
-        llm = LLM(qwen3_path, kvcache_block_size=16, async_scheduling=overlap, **options)
-        llm.scheduler.eos = (eos,)
-        preempt = Counting(llm.scheduler, "preempt")
-        try:
+        with LLM(path, kvcache_block_size=16, async_scheduling=overlap, **options) as llm:
             outs = llm.generate(prompts, sp, use_tqdm=False)
             assert_pool_empty(llm)
-            assert (preempt.calls > 0) == ("num_kvcache_blocks" in options)
-        finally:
-            llm.exit()
+            assert (llm.scheduler.num_preemptions > 0) == ("num_kvcache_blocks" in options)
         results.append([(o["token_ids"], o["finish_reason"]) for o in outs])
     assert results[0] == results[1]
     for (ids, reason), ref, s in zip(results[1], first, sp):
@@ -244,12 +195,11 @@ def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, opti
 def test_generate_completes_the_other_requests_it_stepped(qwen3_path, hf_reference):
     """generate() returns once its own requests are done, with a step of a request queued by add_request
     still in flight: that step's token must be filled in, and the request must go on exactly as if alone."""
-    from nanovllm.engine.sequence import PENDING_TOKEN
     llm = LLM(qwen3_path, kvcache_block_size=16)
     try:
         other = llm.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
         llm.generate([[9, 10]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
-        assert 3 < len(other.token_ids) < 3 + 30 and PENDING_TOKEN not in other.token_ids
+        assert 3 < len(other.token_ids) < 3 + 30 and other.num_pending == 0
         while not llm.is_finished():
             llm.step()
         assert other.completion_token_ids == hf_reference(qwen3_path, [5, 6, 7], 30)
@@ -263,18 +213,18 @@ def test_a_step_that_raises_leaves_a_working_engine(qwen3_path, hf_reference, ov
     """An error (or Ctrl-C) in the middle of generate drops that call's requests; the next call is exact."""
     prompts = random_prompts([5, 30, 12], seed=13)
     llm = LLM(qwen3_path, kvcache_block_size=16, async_scheduling=overlap)
-    runner = llm.model_runner
+    runner = llm.executor.runner
     original, calls = runner.launch, []
 
-    def failing_launch(seqs, is_prefill):
-        calls.append(is_prefill)
+    def failing_launch(step):
+        calls.append(step.kind)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return original(seqs, is_prefill)
+        return original(step)
 
     # both the overlapped (launch) and the step-by-step (run) paths go through the failing launch
     runner.launch = failing_launch
-    runner.run = lambda seqs, is_prefill: failing_launch(seqs, is_prefill).tolist()
+    runner.run = lambda step: failing_launch(step).result()
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, GREEDY, use_tqdm=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import sample, sampling_tensors
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -14,8 +14,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 def test_sampler_frequencies_match_softmax(temperature, device):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0], device=device)
     n = 40000
-    g = torch.Generator(device).manual_seed(1234)
-    tokens = Sampler()(logits.expand(n, -1), torch.full((n,), temperature, device=device), g)
+    t = sampling_tensors([SamplingParams(temperature=temperature)] * n, range(n), [0] * n, torch.device(device))
+    tokens = sample(logits.expand(n, -1), t).token_ids
     freq = torch.bincount(tokens, minlength=5).double().cpu() / n
     expected = torch.softmax(logits.double().cpu() / temperature, -1)
     # binomial standard error <= sqrt(0.25 / n) = 0.0025; allow 5 of them
@@ -25,8 +25,8 @@ def test_sampler_frequencies_match_softmax(temperature, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_sampler_greedy_rows_are_argmax(device):
     logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0)).to(device)
-    temps = torch.tensor([0.0, 1.0] * 32, device=device)
-    tokens = Sampler()(logits, temps, torch.Generator(device).manual_seed(0))
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0)] * 32
+    tokens = sample(logits, sampling_tensors(params, range(64), [0] * 64, torch.device(device))).token_ids
     assert torch.equal(tokens[::2], logits[::2].argmax(-1))
 
 

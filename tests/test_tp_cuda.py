@@ -75,7 +75,7 @@ def test_tp2_exits_cleanly_and_twice(qwen3_path):
     for _ in range(2):
         llm = LLM(qwen3_path, tensor_parallel_size=2, dtype="bfloat16", attention_backend="triton",
                   kvcache_block_size=16)
-        workers = list(llm._workers)
+        workers = llm.executor.worker_processes
         llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
         llm.exit()
         assert all(not w.is_alive() and w.exitcode == 0 for w in workers)

@@ -21,14 +21,14 @@ def tp2(path, **options):
 
 def kill_on_call(llm, n, action):
     """Run `action` on rank 0's n-th launch, after the workers were sent that call."""
-    runner, calls = llm.model_runner, []
+    runner, calls = llm.executor.runner, []
     original = runner.launch
 
-    def launch(seqs, is_prefill):
+    def launch(step):
         calls.append(1)
         if len(calls) == n:
             action()
-        return original(seqs, is_prefill)
+        return original(step)
 
     runner.launch = launch
 
@@ -43,7 +43,7 @@ def assert_stopped(llm, match):
 
 def test_worker_killed_while_idle(qwen3_path):
     llm = tp2(qwen3_path)
-    worker = llm._workers[0]
+    worker = llm.executor.worker_processes[0]
     os.kill(worker.pid, signal.SIGKILL)
     worker.join()
     with pytest.raises(RuntimeError, match=r"worker rank 1 exited \(exit code -9\).*create a new one"):
@@ -53,8 +53,8 @@ def test_worker_killed_while_idle(qwen3_path):
 
 def test_exit_after_a_worker_died(qwen3_path):
     llm = tp2(qwen3_path)
-    os.kill(llm._workers[0].pid, signal.SIGKILL)
-    llm._workers[0].join()
+    os.kill(llm.executor.worker_processes[0].pid, signal.SIGKILL)
+    llm.executor.worker_processes[0].join()
     llm.exit()
     assert multiprocessing.active_children() == []
 
@@ -62,7 +62,7 @@ def test_exit_after_a_worker_died(qwen3_path):
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
 def test_worker_killed_mid_generate(qwen3_path, overlap):
     llm = tp2(qwen3_path, async_scheduling=overlap)
-    worker = llm._workers[0]
+    worker = llm.executor.worker_processes[0]
 
     def kill():
         os.kill(worker.pid, signal.SIGKILL)

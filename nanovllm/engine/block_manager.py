@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 import xxhash
 
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
+from nanovllm.engine.sequence import Sequence
 
 
 class Block:
@@ -85,8 +85,8 @@ class BlockManager:
         The block holding the last token is never taken from the cache: its logits must be computed, and
         writing that token's K/V into a block other sequences share would disturb them.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt token's logits: nothing may come from the cache
         hits, h = [], -1
         for i in range((len(seq) - 1) // self.block_size):
             token_ids = seq.block(i)
@@ -146,7 +146,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             prefix = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
             token_ids = seq.block(i)
-            if PENDING_TOKEN in token_ids:  # a sampled token not read back yet: publish once it is known
+            if len(token_ids) < self.block_size:  # a sampled token not read back yet: publish once it is known
                 break
             h = compute_hash(token_ids, prefix)
             block.publish(h, token_ids)

@@ -12,8 +12,8 @@ column past a row's own blocks is reset to -1 so no stale block id of an earlier
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.kv_cache import blocks_for_tokens
-from nanovllm.utils.context import forward_context
+from nanovllm.utils.context import Context, forward_context
+from nanovllm.utils.math import cdiv
 from nanovllm.utils.packing import packed_starts
 
 
@@ -34,7 +34,7 @@ class CUDAGraphRunner:
         self.model = model
         self.batch_sizes = graph_batch_sizes(config.max_num_seqs)
         max_bs = self.batch_sizes[-1]
-        max_blocks = blocks_for_tokens(config, config.max_model_len)
+        max_blocks = cdiv(config.max_model_len, config.kvcache_block_size)
         hidden = config.hf_config.hidden_size
         kw = dict(device=device)
         # token ids and positions packed in one int32 buffer like an eager step's (see packed_starts), so
@@ -50,15 +50,15 @@ class CUDAGraphRunner:
         self.pool = None
         self._capture_all()
 
-    def _context(self, bs: int) -> dict:
-        return dict(is_prefill=False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
-                    block_tables=self.block_tables[:bs])
+    def _context(self, bs: int) -> Context:
+        return Context(False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
+                       block_tables=self.block_tables[:bs])
 
     @torch.inference_mode()
     def _capture_all(self):
         for bs in reversed(self.batch_sizes):  # largest first, so the smaller graphs fit in its pool
             graph = torch.cuda.CUDAGraph()
-            with forward_context(**self._context(bs)):
+            with forward_context(self._context(bs)):
                 self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up
                 with torch.cuda.graph(graph, self.pool):
                     self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
@@ -70,16 +70,16 @@ class CUDAGraphRunner:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.batch_sizes[-1]
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         n = input_ids.size(0)
         bs = next(b for b in self.batch_sizes if b >= n)
         self.input_ids[:n] = input_ids
         self.positions[:n] = positions
         self.slot_mapping[:bs].fill_(-1)
-        self.slot_mapping[:n] = ctx["slot_mapping"]
+        self.slot_mapping[:n] = ctx.slot_mapping
         self.context_lens[:bs].zero_()
-        self.context_lens[:n] = ctx["context_lens"]
-        tables = ctx["block_tables"]
+        self.context_lens[:n] = ctx.context_lens
+        tables = ctx.block_tables
         self.block_tables[:bs].fill_(-1)
         self.block_tables[:n, :tables.size(1)] = tables
         self.graphs[bs].replay()

@@ -1,16 +1,15 @@
 """Sizing and allocating the paged KV cache.
 
 One tensor holds every layer's keys and values, [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim];
-each Attention module gets views of its layer's k and v.
+the ModelRunner hands each attention layer the views of its k and v.
 """
 import os
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from nanovllm.config import Config
-from nanovllm.models.qwen3 import head_dim_of
+from nanovllm.config import Config, head_dim_of
+from nanovllm.utils.math import cdiv
 
 CPU_KVCACHE_MAX_BYTES = 1 << 30  # the CPU path is for trying things out; keep its cache modest
 CPU_KVCACHE_MAX_SEQS = 16
@@ -21,10 +20,6 @@ def block_bytes(config: Config) -> int:
     num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
     itemsize = torch.empty(0, dtype=config.torch_dtype).element_size()
     return 2 * hf.num_hidden_layers * config.kvcache_block_size * num_kv_heads * head_dim_of(hf) * itemsize
-
-
-def blocks_for_tokens(config: Config, num_tokens: int) -> int:
-    return -(-num_tokens // config.kvcache_block_size)
 
 
 def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) -> int:
@@ -43,7 +38,7 @@ def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) ->
     else:
         # room for a few full-length sequences, within a modest budget that still fits one long one,
         # and never more than half the free RAM
-        one_seq = blocks_for_tokens(config, config.max_model_len) * per_block
+        one_seq = cdiv(config.max_model_len, config.kvcache_block_size) * per_block
         seqs = min(config.max_num_seqs, CPU_KVCACHE_MAX_SEQS)
         available = min(one_seq * seqs, max(CPU_KVCACHE_MAX_BYTES, one_seq), _cpu_available_bytes() // 2)
     num_blocks = max(available // per_block, 0)
@@ -51,7 +46,7 @@ def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) ->
         t = torch.tensor([num_blocks], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         num_blocks = int(t.item())
-    needed = blocks_for_tokens(config, config.max_model_len)
+    needed = cdiv(config.max_model_len, config.kvcache_block_size)
     if num_blocks < needed:
         raise ValueError(
             f"the KV cache cannot hold one max_model_len={config.max_model_len} sequence: it needs {needed} blocks "
@@ -67,24 +62,9 @@ def _cpu_available_bytes() -> int:
         return CPU_KVCACHE_MAX_BYTES * 4
 
 
-def allocate_kv_cache(model: nn.Module, config: Config, num_blocks: int, device: torch.device) -> torch.Tensor:
+def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device) -> torch.Tensor:
     hf = config.hf_config
     num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
     # zeros, not empty: masked-out cache entries still enter P @ V, and 0 * NaN garbage would be NaN
-    kv_cache = torch.zeros(2, hf.num_hidden_layers, num_blocks, config.kvcache_block_size, num_kv_heads,
-                           head_dim_of(hf), dtype=config.torch_dtype, device=device)
-    layers = _attention_layers(model)
-    assert len(layers) == hf.num_hidden_layers
-    for i, module in enumerate(layers):
-        module.k_cache, module.v_cache = kv_cache[0, i], kv_cache[1, i]
-    return kv_cache
-
-
-def detach_kv_cache(model: nn.Module) -> None:
-    """Drop every layer's view of the cache, so freeing the cache tensor frees its memory."""
-    for module in _attention_layers(model):
-        module.k_cache = module.v_cache = torch.tensor([])
-
-
-def _attention_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
+    return torch.zeros(2, hf.num_hidden_layers, num_blocks, config.kvcache_block_size, num_kv_heads,
+                       head_dim_of(hf), dtype=config.torch_dtype, device=device)

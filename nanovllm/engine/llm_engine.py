@@ -1,313 +1,236 @@
-import atexit
-import gc
-import os
-import signal
-import tempfile
-from contextlib import closing, contextmanager, nullcontext
+import random
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from itertools import count
-from numbers import Integral
 from time import perf_counter
 
-import torch
-import torch.multiprocessing as mp
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.executor import Executor
+from nanovllm.engine.model_runner import SampledTokens
+from nanovllm.engine.output import OutputProcessor
+from nanovllm.engine.requests import Request, RequestBuilder, load_tokenizer
+from nanovllm.engine.scheduler import BookedStep, Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step import StepKind, StepSummary
 from nanovllm.sampling_params import SamplingParams
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
-
-def worker_main(config: Config, rank: int, dist_init_file: str, conn):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops the workers
-    if config.device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
-    runner = ModelRunner(config, rank, dist_init_file, [conn])
-    runner.loop()
+@dataclass(slots=True)
+class InFlight:
+    booked: BookedStep
+    tokens: SampledTokens
 
 
 class LLMEngine:
+    """Requests in, outputs out: queues requests with the Scheduler and runs its steps on the Executor's ranks.
+    Calls from several threads are served one after the other."""
 
     def __init__(self, model: str, **options):
         config = Config.from_options(model, **options)
         self.config = config
-        self._seq_ids = count()
-        self._workers, self._conns = [], []
-        self._dist_init_file = None
-        self._closed = False
-        self._broken: str | None = None  # why a tensor-parallel engine had to stop its ranks
-        if config.tensor_parallel_size > 1:
-            self._start_workers(config)
-        atexit.register(self.exit)
+        self.executor = Executor(config)
+        # released when the engine is collected or the interpreter exits; holds the executor, not the engine
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
         try:
-            self.model_runner = ModelRunner(config, 0, self._dist_init_file, self._conns)
-        except BaseException:
-            self._stop_workers(kill=True)
-            raise
-        try:
-            config.num_kvcache_blocks = self.model_runner.num_kvcache_blocks
-            self.tokenizer = load_tokenizer(model)
+            config.num_kvcache_blocks = self.executor.num_kvcache_blocks
+            self.tokenizer = load_tokenizer(config.model)
             tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
             if isinstance(tokenizer_eos, int) and tokenizer_eos not in config.eos:
                 config.eos += (tokenizer_eos,)
+            self.requests = RequestBuilder(config, self.tokenizer)
             self.scheduler = Scheduler(config)
-        except BaseException:  # the runner holds most of the GPU and maybe worker processes: give them back
-            self._shut_down(abort=False)
+        except BaseException:
+            self.exit()
             raise
-
-    def _start_workers(self, config: Config):
-        fd, self._dist_init_file = tempfile.mkstemp(prefix="nanovllm-dist-")
-        os.close(fd)
-        os.unlink(self._dist_init_file)  # the file store creates it; it only needs a unique name
-        ctx = mp.get_context("spawn")
-        for rank in range(1, config.tensor_parallel_size):
-            parent, child = ctx.Pipe()
-            process = ctx.Process(target=worker_main, args=(config, rank, self._dist_init_file, child))
-            process.start()
-            child.close()
-            self._workers.append(process)
-            self._conns.append(parent)
-
-    def _stop_workers(self, kill: bool = False, grace: float = 5.0):
-        """Wait for the workers to exit; with kill, give them `grace` seconds and then kill them."""
-        for process in self._workers:
-            process.join(timeout=None if not kill else grace)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for conn in self._conns:
-            conn.close()
-        self._workers, self._conns = [], []
-        if self._dist_init_file and os.path.exists(self._dist_init_file):
-            os.unlink(self._dist_init_file)
+        self._seq_ids = count()
+        self._rng = random.Random(config.seed)  # seeds for requests that bring none
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside generate/step, to refuse re-entrant calls
 
     def exit(self):
         """Release the model, the KV cache, worker processes and the process group. Safe to call twice."""
-        self._shut_down(abort=self._dead_worker() is not None)
+        self._finalizer()
 
-    def _shut_down(self, abort: bool):
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.exit)
-        runner = getattr(self, "model_runner", None)
-        if abort:  # the workers may be stuck in a collective: kill them, then let rank 0 go without waiting
-            self._stop_workers(kill=True, grace=0)
-        if runner is not None:
-            if abort:
-                runner.exit(abort=True)
-            else:
-                runner.call("exit")
-            del self.model_runner
-        self._stop_workers()
-        if self.config.device.type == "cuda" and not abort:
-            gc.collect()  # anything the model or the cache is still tied to through a reference cycle
-            torch.cuda.empty_cache()
+    def __enter__(self):
+        return self
 
-    def _dead_worker(self) -> str | None:
-        for rank, process in enumerate(self._workers, start=1):
-            if not process.is_alive():
-                return f"tensor-parallel worker rank {rank} exited (exit code {process.exitcode})"
-        return None
+    def __exit__(self, *exc):
+        self.exit()
 
     @contextmanager
-    def _ranks_in_step(self):
-        """Under tensor parallelism a step that fails part-way (a worker died, Ctrl-C, an error) leaves the ranks
-        out of step: a later call would hang in a collective or mix up steps. So the engine stops every rank and
-        refuses further work with the reason; create a new LLM. A single rank recovers and goes on."""
-        try:
-            yield
-        except BaseException as e:
-            if self.config.tensor_parallel_size == 1 or self._closed:
-                raise
-            cause = self._dead_worker() or f"a step stopped part-way ({type(e).__name__}: {e})"
-            self._broken = (f"{cause}; the tensor-parallel ranks are out of step, so this LLM was shut down: "
-                            f"create a new one")
-            self._shut_down(abort=True)
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            raise RuntimeError(self._broken) from e
+    def _exclusive(self):
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this LLM is already busy in this thread (generate or step called from inside "
+                               "its own generate/stream loop); finish or close that loop first")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                self.executor.check_open()
+                yield
+            finally:
+                self._owner = None
 
-    def _check_open(self):
-        if self._broken:
-            raise RuntimeError(self._broken)
-        if self._closed:
-            raise RuntimeError("this LLM has been shut down with exit(); create a new one")
-
-    # ---- requests ----------------------------------------------------------------------------------------
+    # ---- requests ----------------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
-        token_ids = self._tokenize(prompt)
-        self._check_request(token_ids, sampling_params)
-        return self._enqueue(token_ids, sampling_params)
+        request = self.requests.one(prompt, sampling_params)
+        with self._exclusive():
+            return self._enqueue(request.token_ids, request.sampling_params)
 
-    def _enqueue(self, token_ids: list[int], sampling_params: SamplingParams) -> Sequence:
+    def _enqueue(self, token_ids: list[int], sampling_params: SamplingParams, branch: int = 0,
+                 parent: Sequence | None = None) -> Sequence:
+        """A request without a seed gets one from the engine's seeded stream; branch i of n draws with seed + i."""
         seq = Sequence(token_ids, sampling_params, next(self._seq_ids), self.config.kvcache_block_size)
+        seq.seed = (parent.seed if parent is not None else
+                    sampling_params.seed if sampling_params.seed is not None else self._rng.getrandbits(62)) + branch
+        seq.branch, seq.parent = branch, parent
         self.scheduler.add(seq)
         return seq
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
-            prompt = prompt.tolist()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"model folder {self.config.model!r} has no tokenizer: pass prompts as token ids")
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = [int(t) if isinstance(t, Integral) and not isinstance(t, bool) else t for t in prompt]
-        else:
-            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        if not token_ids:
-            raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
-        vocab_size = self.config.hf_config.vocab_size
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
-            if not 0 <= t < vocab_size:
-                raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
-        return token_ids
-
-    def _check_request(self, token_ids: list[int], sp: SamplingParams):
-        if not isinstance(sp, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
-        n, max_len = len(token_ids), self.config.max_model_len
-        if n + sp.max_tokens > max_len:
-            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} = {n + sp.max_tokens} exceeds "
-                             f"max_model_len={max_len}")
-        # the last sampled token never needs a cache slot
-        bs, num_blocks = self.config.kvcache_block_size, self.config.num_kvcache_blocks
-        needed = -(-(n + sp.max_tokens - 1) // bs)
-        if needed > num_blocks:
-            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} needs {needed} KV blocks of "
-                             f"{bs} tokens but the cache has only num_kvcache_blocks={num_blocks}: it can never fit")
-
-    # ---- running -----------------------------------------------------------------------------------------
-
-    def step(self) -> tuple[list[Sequence], int]:
-        """Run one scheduled batch to completion. Returns the finished sequences and the number of tokens
-        processed (positive for a prefill step, negative for a decode step, as nano-vllm reports it)."""
-        self._check_open()
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            return [], 0
-        num_tokens = self._num_tokens(seqs, is_prefill)
-        with self._ranks_in_step():
-            token_ids = self.model_runner.call("run", seqs, is_prefill)
-        return self.scheduler.postprocess(seqs, token_ids), num_tokens
-
-    @staticmethod
-    def _num_tokens(seqs: list[Sequence], is_prefill: bool) -> int:
-        return sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
-
-    def _overlapped_steps(self):
-        """Like repeated step(), but step N+1 is scheduled and queued on the device before step N's tokens are
-        read back, so the host's bookkeeping hides behind device work. A sequence's token still in flight is a
-        PENDING_TOKEN that the next decode step reads on the device; a sequence that turns out to have stopped
-        (EOS) one step earlier just has that step's token dropped. Yields (finished, num_tokens) per step."""
-        in_flight = None  # (records, sampled token ids on the device, num_tokens)
-        try:
-            while True:
-                seqs, is_prefill = self.scheduler.schedule()
-                previous, in_flight = in_flight, None
-                if seqs:
-                    num_tokens = self._num_tokens(seqs, is_prefill)
-                    sampled = self.model_runner.call("launch", seqs, is_prefill)
-                    in_flight = (self.scheduler.launched(seqs), sampled, num_tokens)
-                if previous is not None:
-                    records, sampled, num_tokens = previous
-                    yield self.scheduler.resolve(records, sampled.tolist()), num_tokens
-                elif not seqs:
-                    if self.scheduler.is_finished():
-                        return
-                    raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
-        except GeneratorExit:
-            # the caller stopped early (generate() has all it asked for): the step already launched may carry
-            # other requests (add_request), whose tokens must be filled in, not left pending
-            if in_flight is not None:
-                records, sampled, _ = in_flight
-                self.scheduler.resolve(records, sampled.tolist())
-            raise
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
 
-    def generate(self, prompts: list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams],
-                 use_tqdm: bool = True) -> list[dict]:
-        self._check_open()
-        requests = self._validate(prompts, sampling_params)
-        seqs = [self._enqueue(token_ids, sp) for token_ids, sp in requests]  # checked by _validate
+    # ---- steps -------------------------------------------------------------------------------------------------
+
+    def step(self) -> StepSummary | None:
+        """Schedule, run and book one step: which kind it was, its tokens, the sequences that finished. None when
+        there is nothing to run."""
+        with self._exclusive(), self.executor.in_step():
+            return self._step()
+
+    def _step(self) -> StepSummary | None:
+        step = self.scheduler.schedule()
+        if step is None:
+            return None
+        result = self.executor.call("run", step)
+        booked = self.scheduler.launched(step)
+        return StepSummary(step.kind, step.num_tokens, self.scheduler.update(booked, result), booked.sampling)
+
+    def _steps(self):
+        """Steps one after the other, or overlapped (async_scheduling)."""
+        if self.config.async_scheduling:
+            yield from self._overlapped_steps()
+            return
+        while (summary := self._step()) is not None:
+            yield summary
+        if not self.scheduler.is_finished():
+            raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
+
+    def _overlapped_steps(self):
+        """Like repeated step(), but step N+1 is queued on the device before step N's tokens are read back, so
+        host bookkeeping hides behind device work. A sequence that turns out to have stopped one step earlier
+        just has that step's token dropped."""
+        in_flight = None
         try:
-            with self._ranks_in_step():
-                self._run_until_done(seqs, use_tqdm)
-        except BaseException:
-            self._abort(seqs)
+            while True:
+                step = self.scheduler.schedule()
+                previous, in_flight = in_flight, None
+                if step is not None:
+                    tokens = self.executor.call("launch", step)
+                    in_flight = InFlight(self.scheduler.launched(step), tokens)
+                if previous is not None:
+                    booked = previous.booked
+                    finished = self.scheduler.update(booked, previous.tokens.result())
+                    yield StepSummary(booked.step.kind, booked.step.num_tokens, finished, booked.sampling)
+                elif step is None:
+                    if self.scheduler.is_finished():
+                        return
+                    raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
+        except GeneratorExit:
+            # the caller has all it asked for: a step still in flight may carry other requests (add_request),
+            # whose tokens must be booked, not lost
+            if in_flight is not None:
+                self.scheduler.update(in_flight.booked, in_flight.tokens.result())
             raise
-        return [self._output(seq) for seq in seqs]
 
-    def _validate(self, prompts, sampling_params) -> list[tuple[list[int], SamplingParams]]:
-        """Check every request before any is queued, so a bad one leaves the engine untouched."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
-        if prompts and all(isinstance(p, Integral) and not isinstance(p, bool) for p in prompts):
-            raise TypeError("prompts must be a list of prompts: wrap a single token-id list as [token_ids]")
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"sampling_params has {len(sampling_params)} entries but there are "
-                                 f"{len(prompts)} prompts: give one SamplingParams or one per prompt")
-        else:
-            sampling_params = [sampling_params] * len(prompts)
-        requests = []
-        for prompt, sp in zip(prompts, sampling_params):
-            token_ids = self._tokenize(prompt)
-            self._check_request(token_ids, sp)
-            requests.append((token_ids, sp))
-        return requests
+    # ---- generate, chat, stream ----------------------------------------------------------------------------------
 
-    def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
+    def default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults with what the model folder's generation_config.json sets (see README)."""
+        return SamplingParams(**self.config.generation_defaults)
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict]:
+        """One output dict per prompt, in order; with n > 1 its completions are in "outputs"."""
+        requests = self._requests(prompts, sampling_params)
+        with self._exclusive():
+            groups = self._enqueue_all(requests)
+            outputs = OutputProcessor(self.tokenizer, groups, stream=False)
+            for _ in self._run(groups, outputs, use_tqdm):
+                pass
+            return outputs.outputs()
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[dict]:
+        """generate() over conversations rendered by the tokenizer's chat template (e.g. Qwen3's
+        chat_template_kwargs={"enable_thinking": False})."""
+        return self.generate(self.requests.render_chat(messages, chat_template_kwargs), sampling_params, use_tqdm)
+
+    def stream(self, prompts: list[str] | list[list[int]],
+               sampling_params: SamplingParams | list[SamplingParams] | None = None,
+               use_tqdm: bool = False) -> Iterator[dict]:
+        """Events as tokens arrive: {"index", "completion", "text" (new text), "token_ids" (new ids), "finished",
+        "finish_reason", "stop_reason"}. Leaving the loop early drops the requests still running."""
+        requests = self._requests(prompts, sampling_params)  # bad input raises here, not at the first next()
+        return self._stream(requests, use_tqdm)
+
+    def _stream(self, requests: list[Request], use_tqdm: bool) -> Iterator[dict]:
+        with self._exclusive():
+            groups = self._enqueue_all(requests)
+            outputs = OutputProcessor(self.tokenizer, groups, stream=True)
+            for sampled in self._run(groups, outputs, use_tqdm):
+                yield from outputs.events(sampled)
+
+    def _requests(self, prompts, sampling_params) -> list[Request]:
+        self.executor.check_open()
+        return self.requests.build(prompts, self.default_sampling_params() if sampling_params is None
+                                   else sampling_params)
+
+    def _enqueue_all(self, requests: list[Request]) -> list[list[Sequence]]:
+        """n sequences per request: the first prefills the prompt, the others share its blocks."""
+        groups = []
+        for index, request in enumerate(requests):
+            first = self._enqueue(request.token_ids, request.sampling_params)
+            branches = [first] + [self._enqueue(request.token_ids, request.sampling_params, i, first)
+                                  for i in range(1, request.sampling_params.n)]
+            for seq in branches:
+                seq.request_index = index
+            groups.append(branches)
+        return groups
+
+    def _run(self, groups: list[list[Sequence]], outputs: OutputProcessor, use_tqdm: bool) -> Iterator[list[Sequence]]:
+        """Step until every sequence of this call has finished; yield this call's sequences that got tokens. On
+        any exit (done, error, the caller leaving a stream) what is still running is dropped."""
+        seqs = [seq for branches in groups for seq in branches]
         pending = {seq.seq_id for seq in seqs}
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        steps = self._overlapped_steps() if self.config.async_scheduling else iter(self.step, None)
-        prefill_tps = decode_tps = 0.0
-        with bar, closing(steps) if hasattr(steps, "close") else nullcontext():
-            t = perf_counter()
-            for finished, num_tokens in steps:
-                now = perf_counter()
-                dt, t = max(now - t, 1e-9), now
-                if num_tokens > 0:
-                    prefill_tps = num_tokens / dt
-                elif num_tokens < 0:
-                    decode_tps = -num_tokens / dt
-                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
-                done = [seq for seq in finished if seq.seq_id in pending]
-                pending.difference_update(seq.seq_id for seq in done)
-                bar.update(len(done))
-                if not pending:
-                    break
-
-    def _abort(self, seqs: list[Sequence]):
-        """Drop this call's unfinished requests (after an interrupt or error) so later calls start clean."""
-        sched = self.scheduler
-        for seq in seqs:
-            if seq in sched.running:
-                sched.running.remove(seq)
-                sched.block_manager.deallocate(seq)
-            elif seq in sched.waiting:
-                sched.waiting.remove(seq)
-
-    def _output(self, seq: Sequence) -> dict:
-        token_ids = seq.completion_token_ids
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
-        return {"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason}
-
-
-def load_tokenizer(model: str):
-    if not any(os.path.exists(os.path.join(model, name)) for name in TOKENIZER_FILES):
-        return None
-    return AutoTokenizer.from_pretrained(model)
+        tps = {StepKind.PREFILL: 0.0, StepKind.DECODE: 0.0}
+        try:
+            with self.executor.in_step(), closing(self._steps()) as steps, \
+                    tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
+                t = perf_counter()
+                for summary in steps:
+                    now = perf_counter()
+                    if summary.num_tokens:
+                        tps[summary.kind] = summary.num_tokens / max(now - t, 1e-9)
+                    t = now
+                    bar.set_postfix(prefill=f"{tps[StepKind.PREFILL]:.0f}tok/s",
+                                    decode=f"{tps[StepKind.DECODE]:.0f}tok/s")
+                    mine = [seq for seq in summary.sampled if outputs.owns(seq)]
+                    for seq in outputs.update(mine):
+                        self.scheduler.finish(seq, "stop")
+                    done = [seq.seq_id for seq in mine if seq.is_finished and seq.seq_id in pending]
+                    pending.difference_update(done)
+                    bar.update(len(done))
+                    yield mine
+                    if not pending:
+                        break
+        finally:
+            for seq in seqs:
+                self.scheduler.abort(seq)

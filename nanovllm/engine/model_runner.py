@@ -1,38 +1,38 @@
-"""Runs the model for one scheduled batch: builds inputs, calls the model, samples.
-
-Under tensor parallelism rank 0 lives in the user's process and ranks 1..N-1 in spawned worker processes.
-Rank 0 forwards every call (method name + arguments) to the workers through a private pipe each, then runs
-the same method itself; the ranks meet inside the model's collectives. The process group rendezvous goes
-through a fresh temporary file, so two engines on one machine never share a port or a name.
-"""
+"""One rank's model: built once (weights, KV cache, warm-up, CUDA graphs), then each step uploads its inputs,
+runs the model (eagerly or by graph replay) and samples. Process management lives in executor.py."""
 from contextlib import contextmanager
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanovllm.config import Config
+from nanovllm.config import Config, head_dim_of
 from nanovllm.engine.cuda_graphs import CUDAGraphRunner
-from nanovllm.engine.kv_cache import allocate_kv_cache, detach_kv_cache, num_kvcache_blocks
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
+from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
+from nanovllm.engine.step import ScheduledStep, StepKind, StepResult
+from nanovllm.engine.penalties import PenaltyTables, is_penalized
+from nanovllm.engine.step_inputs import (Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout,
+                                         wants_prompt_logprobs)
+from nanovllm.layers.attention import attention_layers
 from nanovllm.layers.backends import create_backend
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import (SamplerOutput, TokenLogprobs, compute_logprobs, sample, sampling_tensors,
+                                     warm_up_sampler)
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.models.qwen3 import Qwen3ForCausalLM, head_dim_of
 from nanovllm.utils.compile import compiling_on
-from nanovllm.utils.context import forward_context
+from nanovllm.utils.context import Context, forward_context
 from nanovllm.utils.loader import init_dummy_weights, load_model
+from nanovllm.utils.math import cdiv
 from nanovllm.utils.packing import packed_starts
 from nanovllm.utils.parallel import tensor_parallel
+
+WARMUP = SamplingParams(temperature=0.0, max_tokens=1)
 
 
 @contextmanager
 def default_dtype_and_device(dtype: torch.dtype, device: torch.device):
     """Build parameters directly in the target dtype and on the target device; restore the defaults after.
-
-    `with torch.device(...)` pops its dispatch mode on exit; set_default_device(cpu) would leave one behind
-    that taxes every later torch call in the process."""
+    (`with torch.device` pops its mode on exit; set_default_device would tax every later torch call.)"""
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -42,121 +42,135 @@ def default_dtype_and_device(dtype: torch.dtype, device: torch.device):
         torch.set_default_dtype(old_dtype)
 
 
+@dataclass(slots=True)
+class PromptScores:
+    """One row's prompt logprobs of a step: `count` entries from `offset` in the step's scores."""
+    scores: TokenLogprobs | None
+    first: bool  # the chunk starts the prompt: token 0 has no logprob
+    count: int
+    offset: int = 0
+    targets: list[int] | None = None
+
+
+@dataclass(slots=True)
+class StepOutput:
+    sampler: SamplerOutput
+    num_logprobs: list[int | None]  # per row, as its SamplingParams asked
+    prompt_logprobs: dict[int, PromptScores] | None = None
+    num_prompt_logprobs: list[int | None] | None = None
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class SampledTokens:
-    """One step's sampled token ids on their way to the host.
+    """A step's sampled ids (and logprobs) on their way to the host: copies queued right behind the sampler and an
+    event, so reading waits for this step alone, not for the steps launched after it."""
 
-    The device-to-host copy is queued right behind the sampler and an event marks its end, so `tolist()` waits
-    for this step alone. A plain `.tolist()` on the device tensor would queue its copy behind every step launched
-    since (overlapped scheduling launches the next one first) and wait for those too, leaving the device idle
-    while the host books the step.
-    """
-
-    def __init__(self, ids: torch.Tensor):
+    def __init__(self, output: StepOutput):
+        self._output = output
+        out = output.sampler
+        self._ids = _host_copy(out.token_ids)
+        self._logprobs = None if out.logprobs is None else [_host_copy(t) for t in _fields(out.logprobs)]
+        self._prompt = {i: [_host_copy(t) for t in _fields(p.scores)] for i, p in
+                        (output.prompt_logprobs or {}).items() if p.scores is not None}
         self._ready = None
-        if ids.device.type == "cuda":
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, device="cpu", pin_memory=True)
-            self._host.copy_(ids, non_blocking=True)  # queued on the current stream of ids' device
+        if out.token_ids.device.type == "cuda":
             self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(ids.device))
-        else:
-            self._host = ids
+            self._ready.record(torch.cuda.current_stream(out.token_ids.device))
 
     def tolist(self) -> list[int]:
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        return self._ids.tolist()
+
+    def result(self) -> StepResult:
+        ids = self.tolist()
+        logprobs = None
+        if self._logprobs is not None:
+            chosen, top_ids, top_lps = (t.tolist() for t in self._logprobs)
+            logprobs = [None if n is None else _entry(ids[i], chosen[i], top_ids[i][:n], top_lps[i][:n])
+                        for i, n in enumerate(self._output.num_logprobs)]
+        prompt = None
+        if self._output.prompt_logprobs is not None:
+            prompt = {}
+            for i, p in self._output.prompt_logprobs.items():
+                entries = [None] if p.first else []
+                if p.count:
+                    n = self._output.num_prompt_logprobs[i]
+                    chosen, top_ids, top_lps = (t.tolist() for t in self._prompt[i])
+                    for j in range(p.offset, p.offset + p.count):
+                        entries.append(_entry(p.targets[j - p.offset], chosen[j], top_ids[j][:n], top_lps[j][:n]))
+                prompt[i] = entries
+        return StepResult(ids, logprobs, prompt)
+
+
+def _fields(lp: TokenLogprobs) -> list[torch.Tensor]:
+    return [lp.token_logprobs, lp.top_ids, lp.top_logprobs]
+
+
+def _entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> dict[int, float]:
+    """{token id: logprob} for the top-N and the chosen token (vLLM's shape)."""
+    entry = dict(zip(top_ids, top_logprobs))
+    entry[token] = logprob
+    return entry
 
 
 class ModelRunner:
 
-    def __init__(self, config: Config, rank: int, dist_init_file: str | None, conns: list[Connection]):
+    def __init__(self, config: Config, rank: int, device: torch.device):
         self.config = config
         self.rank = rank
         self.world_size = config.tensor_parallel_size
-        self.conns = conns  # rank 0: one pipe per worker; a worker: the pipe to rank 0
+        self.device = device
+        self.on_cuda = device.type == "cuda"
         self.block_size = config.kvcache_block_size
-        self.device = torch.device("cuda", rank) if config.device.type == "cuda" else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"file://{dist_init_file}",
-                                    world_size=self.world_size, rank=rank)
-        try:
-            self._build()
-        except BaseException:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            raise
-
-    def _build(self):
-        config = self.config
-        self.graphs = None  # decode runs eagerly until the graphs are captured, the warm-up steps included
+        self.states: dict[int, SeqState] = {}  # every sequence the scheduler has sent and not yet dropped
+        self.rows_of_last_step: dict[int, int] = {}  # seq_id -> its row in last_sampled
         self.last_sampled: torch.Tensor | None = None
-        self.head_dim = head_dim_of(config.hf_config)
-        self.attn_backend = create_backend(config.attention_backend, self.device)
-        self.attn_backend.check_config(self.block_size, self.head_dim, config.torch_dtype)
-        with default_dtype_and_device(config.torch_dtype, self.device), tensor_parallel(self.rank, self.world_size):
+        self.graphs = None  # decode runs eagerly until the graphs are captured, the warm-up steps included
+        self.attn_backend = create_backend(config.attention_backend, device)
+        self.attn_backend.check_config(self.block_size, head_dim_of(config.hf_config), config.torch_dtype)
+        with default_dtype_and_device(config.torch_dtype, device), tensor_parallel(rank, self.world_size):
             self.model = Qwen3ForCausalLM(config.hf_config, config.torch_dtype)
         if config.load_format == "dummy":
-            init_dummy_weights(self.model, config.seed + self.rank)
+            init_dummy_weights(self.model, config.seed + rank)
         else:
             load_model(self.model, config.model)
-        self.sampler = Sampler()
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        for module in self.model.modules():
-            if hasattr(module, "backend"):
-                module.backend = self.attn_backend
-        if self.device.type == "cuda":
+        self.layers = attention_layers(self.model)
+        for layer in self.layers:
+            layer.set_backend(self.attn_backend)
+        self.penalties = PenaltyTables(config.hf_config.vocab_size, device)
+        if self.on_cuda:
             self.warmup_model()
-        self.num_kvcache_blocks = num_kvcache_blocks(config, self.device, self.world_size)
-        self.kv_cache = allocate_kv_cache(self.model, config, self.num_kvcache_blocks, self.device)
-        if self.device.type == "cuda" or compiling_on(self.device):
+        self.num_kvcache_blocks = num_kvcache_blocks(config, device, self.world_size)
+        self.kv_cache = allocate_kv_cache(config, self.num_kvcache_blocks, device)
+        for i, layer in enumerate(self.layers):
+            layer.set_cache(self.kv_cache[0, i], self.kv_cache[1, i])
+        if self.on_cuda or compiling_on(device):
             self.warmup_compiled_paths()
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = CUDAGraphRunner(self.model, config, self.device)
+            if rank == 0:
+                warm_up_sampler(config.hf_config.vocab_size, config.torch_dtype, device)
+        if self.on_cuda and not config.enforce_eager:
+            self.graphs = CUDAGraphRunner(self.model, config, device)
 
-    # ---- cross-process calls ------------------------------------------------------------------------------
-
-    def call(self, method: str, *args):
-        for conn in self.conns if self.rank == 0 else ():
-            conn.send((method, args))
-        return getattr(self, method)(*args)
-
-    def loop(self):
-        """Worker ranks: serve rank 0's calls until told to exit (or until rank 0 is gone)."""
-        while True:
-            try:
-                method, args = self.conns[0].recv()
-            except EOFError:
-                break
-            getattr(self, method)(*args)
-            if method == "exit":
-                break
-
-    def exit(self, abort: bool = False):
-        """Release graphs, cache and process group. abort: another rank is gone or out of step, so neither wait
-        for the device (a collective may never finish) nor for the group."""
+    def release(self, wait: bool = True):
+        """Drop graphs, cache and weights now rather than at the next garbage collection: a later engine in this
+        process sizes its KV cache from the memory that is free. wait=False: another rank may be stuck in a
+        collective, so do not wait for the device."""
         if self.graphs is not None:
             self.graphs.release()
-            self.graphs = None
-        # drop the cache and the weights now rather than whenever the garbage collector next runs: a later
-        # LLM in this process sizes its KV cache from the memory that is free
-        if getattr(self, "model", None) is not None:
-            detach_kv_cache(self.model)
-        self.model = self.kv_cache = self.last_sampled = None
-        if self.device.type == "cuda" and not abort:
+        for layer in getattr(self, "layers", ()):
+            layer.set_cache(None, None)
+        self.graphs = self.model = self.kv_cache = self.last_sampled = self.layers = None
+        if self.on_cuda and wait:
             torch.cuda.synchronize(self.device)
-        if self.world_size > 1 and dist.is_initialized():
-            if abort and dist.get_backend() == "nccl":
-                try:  # makes NCCL kernels that wait for a dead peer give up
-                    dist.distributed_c10d._abort_process_group()
-                except Exception:
-                    pass
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
-    # ---- preparing inputs ---------------------------------------------------------------------------------
+    # ---- warm-up ---------------------------------------------------------------------------------------------
 
     def warmup_model(self):
         """One prefill as large as the scheduler allows, so the KV cache is sized after peak activation memory."""
@@ -165,160 +179,168 @@ class ModelRunner:
         max_len, budget = self.config.max_model_len, self.config.max_num_batched_tokens
         total = min(budget, max_len * self.config.max_num_seqs)
         lens = [max_len] * (total // max_len) + ([total % max_len] if total % max_len else [])
-        seqs = [self._dummy_seq(n, cached=0, scheduled=n, in_block_0=False) for n in lens]
-        self.run(seqs, True)
+        self._run_rows([self._warmup_row(n, cached=0, scheduled=n, in_block_0=False) for n in lens],
+                       StepKind.PREFILL)
         torch.cuda.synchronize(self.device)
 
     def warmup_compiled_paths(self):
-        """Compile, before any real request, every variant that serving could otherwise compile mid-step:
-        a plain prefill, a prefill that reads keys from the paged cache (a chunk after a cached part), a
-        one-token chunk, and eager decode steps over a short and over the longest context (split-KV decode
-        merges partial results only for long ones). Block 0 is scribbled on; no sequence owns it yet."""
-        bs, max_len = self.block_size, self.config.max_model_len
+        """Compile, before any real request, every variant that serving could otherwise compile mid-step: a plain
+        prefill, a prefill reading keys from the paged cache, a one-token chunk, and eager decode over a short and
+        over the longest context. Block 0 is scribbled on; no sequence owns it yet."""
+        n, max_len = min(self.block_size, self.config.max_model_len), self.config.max_model_len
 
-        def seq_of(n: int, cached: int, scheduled: int) -> Sequence:
-            return self._dummy_seq(n, cached, scheduled, in_block_0=True)
+        def rows(*specs):
+            return [self._warmup_row(total, cached, scheduled, in_block_0=True) for total, cached, scheduled in specs]
 
-        n = min(bs, max_len)
-        self.run([seq_of(n, 0, n), seq_of(n, 0, n)], True)
+        self._run_rows(rows((n, 0, n), (n, 0, n)), StepKind.PREFILL)
         for cached in (n // 2, n - 1):
-            self.run([seq_of(n, cached, n - cached)], True)
-        self.run([seq_of(n, n, 0)], False)
-        self.run([seq_of(max_len, max_len, 0)], False)
-        if self.device.type == "cuda":
+            self._run_rows(rows((n, cached, n - cached)), StepKind.PREFILL)
+        self._run_rows(rows((n, n - 1, 1)), StepKind.DECODE)
+        self._run_rows(rows((max_len, max_len - 1, 1)), StepKind.DECODE)
+        if self.on_cuda:
             torch.cuda.synchronize(self.device)
 
-    def _dummy_seq(self, num_tokens: int, cached: int, scheduled: int, in_block_0: bool) -> Sequence:
-        """A warm-up sequence of zeros with `cached` tokens already cached and `scheduled` to run. in_block_0:
-        every one of its blocks is block 0 (its K/V is written there); else it has no blocks (nothing stored)."""
-        seq = Sequence([0] * num_tokens, SamplingParams(temperature=0.0, max_tokens=1), -1, self.block_size)
-        if in_block_0:
-            seq.block_table = [0] * -(-num_tokens // self.block_size)
-        seq.num_cached_tokens, seq.num_scheduled_tokens = cached, scheduled
-        return seq
+    def _warmup_row(self, num_tokens: int, cached: int, scheduled: int, in_block_0: bool) -> Row:
+        """Zeros with `cached` tokens already cached and `scheduled` to run. in_block_0: all its blocks are block
+        0 (its K/V is written there); else it has no blocks (nothing stored)."""
+        table = [0] * cdiv(num_tokens, self.block_size) if in_block_0 else []
+        return Row(-1, SeqState([0] * num_tokens, table, cached, WARMUP, num_tokens), scheduled, 0)
 
-    def _upload(self, *parts: list[int], temperatures: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Pack a step's int32 inputs and its temperatures into one host buffer and send it in one copy.
+    @torch.inference_mode()  # every step's inputs are inference tensors: compiled ops guard on it
+    def _run_rows(self, rows: list[Row], kind: StepKind) -> StepOutput | None:
+        """Run a step's rows and sample (rank 0; other ranks return None)."""
+        input_ids, positions, ctx, logits_indices = self.prepare(rows, kind)
+        logits = self.run_model(input_ids, positions, ctx, logits_indices)
+        if self.rank != 0:
+            return None
+        prompt_logprobs = None
+        if logits_indices is not None and logits.size(0) > len(rows):  # rows scored their prompt tokens too
+            last = torch.tensor(_last_of_each_row(rows, ctx), device=self.device)
+            prompt_logprobs = self._prompt_logprobs(rows, logits)
+            logits = logits[last]
+        counts = prompt_mask = slots = None
+        if any(is_penalized(row) for row in rows):
+            counts, prompt_mask, slots = self.penalties.tables(rows)
+        params = [row.state.sampling_params for row in rows]
+        tensors = sampling_tensors(params, [row.state.seed for row in rows], [row.output_position for row in rows],
+                                   self.device, self.config.eos, counts, prompt_mask)
+        out = sample(logits, tensors)
+        if slots is not None:
+            self.penalties.count(out.token_ids, rows, slots)
+        return StepOutput(out, [p.logprobs for p in params], prompt_logprobs, [p.prompt_logprobs for p in params])
 
-        Many small tensors would each pay an allocation and a copy launch; one pinned buffer pays once. The
-        temperatures travel as the bit patterns of float32 values and are viewed back as float32 on the device.
-        """
-        sizes = [len(p) for p in parts] + [len(temperatures)]
+    def _prompt_logprobs(self, rows: list[Row], logits: torch.Tensor) -> dict[int, PromptScores]:
+        """For rows scoring their prompt: the logprobs of prompt token p + 1 given tokens <= p, for each p of the
+        chunk (each row contributes all its chunk's positions to logits, in order; other rows their last)."""
+        picks, targets, spans, at = [], [], {}, 0
+        for i, row in enumerate(rows):
+            if not wants_prompt_logprobs(row):
+                at += 1
+                continue
+            state = row.state
+            start, end = state.num_computed, state.num_computed + row.num_tokens
+            scored = range(start, min(end, state.num_prompt_tokens - 1))  # the last prompt position predicts output
+            spans[i] = (len(picks), len(scored), start == 0)
+            picks.extend(at + p - start for p in scored)
+            targets.extend(state.token_ids[p + 1] for p in scored)
+            at += row.num_tokens
+        if not picks:
+            return {i: PromptScores(None, first, 0) for i, (_, _, first) in spans.items()}
+        num_top = max(max(rows[i].state.sampling_params.prompt_logprobs for i in spans), 1)
+        scores = compute_logprobs(logits[torch.tensor(picks, device=self.device)],
+                                  torch.tensor(targets, device=self.device), num_top)
+        return {i: PromptScores(scores if n else None, first, n, offset, targets[offset:offset + n])
+                for i, (offset, n, first) in spans.items()}
+
+    # ---- a step ----------------------------------------------------------------------------------------------
+
+    def _upload(self, *parts: list[int]) -> list[torch.Tensor]:
+        """Pack a step's int32 inputs into one host buffer and send it in one copy (pinned on CUDA, filled in
+        place): many small tensors would each pay an allocation and a copy launch."""
+        sizes = [len(p) for p in parts]
         starts = packed_starts(sizes)
-        # filled in place: in pinned memory straight away on CUDA (no second host copy); the gaps are never read
-        data = torch.empty(starts[-1], dtype=torch.int32, device="cpu", pin_memory=self.device.type == "cuda")
+        data = torch.empty(starts[-1], dtype=torch.int32, device="cpu", pin_memory=self.on_cuda)
         host = data.numpy()
         for part, start, size in zip(parts, starts, sizes):
             host[start:start + size] = part
-        host[starts[-2]:starts[-2] + sizes[-1]].view(np.float32)[:] = temperatures
-        if self.device.type == "cuda":
-            data = data.to(self.device, non_blocking=True)
-        views = [data[start:start + size] for start, size in zip(starts, sizes)]
-        return views[:-1], views[-1].view(torch.float32)
+        data = data.to(self.device, non_blocking=True)
+        return [data[start:start + size] for start, size in zip(starts, sizes)]
 
-    @staticmethod
-    def _block_table_rows(seqs: list[Sequence]) -> tuple[list[int], int]:
-        """Block tables padded with -1 to the longest, flattened row by row."""
-        width = max(len(seq.block_table) for seq in seqs)
-        flat = []
-        for seq in seqs:
-            flat.extend(seq.block_table)
-            flat.extend([-1] * (width - len(seq.block_table)))
-        return flat, width
-
-    def prepare_prefill(self, seqs: list[Sequence]):
-        """Flatten the scheduled chunk of every sequence into one varlen batch.
-
-            seq A: cached [a0 a1 a2] new [a3 a4]      seq B: new [b0 b1 b2]
-            input_ids    = [a3 a4 b0 b1 b2]           positions = [3 4 0 1 2]
-            cu_seqlens_q = [0 2 5]   (new tokens)     cu_seqlens_k = [0 5 8]   (all keys each new token may see)
-            slot_mapping = cache slot of a3 a4 b0 b1 b2
-        """
-        input_ids, positions, slot_mapping = [], [], []
-        cu_seqlens_q, cu_seqlens_k = [0], [0]
-        max_seqlen_q = max_seqlen_k = 0
-        for seq in seqs:
-            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
-            input_ids.extend(seq[start:end])
-            positions.extend(range(start, end))
-            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
-            cu_seqlens_k.append(cu_seqlens_k[-1] + end)
-            max_seqlen_q, max_seqlen_k = max(max_seqlen_q, end - start), max(max_seqlen_k, end)
-            if seq.block_table:  # warm-up sequences have none
-                slot_mapping.extend(self._slots(seq, start, end))
-        paged = cu_seqlens_k[-1] > cu_seqlens_q[-1]  # some keys come from the cache
-        tables, width = self._block_table_rows(seqs) if paged else ([], 0)
-        (input_ids, positions, slot_mapping, cu_seqlens_q, cu_seqlens_k, tables), temperatures = self._upload(
-            input_ids, positions, slot_mapping, cu_seqlens_q, cu_seqlens_k, tables,
-            temperatures=[seq.temperature for seq in seqs])
-        ctx = dict(is_prefill=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, slot_mapping=slot_mapping,
-                   block_tables=tables.view(len(seqs), width) if paged else None)
-        return input_ids, positions, ctx, temperatures
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        slots, bs = [], self.block_size
-        for i in range(start // bs, (end + bs - 1) // bs):
-            block_start = seq.block_table[i] * bs
-            slots.extend(range(block_start + max(start - i * bs, 0), block_start + min(end - i * bs, bs)))
-        return slots
-
-    def prepare_decode(self, seqs: list[Sequence]):
-        bs = self.block_size
-        input_ids = [seq.last_token for seq in seqs]
-        context_lens = [len(seq) for seq in seqs]
-        positions = [n - 1 for n in context_lens]
-        slot_mapping = [seq.block_table[-1] * bs + (n - 1) % bs for seq, n in zip(seqs, context_lens)]
-        # a last token still in flight is read from the previous step's output, on the device
-        pending_rows = [seq.pending_row if t == PENDING_TOKEN else -1 for seq, t in zip(seqs, input_ids)]
-        has_pending = any(row >= 0 for row in pending_rows)
-        tables, width = self._block_table_rows(seqs)
-        (input_ids, positions, slot_mapping, context_lens, tables, pending_rows), temperatures = self._upload(
-            input_ids, positions, slot_mapping, context_lens, tables, pending_rows if has_pending else [],
-            temperatures=[seq.temperature for seq in seqs])
-        if has_pending:
-            previous = self.last_sampled[pending_rows.clamp(min=0)].to(input_ids.dtype)
-            input_ids = torch.where(pending_rows >= 0, previous, input_ids)
-        ctx = dict(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
-                   block_tables=tables.view(len(seqs), width))
-        return input_ids, positions, ctx, temperatures
-
-    # ---- running -----------------------------------------------------------------------------------------
+    def prepare(self, rows: list[Row], kind: StepKind) -> tuple[torch.Tensor, torch.Tensor, Context,
+                                                                 torch.Tensor | None]:
+        """The step's input ids, positions, attention metadata and (prefill) which tokens need logits."""
+        if kind == StepKind.PREFILL:
+            lay = prefill_layout(rows, self.block_size)
+            ids, pos, slots, cu_q, cu_k, tables, logits_indices = self._upload(
+                lay.input_ids, lay.positions, lay.slot_mapping, lay.cu_seqlens_q, lay.cu_seqlens_k,
+                lay.block_tables, lay.logits_indices)
+            ctx = Context(True, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, slots,
+                          block_tables=tables.view(len(rows), lay.width) if lay.width else None)
+            return ids, pos, ctx, logits_indices
+        lay = decode_layout(rows, self.block_size)
+        # a token still in flight is read from the previous step's output, on the device
+        pending = [self.rows_of_last_step[r.seq_id] if r.last_token is None else -1 for r in rows]
+        in_flight = any(p >= 0 for p in pending)
+        ids, pos, slots, lens, tables, pending = self._upload(
+            lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables,
+            pending if in_flight else [])
+        if in_flight:
+            previous = self.last_sampled[pending.clamp(min=0)].to(ids.dtype)
+            ids = torch.where(pending >= 0, previous, ids)
+        ctx = Context(False, slot_mapping=slots, context_lens=lens, block_tables=tables.view(len(rows), lay.width))
+        return ids, pos, ctx, None
 
     @torch.inference_mode()
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: dict) -> torch.Tensor | None:
-        if not ctx["is_prefill"] and self.graphs is not None and self.graphs.can_run(input_ids.size(0)):
-            hidden_states = self.graphs.replay(input_ids, positions, ctx)
-            with forward_context(**ctx):
-                return self.model.compute_logits(hidden_states)
-        with forward_context(**ctx):
-            return self.model.compute_logits(self.model(input_ids, positions))
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context,
+                  logits_indices: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits of each decode token, or of the prefill tokens at logits_indices (rank 0; None elsewhere)."""
+        with forward_context(ctx):
+            if not ctx.is_prefill and self.graphs is not None and self.graphs.can_run(input_ids.size(0)):
+                return self.model.compute_logits(self.graphs.replay(input_ids, positions, ctx))
+            hidden_states = self.model(input_ids, positions)
+            if logits_indices is not None:
+                hidden_states = hidden_states[logits_indices]
+            return self.model.compute_logits(hidden_states)
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], is_prefill: bool) -> SampledTokens | None:
-        """Queue one step on the device and return its sampled token ids without waiting for them (rank 0;
-        other ranks return None). The result also feeds the next decode step's pending tokens (under tensor
-        parallelism with overlapped steps, rank 0 broadcasts it so every rank holds it)."""
-        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
-        input_ids, positions, ctx, temperatures = prepare(seqs)
-        logits = self.run_model(input_ids, positions, ctx)
+    def launch(self, step: ScheduledStep) -> SampledTokens | None:
+        """Queue one step on the device; return its sampled ids without waiting for them (rank 0; other ranks
+        return None). Under TP with overlapped steps rank 0 broadcasts them: the next step may read them."""
+        for seq_id in step.finished_seq_ids:
+            self.penalties.drop(seq_id)
+        rows = apply_step(self.states, step)
+        output = self._run_rows(rows, step.kind)
+        finish_step(rows)
         if self.rank == 0:
-            self.last_sampled = self.sampler(logits, temperatures, self.generator)
+            self.last_sampled = output.sampler.token_ids
         if self.world_size > 1 and self.config.async_scheduling:
-            # overlapped steps read a token still in flight on the device, on every rank: share the ids
             if self.rank != 0:
-                self.last_sampled = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+                self.last_sampled = torch.empty(len(rows), dtype=torch.int64, device=self.device)
             dist.broadcast(self.last_sampled, 0)
-        return SampledTokens(self.last_sampled) if self.rank == 0 else None
+        self.rows_of_last_step = {row.seq_id: i for i, row in enumerate(rows)}
+        return SampledTokens(output) if self.rank == 0 else None
+
+    def run(self, step: ScheduledStep) -> StepResult | None:
+        sampled = self.launch(step)
+        return sampled.result() if sampled is not None else None
 
     @torch.inference_mode()
-    def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Next-token logits ([num_seqs, vocab], rank 0; None elsewhere) after prefilling the scheduled tokens,
-        without sampling: for scoring and for comparing backends. Every rank takes part (use `call`)."""
-        input_ids, positions, ctx, _ = self.prepare_prefill(seqs)
-        return self.run_model(input_ids, positions, ctx)
+    def prefill_logits(self, step: ScheduledStep) -> torch.Tensor | None:
+        """Next-token logits ([num_seqs, vocab] on rank 0, None elsewhere) after a prefill step, without sampling
+        and without keeping the sequences: for scoring. Every rank takes part."""
+        rows = apply_step(self.states, step)
+        try:
+            input_ids, positions, ctx, logits_indices = self.prepare(rows, StepKind.PREFILL)
+            return self.run_model(input_ids, positions, ctx, logits_indices)
+        finally:
+            for row in rows:
+                self.states.pop(row.seq_id, None)
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
-        sampled = self.launch(seqs, is_prefill)
-        return sampled.tolist() if sampled is not None else None
 
+def _last_of_each_row(rows: list[Row], ctx: Context) -> list[int]:
+    """Where each row's last token sits among the computed logits (see PrefillLayout.logits_indices)."""
+    out, at = [], 0
+    for row in rows:
+        at += row.num_tokens if wants_prompt_logprobs(row) else 1
+        out.append(at - 1)
+    return out

@@ -1,8 +1,19 @@
 from collections import deque
+from dataclasses import dataclass, field
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.step import CachedSequence, NewSequence, ScheduledStep, StepKind, StepResult
+
+
+@dataclass(slots=True)
+class BookedStep:
+    """A step sent to the runner: its sequences by row, those that sample a token and the row each reads."""
+    step: ScheduledStep
+    seqs: list[Sequence] = field(default_factory=list)
+    sampling: list[Sequence] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -13,9 +24,8 @@ class Scheduler:
     longer than the remaining budget is cut into chunks over several steps. When a decode step runs out of blocks,
     the most recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
 
-    A step is booked in two halves: `launched` when it is queued on the device (its tokens' K/V count as cached,
-    each sampling sequence grows by a PENDING_TOKEN) and `resolve` when its sampled ids are read back. The engine
-    may schedule and launch the next step in between; `postprocess` does both halves at once.
+    A step is booked in two halves, `launched` when it is queued on the device and `update` when its sampled ids
+    are read back, so the engine may schedule and launch the next step in between.
     """
 
     def __init__(self, config: Config):
@@ -27,6 +37,9 @@ class Scheduler:
                                           config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self._blocks_sent: dict[int, int] = {}  # sequences the runner holds -> how many block ids it has
+        self._forgotten: list[int] = []  # sequences the runner must drop at the next step
+        self.num_preemptions = 0
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -34,38 +47,56 @@ class Scheduler:
     def add(self, seq: Sequence):
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        seqs = self._schedule_prefill()
-        if seqs:
-            return seqs, True
-        return self._schedule_decode(), False
+    def abort(self, seq: Sequence):
+        """Drop an unfinished sequence (its caller gave up) and free its blocks."""
+        if seq.is_finished:
+            return
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.deallocate(seq)
+        else:
+            self.waiting.remove(seq)
+        self._retire(seq, "abort")
 
-    def _schedule_prefill(self) -> list[Sequence]:
+    # ---- choosing a step -------------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep | None:
+        chunks, kind = self._schedule_prefill(), StepKind.PREFILL
+        if not chunks:
+            chunks, kind = self._schedule_decode(), StepKind.DECODE
+        return self._step_record(kind, chunks) if chunks else None
+
+    def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
         budget = self.max_num_batched_tokens
-        scheduled = []
+        chunks = []
         for seq in self.running:  # chunked prompts in flight go first, in admission order
             if budget and seq.needs_prefill:
-                budget -= self._take_chunk(seq, budget)
-                scheduled.append(seq)
+                chunks.append((seq, min(seq.num_uncached_tokens, budget)))
+                budget -= chunks[-1][1]
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            if self._waits_for_parent(seq) or not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
+            if seq.num_cached_prompt_tokens is None:
+                seq.num_cached_prompt_tokens = seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if seq.needs_prefill:  # else its one uncached token runs in the next decode step
-                budget -= self._take_chunk(seq, budget)
-                scheduled.append(seq)
-        return scheduled
+                chunks.append((seq, min(seq.num_uncached_tokens, budget)))
+                budget -= chunks[-1][1]
+        return chunks
 
     @staticmethod
-    def _take_chunk(seq: Sequence, budget: int) -> int:
-        seq.num_scheduled_tokens = min(seq.num_uncached_tokens, budget)
-        return seq.num_scheduled_tokens
+    def _waits_for_parent(seq: Sequence) -> bool:
+        """n > 1: the other branches wait until the first has prefilled the prompt, so its blocks are shared
+        (prefix-cache hits) instead of computed n times."""
+        parent = seq.parent
+        return parent is not None and not parent.is_finished and (
+            parent.status == SequenceStatus.WAITING or parent.num_cached_tokens < parent.num_prompt_tokens)
 
-    def _schedule_decode(self) -> list[Sequence]:
+    def _schedule_decode(self) -> list[tuple[Sequence, int]]:
         scheduled, done = [], []
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
@@ -80,45 +111,79 @@ class Scheduler:
                     break
             else:
                 self.block_manager.may_append(seq)
-                seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
         self.running.extendleft(reversed(scheduled + done))
-        return scheduled
+        return [(seq, 1) for seq in scheduled]
+
+    def _step_record(self, kind: StepKind, chunks: list[tuple[Sequence, int]]) -> ScheduledStep:
+        """New sequences go to the runner in full, the ones it holds as what changed since their last step."""
+        step = ScheduledStep(kind, finished_seq_ids=self._forgotten)
+        self._forgotten = []
+        for seq, num_tokens in chunks:
+            sent = self._blocks_sent.get(seq.seq_id)
+            if sent is None:
+                assert not seq.num_pending, "a sequence new to the runner has all its tokens known"
+                step.new.append(NewSequence(seq.seq_id, list(seq.token_ids), list(seq.block_table),
+                                            seq.num_cached_tokens, num_tokens, seq.sampling_params,
+                                            seq.num_prompt_tokens, seq.seed))
+            else:
+                step.cached.append(CachedSequence(seq.seq_id, seq.block_table[sent:], num_tokens, seq.last_token))
+            self._blocks_sent[seq.seq_id] = len(seq.block_table)
+        return step
 
     def preempt(self, seq: Sequence):
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
+        self._forget(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Account for one step whose sampled tokens are already known; return the sequences that finished."""
-        return self.resolve(self.launched(seqs), token_ids)
+    # ---- booking a step ----------------------------------------------------------------------------------------
 
-    def launched(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, int]]:
-        """Book a step that has been sent to the device: its tokens' K/V count as cached, and every sequence
-        that samples grows by a PENDING_TOKEN. Returns (sequence, token index, output row) for each of those."""
-        records = []
-        for row, seq in enumerate(seqs):
+    def postprocess(self, step: ScheduledStep, result: StepResult) -> list[Sequence]:
+        """Book a step whose sampled tokens are already known; return the sequences that finished."""
+        return self.update(self.launched(step), result)
+
+    def launched(self, step: ScheduledStep) -> BookedStep:
+        """Book a step sent to the device: its tokens' K/V count as cached, and every sequence that samples grows
+        by a token still in flight."""
+        booked = BookedStep(step)
+        by_id = {seq.seq_id: seq for seq in self.running}
+        for row, seq_id in enumerate(step.seq_ids):
+            seq = by_id[seq_id]
+            booked.seqs.append(seq)
             full_blocks = seq.num_cached_blocks
-            seq.num_cached_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
+            seq.num_cached_tokens += self._scheduled(step, row)
             if seq.num_cached_blocks > full_blocks:
                 # safe before the step ends: a later step reading the blocks runs after it on the device
                 self.block_manager.hash_blocks(seq)
             if seq.num_cached_tokens == seq.num_tokens:  # not a mid-prompt chunk: a token is sampled
-                seq.append_token(PENDING_TOKEN)
-                seq.pending_row = row
-                records.append((seq, seq.num_tokens - 1, row))
-        return records
+                seq.add_pending_token()
+                booked.sampling.append(seq)
+                booked.rows.append(row)
+        return booked
 
-    def resolve(self, records: list[tuple[Sequence, int, int]], token_ids: list[int]) -> list[Sequence]:
+    @staticmethod
+    def _scheduled(step: ScheduledStep, row: int) -> int:
+        record = step.new[row] if row < len(step.new) else step.cached[row - len(step.new)]
+        return record.num_scheduled_tokens
+
+    def update(self, booked: BookedStep, result: StepResult) -> list[Sequence]:
         """Fill in a launched step's sampled tokens, publish completed blocks, finish sequences."""
         finished = []
-        for seq, index, row in records:
+        for row, entries in (result.prompt_logprobs or {}).items():
+            seq = booked.seqs[row]
+            seq.prompt_logprobs = (seq.prompt_logprobs or []) + entries
+            del seq.prompt_logprobs[seq.num_prompt_tokens:]  # a preempted sequence scores its prompt again
+        for seq, row in zip(booked.sampling, booked.rows):
             if seq.is_finished:  # it finished one step earlier: this token is surplus
                 continue
-            token_id = token_ids[row]
-            seq.set_token(index, token_id)
+            token_id = result.token_ids[row]
+            seq.resolve_token(token_id)
+            if seq.logprobs is not None:
+                seq.logprobs.append(result.logprobs[row])
+                seq.cumulative_logprob += result.logprobs[row][token_id]
+            index = len(seq.token_ids) - 1
             if seq.block_table and index // seq.block_size < seq.num_cached_blocks:  # it completed a block
                 self.block_manager.hash_blocks(seq)
             reason = self._finish_reason(seq, index, token_id)
@@ -128,21 +193,40 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def finish(self, seq: Sequence, reason: str):
+        """End a sequence early (a stop string was found in its text)."""
+        if not seq.is_finished:
+            self._finish(seq, reason)
+
     def _finish(self, seq: Sequence, reason: str):
         if seq.status == SequenceStatus.RUNNING:
             self.block_manager.deallocate(seq)
             self.running.remove(seq)
         else:  # preempted while its last token was in flight
             self.waiting.remove(seq)
+        self._retire(seq, reason)
+
+    def _retire(self, seq: Sequence, reason: str):
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self._forget(seq)
+
+    def _forget(self, seq: Sequence):
+        if self._blocks_sent.pop(seq.seq_id, None) is not None:
+            self._forgotten.append(seq.seq_id)
 
     def _finish_reason(self, seq: Sequence, index: int, token_id: int) -> str | None:
-        if not seq.ignore_eos and token_id in self.eos:
-            return "stop"
+        sp = seq.sampling_params
+        if index + 1 - seq.num_prompt_tokens > sp.min_tokens or not sp.min_tokens:
+            if not sp.ignore_eos and token_id in self.eos:
+                return "stop"
+            if token_id in sp.stop_token_ids:
+                seq.stop_reason = token_id
+                return "stop"
         if self._reaches_length(seq, index + 1):
             return "length"
         return None
 
     def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
-        return num_tokens - seq.num_prompt_tokens >= seq.max_tokens or num_tokens >= self.max_model_len
+        return (num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
+                or num_tokens >= self.max_model_len)

@@ -2,11 +2,7 @@ from copy import copy
 from enum import Enum, auto
 
 from nanovllm.sampling_params import SamplingParams
-
-
-# Stands for a sampled token still on the device: with overlapped steps a sequence grows by one position at launch,
-# and the id is filled in when the step's results are read back.
-PENDING_TOKEN = -1
+from nanovllm.utils.math import cdiv
 
 
 class SequenceStatus(Enum):
@@ -16,39 +12,49 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    """One request: its tokens, how many of them have K/V in the cache, and its KV blocks.
+    """One request as the scheduler sees it: its tokens, how many have K/V in the cache, and its KV blocks.
 
-    `num_cached_tokens` counts tokens whose K/V is already in the paged cache (prefix-cache hits and
-    earlier prefill chunks). A sequence whose only uncached token is the last one runs in a decode step;
-    one with more runs in a prefill step, `num_scheduled_tokens` of them at a time.
+    `num_tokens` counts sampled tokens still in flight (overlapped scheduling books a step before its ids are
+    read back); `token_ids` holds the known ones only. `num_pending` is 2 between booking step N+1 and reading
+    back step N, else 0 or 1.
     """
 
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams, seq_id: int, block_size: int):
         self.seq_id = seq_id
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
-        self.last_token = token_ids[-1]
-        self.num_tokens = len(self.token_ids)
+        self.num_tokens = len(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.num_cached_tokens = 0
-        self.num_scheduled_tokens = 0
         self.block_size = block_size
         self.block_table: list[int] = []
-        self.temperature = sampling_params.temperature
-        self.max_tokens = sampling_params.max_tokens
-        self.ignore_eos = sampling_params.ignore_eos
+        self.sampling_params = sampling_params
         self.finish_reason: str | None = None
-        self.pending_row = -1  # row of the in-flight step's output that holds the PENDING_TOKEN's value
+        self.num_cached_prompt_tokens: int | None = None  # prefix-cache hits when first admitted
+        self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+        self.seed = 0 if sampling_params.seed is None else sampling_params.seed  # the engine draws one if unset
+        self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if sampling_params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.request_index = 0  # which prompt of its generate call, and which of its n completions
+        self.branch = 0
+        self.parent: "Sequence | None" = None  # n > 1: the branch whose prompt prefill the others wait for
 
     def __len__(self):
         return self.num_tokens
 
-    def __getitem__(self, key):
-        return self.token_ids[key]
-
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_pending(self) -> int:
+        return self.num_tokens - len(self.token_ids)
+
+    @property
+    def last_token(self) -> int | None:
+        """The newest token, None while it is still in flight."""
+        return None if self.num_pending else self.token_ids[-1]
 
     @property
     def num_completion_tokens(self) -> int:
@@ -72,48 +78,25 @@ class Sequence:
 
     @property
     def num_blocks(self) -> int:
-        return (self.num_tokens + self.block_size - 1) // self.block_size
-
-    @property
-    def last_block_num_tokens(self) -> int:
-        return self.num_tokens - (self.num_blocks - 1) * self.block_size
+        return cdiv(self.num_tokens, self.block_size)
 
     def block(self, i: int) -> list[int]:
-        assert 0 <= i < self.num_blocks
+        """The token ids of logical block i (only the known ones)."""
         return self.token_ids[i * self.block_size: (i + 1) * self.block_size]
 
     def append_token(self, token_id: int):
         self.token_ids.append(token_id)
-        self.last_token = token_id
         self.num_tokens += 1
 
-    def set_token(self, index: int, token_id: int):
-        """Fill in a PENDING_TOKEN once its value is known."""
-        self.token_ids[index] = token_id
-        if index == self.num_tokens - 1:
-            self.last_token = token_id
+    def add_pending_token(self):
+        self.num_tokens += 1
+
+    def resolve_token(self, token_id: int):
+        """The in-flight token's id is known."""
+        assert self.num_pending > 0
+        self.token_ids.append(token_id)
 
     def truncate(self, num_tokens: int):
         """Drop positions past num_tokens (a token launched after the sequence had in fact finished)."""
         del self.token_ids[num_tokens:]
         self.num_tokens = num_tokens
-        self.last_token = self.token_ids[-1]
-
-    # Worker processes only need what prepare_prefill/prepare_decode read: a decode step ships the last
-    # token instead of the whole history (a PENDING_TOKEN with its row in the previous step's output).
-    def __getstate__(self):
-        tokens = self.token_ids if self.needs_prefill or self.num_cached_tokens == 0 else self.last_token
-        return (self.seq_id, self.num_tokens, self.num_prompt_tokens, self.num_cached_tokens,
-                self.num_scheduled_tokens, self.block_size, self.block_table, self.temperature, self.pending_row,
-                tokens)
-
-    def __setstate__(self, state):
-        (self.seq_id, self.num_tokens, self.num_prompt_tokens, self.num_cached_tokens,
-         self.num_scheduled_tokens, self.block_size, self.block_table, self.temperature, self.pending_row,
-         tokens) = state
-        if isinstance(tokens, list):
-            self.token_ids = tokens
-            self.last_token = tokens[-1]
-        else:
-            self.token_ids = []
-            self.last_token = tokens

@@ -8,8 +8,8 @@ from nanovllm.utils.context import get_context
 class Attention(nn.Module):
     """Paged attention over this layer's slice of the KV cache.
 
-    The ModelRunner assigns `backend`, `k_cache` and `v_cache` after sizing the cache; until then
-    (the warm-up pass) nothing is stored and prefill attends to the batch's own keys.
+    The ModelRunner sets the backend after building the model and the cache after sizing it; until then (the
+    warm-up pass) nothing is stored and prefill attends to the batch's own keys.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
@@ -21,6 +21,15 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
         self.k_cache = self.v_cache = torch.tensor([])
 
+    def set_backend(self, backend: AttentionBackend):
+        self.backend = backend
+
+    def set_cache(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None):
+        """This layer's views of the paged cache, [num_blocks, block_size, num_kv_heads, head_dim]; None drops
+        them, so freeing the cache tensor frees its memory."""
+        self.k_cache = k_cache if k_cache is not None else torch.tensor([])
+        self.v_cache = v_cache if v_cache is not None else torch.tensor([])
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         ctx = get_context()
@@ -30,3 +39,8 @@ class Attention(nn.Module):
         if ctx.is_prefill:
             return self.backend.prefill(q, k, v, k_cache, v_cache, ctx, self.scale)
         return self.backend.decode(q, k_cache, v_cache, ctx, self.scale)
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    """The model's attention layers, in order (one per decoder layer)."""
+    return [m for m in model.modules() if isinstance(m, Attention)]

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from nanovllm.layers.layernorm import rms_norm
+from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.utils.compile import compile_on_cuda
 
 
@@ -20,10 +20,9 @@ def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: t
 
 
 @compile_on_cuda
-def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-              k_weight: torch.Tensor, eps: float, cos_cache: torch.Tensor,
-              sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's per-head q/k RMSNorm and the rotary embedding in one compiled region (one kernel, not six)."""
+def _norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+               k_weight: torch.Tensor, eps: float, cos_cache: torch.Tensor,
+               sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     return rope.eager(positions, q, k, cos_cache, sin_cache)
 
@@ -38,10 +37,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)
         self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
-        """q: [num_tokens, num_heads, head_dim], k likewise; q_norm/k_norm (RMSNorm) are applied first if given."""
-        if q_norm is None:
-            return rope(positions, q, k, self.cos_cache, self.sin_cache)
-        return norm_rope(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos_cache,
-                         self.sin_cache)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [num_tokens, num_heads, head_dim], k likewise."""
+        return rope(positions, q, k, self.cos_cache, self.sin_cache)
+
+
+def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+              rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotary(q_norm(q), k_norm(k)) in one compiled region (one kernel, not six): Qwen3's per-head q/k norm."""
+    return _norm_rope(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
+                      rotary.sin_cache)

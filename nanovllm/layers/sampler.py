@@ -1,17 +1,389 @@
+"""Batched sampling of one step's logits [B, V] on the device: no per-row Python loop, no host sync.
+
+What the runner passes each step (`sample(logits, tensors) -> SamplerOutput`):
+  - `tensors = sampling_tensors(params, seeds, positions, device, eos_token_ids, output_counts, prompt_mask)`:
+    per row its SamplingParams, its seed (the request's, or one the engine drew for it) and its output position
+    (tokens generated so far, the one about to be sampled excluded); EOS and stop ids are banned while
+    position < min_tokens;
+  - only when a row has a penalty: `output_counts` [B, V] int32 (how often each token was generated) and
+    `prompt_mask` [B, V] bool (which tokens the prompt holds). Keep one row per sequence on the device:
+    `token_counts` / `prompt_token_mask` build them, `count_tokens_` adds a step's sampled ids.
+Order as vLLM: penalties, bans; greedy rows take the argmax; sampled rows: / temperature, top-k, top-p, min-p,
+draw. `SamplerOutput.logprobs` is the raw log-softmax of the logits, before any of that (vLLM's default).
+
+A row's draw depends only on its logits, its seed and its output position: the noise of token v is a hash of
+(seed, position, v), so a seeded request samples the same tokens alone or in any batch.
+"""
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.compile import compile_on_cuda
+
+TOP_K_OFF = 2**31 - 1  # a top_k no vocabulary reaches
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 2**64 - 1
+# xorshift-multiply constants with low bias from Wellons' hash-prospector list, chosen below 2**31 so that a
+# 32-bit value times one fits in int64 (torch has no unsigned 32-bit arithmetic)
+_MUL1, _MUL2 = 0x4BDC9AA5, 0x2729B469
+_STEP = 0x61C88647  # odd Weyl step between consecutive token ids, also below 2**31
+_POSITION_SALT = 0x2545F491  # keeps (seed 0, position 0) off the hash's fixed point 0
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """One step's per-row sampling settings on the device; a group no row uses is None and costs nothing."""
+    temperatures: torch.Tensor  # [B] float32, 0 = greedy
+    noise_keys: torch.Tensor  # [B] int64 in [0, 2**32): hash of (seed, output position)
+    top_k: torch.Tensor | None = None  # [B] int64, TOP_K_OFF where off
+    top_p_complement: torch.Tensor | None = None  # [B] float32, 1 - top_p computed in float64 as HF does
+    min_p: torch.Tensor | None = None  # [B] float32
+    repetition_penalties: torch.Tensor | None = None  # [B] float32
+    presence_penalties: torch.Tensor | None = None  # [B] float32
+    frequency_penalties: torch.Tensor | None = None  # [B] float32
+    output_counts: torch.Tensor | None = None  # [B, V] int32
+    prompt_mask: torch.Tensor | None = None  # [B, V] bool
+    banned_rows: torch.Tensor | None = None  # [N] int64: logits[banned_rows[i], banned_token_ids[i]] = -inf
+    banned_token_ids: torch.Tensor | None = None  # [N] int64
+    # host-side facts that pick the code path without reading the device
+    any_greedy: bool = False
+    any_plain: bool = False  # a sampled row without top-k / top-p / min-p: the full-vocabulary race
+    any_filtered: bool = False
+    max_top_k: int | None = None  # filtered rows draw from topk(max_top_k); None: from a full sort
+    max_num_logprobs: int | None = None
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Raw logprobs (log-softmax of the logits) of one token per row and of each row's top-N tokens."""
+    token_logprobs: torch.Tensor  # [B] float32
+    top_ids: torch.Tensor  # [B, N] int64, most likely first
+    top_logprobs: torch.Tensor  # [B, N] float32
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: TokenLogprobs | None = None  # when a row asked; N is the most any row asked for
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    """Sample one token per row of logits [B, V] under the settings in t."""
+    raw, logits = logits, _penalize_and_ban(logits, t)
+    tokens = None  # what rows without top-k / top-p / min-p get
+    if t.any_plain:
+        tokens = _race(logits, t.temperatures, t.noise_keys)  # greedy rows get the argmax here too
+    elif t.any_greedy:
+        tokens = logits.argmax(-1)
+    if t.any_filtered:
+        if t.max_top_k is not None:  # at least 2: a dimension of size 1 would make dynamo compile again
+            values, ids = logits.topk(min(max(t.max_top_k, 2), logits.size(1)), -1)
+        else:
+            values, ids = logits.sort(-1, descending=True)
+        if tokens is None:  # every row is filtered; a fresh tensor, as a view of ids would change dynamo's guards
+            tokens = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)
+        scaled, probs = _scale_and_top_k(values, t.temperatures, t.top_k)
+        tokens = _draw_filtered(scaled, _tail_mass(probs), ids, t.temperatures, t.noise_keys, t.top_k,
+                                t.top_p_complement, t.min_p, tokens)
+    logprobs = None
+    if t.max_num_logprobs is not None:
+        logprobs = compute_logprobs(raw, tokens, t.max_num_logprobs)
+    return SamplerOutput(tokens, logprobs)
+
+
+def processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """[B, V] float32: what each row draws from, softmax of these (vLLM's "processed logits"): the logits after
+    penalties, bans, temperature, top-k, top-p and min-p, -inf where dropped; greedy rows stop after the bans."""
+    logits = _penalize_and_ban(logits, t).float()
+    temperatures = t.temperatures.unsqueeze(1)
+    out = logits / torch.where(temperatures > 0, temperatures, 1.0)
+    if t.any_filtered:
+        values, ids = logits.sort(-1, descending=True)
+        scaled, probs = _scale_and_top_k(values, t.temperatures, t.top_k)
+        kept = _top_p_and_min_p(scaled, _tail_mass(probs), t.top_p_complement, t.min_p)
+        rows = _filtered_rows(t.temperatures, t.top_k, t.top_p_complement, t.min_p)
+        out = torch.where(rows.unsqueeze(1), torch.empty_like(out).scatter_(1, ids, kept), out)
+    return out
+
+
+def _penalize_and_ban(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    if t.repetition_penalties is not None:
+        logits = _apply_penalties(logits, t.output_counts, t.prompt_mask, t.repetition_penalties,
+                                  t.presence_penalties, t.frequency_penalties)
+    if t.banned_rows is not None:  # out of place: the caller's logits stay raw for the logprobs
+        minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_put((t.banned_rows, t.banned_token_ids), minus_inf)
+    return logits
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> TokenLogprobs:
+    """Raw logprobs of token_ids [B] under logits [B, V], and each row's num_top most likely tokens (also what
+    prompt logprobs need: the logits of each prompt position and the prompt token that follows)."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top_logprobs, top_ids = logprobs.topk(num_top, -1)
+    return TokenLogprobs(logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_ids, top_logprobs)
+
+
+def warm_up_sampler(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile, before serving, every variant a step could otherwise compile mid-way: the race, the filtered
+    draw (top-k candidates and a full sort share its graphs) and the penalties, on the model's logits dtype
+    and, after penalties, on float32."""
+    rows = 2  # a batch of one runs eagerly
+    logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
+    counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
+    mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+    for kwargs in (dict(), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
+                   dict(repetition_penalty=1.5, top_k=2)):
+        params = [SamplingParams(temperature=1.0, **kwargs)] * rows
+        sample(logits, sampling_tensors(params, [0] * rows, [0] * rows, device, output_counts=counts,
+                                        prompt_mask=mask))
+
+
+# ---- the device functions (compiled on CUDA) ------------------------------------------------------------------
+
+@compile_on_cuda
+def _apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
+                     repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """vLLM's penalties: repetition on tokens of the prompt or the output (divide positive logits, multiply
+    negative ones), then frequency (times the output count) and presence (once if in the output)."""
+    logits = logits.float()
+    generated = output_counts > 0
+    rep = torch.where(prompt_mask | generated, repetition.unsqueeze(1), 1.0)
+    logits = torch.where(logits > 0, logits / rep, logits * rep)
+    return logits - frequency.unsqueeze(1) * output_counts - presence.unsqueeze(1) * generated
 
 
 @compile_on_cuda
-def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Greedy where temperature == 0, else a draw from softmax(logits / temperature); noise ~ Exp(1) i.i.d.
+def _race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
+    """Greedy where temperature == 0, else a draw from softmax(logits / temperature) over the whole vocabulary.
 
-    The exponential race: argmax_i(p_i / E_i) picks index i with probability p_i. In log space that is
-    argmax_i(logits_i / T - log E_i), since log p_i differs from logits_i / T by a per-row constant. No softmax,
-    no cumulative sum and no host sync; compiled, both argmaxes are one pass over the logits.
-    """
+    The Gumbel-max trick: argmax_i(logits_i / T + G_i) with G_i i.i.d. Gumbel picks i with probability
+    softmax(logits / T)_i; no softmax, no cumulative sum, and compiled both argmaxes are one pass."""
+    logits = logits.float()
+    t = temperatures.unsqueeze(1)
+    vocab = torch.arange(logits.size(1), device=logits.device)
+    scores = logits / torch.where(t > 0, t, 1.0) + _gumbel(noise_keys.unsqueeze(1), vocab)
+    return torch.where(temperatures > 0, scores.argmax(-1), logits.argmax(-1))
+
+
+# Rows with top-k / top-p / min-p draw among candidates: values [B, C] are their logits sorted in descending
+# order (the top max_k, or all) and ids their token ids. HF's warpers apply in order: / temperature, top-k,
+# top-p, min-p; a token outside the top C has probability 0 already.
+
+@compile_on_cuda
+def _scale_and_top_k(values: torch.Tensor, temperatures: torch.Tensor,
+                     top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates' logits / temperature, -inf past each row's top_k, and their softmax."""
+    t = temperatures.unsqueeze(1)
+    scaled = values.float() / torch.where(t > 0, t, 1.0)
+    ranks = torch.arange(values.size(1), device=values.device)
+    scaled = scaled.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    return scaled, scaled.softmax(-1)
+
+
+def _tail_mass(probs: torch.Tensor) -> torch.Tensor:
+    """Mass of each candidate and all less likely ones, summed from the least likely up as HF does, so that the
+    top-p cut falls where HF's does. Eager: inductor's scan kernels are not robust for every width up to V."""
+    return probs.flip(-1).cumsum(-1).flip(-1)
+
+
+def _top_p_and_min_p(scaled: torch.Tensor, tail_mass: torch.Tensor, top_p_complement: torch.Tensor,
+                     min_p: torch.Tensor) -> torch.Tensor:
+    """top-p drops a candidate whose tail mass is at most 1 - top_p, min-p one less likely than min_p times the
+    likeliest (column 0, which neither drops)."""
+    ranks = torch.arange(scaled.size(1), device=scaled.device)
+    scaled = scaled.masked_fill((tail_mass <= top_p_complement.unsqueeze(1)) & (ranks > 0), float("-inf"))
+    probs = scaled.softmax(-1)
+    return scaled.masked_fill(probs < min_p.unsqueeze(1) * probs[:, :1], float("-inf"))
+
+
+@compile_on_cuda
+def _draw_filtered(scaled: torch.Tensor, tail_mass: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor,
+                   noise_keys: torch.Tensor, top_k: torch.Tensor, top_p_complement: torch.Tensor,
+                   min_p: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """A draw among each filtered row's kept candidates; other rows keep `other`."""
+    kept = _top_p_and_min_p(scaled, tail_mass, top_p_complement, min_p)
+    choice = ids.gather(1, (kept + _gumbel(noise_keys.unsqueeze(1), ids)).argmax(-1, keepdim=True)).squeeze(1)
+    return torch.where(_filtered_rows(temperatures, top_k, top_p_complement, min_p), choice, other)
+
+
+def _filtered_rows(temperatures: torch.Tensor, top_k: torch.Tensor, top_p_complement: torch.Tensor,
+                   min_p: torch.Tensor) -> torch.Tensor:
+    return (temperatures > 0) & ((top_k < TOP_K_OFF) | (top_p_complement > 0) | (min_p > 0))
+
+
+def _gumbel(noise_keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise -log(E), E ~ Exp(1) = -log(1 - U), for each (row key, token id) pair (broadcast)."""
+    return -torch.log(-torch.log1p(-uniform_noise(noise_keys, token_ids)))
+
+
+def uniform_noise(noise_keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) float32 from a 32-bit hash of (row key, token id): a counter-based generator, no state.
+
+    U is at least 2**-33 (so E = -log(1 - U) resolves tokens down to probability ~1e-10) and at most
+    1 - 2**-24 (E stays finite)."""
+    h = _mix32((noise_keys + token_ids * _STEP) & _MASK32)
+    return ((h.float() + 0.5) * 2.0**-32).clamp(max=1.0 - 2.0**-24)
+
+
+def _mix32(x):
+    """A bijective 32-bit hash with full avalanche; x holds values in [0, 2**32) in int64 (a tensor or numpy)."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _MASK32
+    return x ^ (x >> 16)
+
+
+# ---- host side: building a step's tensors ---------------------------------------------------------------------
+
+def row_noise_keys(seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """Per-row keys of the noise, int64 in [0, 2**32): a hash of (seed mod 2**64, output position)."""
+    try:
+        seeds = np.asarray(seeds, dtype=np.int64)  # negative ones are already their two's complement
+    except OverflowError:
+        seeds = np.array([s & _MASK64 for s in seeds], dtype=np.uint64).view(np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
+    x = _mix32((positions + _POSITION_SALT) & _MASK32)
+    x = _mix32(x ^ ((seeds >> 32) & _MASK32))
+    return _mix32(x ^ (seeds & _MASK32))
+
+
+def sampling_tensors(params: Sequence[SamplingParams], seeds: Sequence[int], positions: Sequence[int],
+                     device: torch.device, eos_token_ids: Sequence[int] = (),
+                     output_counts: torch.Tensor | None = None,
+                     prompt_mask: torch.Tensor | None = None) -> SamplingTensors:
+    """Build one step's SamplingTensors and send them to the device in one copy.
+
+    params, seeds, positions: per row its settings, its seed and its output position (tokens generated so
+    far). eos_token_ids: banned, with each row's stop_token_ids, while position < min_tokens (EOS not when
+    ignore_eos). output_counts / prompt_mask [B, V]: needed when a row has a penalty, ignored otherwise."""
+    if not params or not len(params) == len(seeds) == len(positions):
+        raise ValueError(f"need one seed and one position per row, got {len(params)} rows, {len(seeds)} seeds "
+                         f"and {len(positions)} positions")
+    device = torch.device(device)
+    settings, kind_of_row = _distinct_settings(params)
+    temperature, top_k, top_p, min_p, repetition, presence, frequency, min_tokens = settings.T
+    sampled = temperature > 0
+    filtered = sampled & ((top_k > 0) | (top_p < 1) | (min_p > 0))
+    penalized = bool(((repetition != 1) | (presence != 0) | (frequency != 0)).any())
+    floats, ints = [temperature.astype(np.float32)[kind_of_row]], [row_noise_keys(seeds, positions)]
+    if filtered.any():
+        floats += [(1.0 - top_p).astype(np.float32)[kind_of_row], min_p.astype(np.float32)[kind_of_row]]
+        ints.append(np.where(top_k > 0, top_k, TOP_K_OFF).astype(np.int64)[kind_of_row])
+    if penalized:
+        if output_counts is None or prompt_mask is None:
+            raise ValueError("a row has a penalty: pass output_counts and prompt_mask")
+        floats += [column.astype(np.float32)[kind_of_row] for column in (repetition, presence, frequency)]
+    bans = _bans(params, positions, eos_token_ids) if (min_tokens > 0).any() else None
+    if bans:
+        ints += [np.array(bans[0], dtype=np.int64), np.array(bans[1], dtype=np.int64)]
+    floats, ints = _upload(floats, ints, device)
+    logprobs = [n for n in map(_LOGPROBS, params) if n is not None]
+    t = SamplingTensors(floats[0], ints[0], any_greedy=not sampled.all(),
+                        any_plain=bool((sampled & ~filtered).any()), any_filtered=bool(filtered.any()),
+                        max_num_logprobs=max(logprobs) if logprobs else None)
+    if t.any_filtered:
+        t.top_p_complement, t.min_p, t.top_k = floats[1], floats[2], ints[1]
+        t.max_top_k = None if (top_k[filtered] <= 0).any() else int(top_k[filtered].max())
+    if penalized:
+        t.repetition_penalties, t.presence_penalties, t.frequency_penalties = floats[-3:]
+        t.output_counts, t.prompt_mask = output_counts, prompt_mask
+    if bans:
+        t.banned_rows, t.banned_token_ids = ints[-2:]
+    return t
+
+
+_SETTINGS = attrgetter("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                       "frequency_penalty", "min_tokens")
+_LOGPROBS = attrgetter("logprobs")
+
+
+def _distinct_settings(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct _SETTINGS of the rows as float64 [kinds, 8], and each row's kind. Runs every step, for
+    hundreds of rows that usually share a few settings: numpy works on the few kinds only."""
+    if len(set(map(id, params))) == 1:
+        return np.array([_SETTINGS(params[0])], dtype=np.float64), np.zeros(len(params), dtype=np.intp)
+    number: dict[tuple, int] = {}
+    kind_of_row = [number.setdefault(row, len(number)) for row in map(_SETTINGS, params)]
+    return np.array(list(number), dtype=np.float64), np.array(kind_of_row, dtype=np.intp)
+
+
+def _bans(params: Sequence[SamplingParams], positions: Sequence[int],
+          eos_token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    rows, ids = [], []
+    for row, (p, position) in enumerate(zip(params, positions)):
+        if position < p.min_tokens:
+            banned = p.stop_token_ids if p.ignore_eos else [*p.stop_token_ids, *eos_token_ids]
+            rows += [row] * len(banned)
+            ids += banned
+    return rows, ids
+
+
+def _upload(floats: list[np.ndarray], ints: list[np.ndarray],
+            device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Rows of float32 and of int64 values, in one host buffer and one copy; back as views on the device."""
+    f, i = np.concatenate(floats), np.concatenate(ints)
+    f_bytes = -(-f.nbytes // 8) * 8  # the int64 part starts 8-byte aligned
+    host = torch.empty(f_bytes + i.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    buf = host.numpy()
+    buf[:f.nbytes] = f.view(np.uint8)
+    buf[f_bytes:] = i.view(np.uint8)
+    dev = host.to(device, non_blocking=True)
+    return _views(dev[:f.nbytes].view(torch.float32), floats), _views(dev[f_bytes:].view(torch.int64), ints)
+
+
+def _views(flat: torch.Tensor, rows: list[np.ndarray]) -> list[torch.Tensor]:
+    views, start = [], 0
+    for row in rows:
+        views.append(flat[start:start + len(row)])
+        start += len(row)
+    return views
+
+
+# ---- per-sequence token counts for the penalties --------------------------------------------------------------
+
+def token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(token_ids), vocab_size] int32: how often each token id occurs in each row's list."""
+    rows = [row for row, ids in enumerate(token_ids) for _ in ids]
+    flat = [t for ids in token_ids for t in ids]
+    counts = torch.zeros(len(token_ids), vocab_size, dtype=torch.int32, device=device)
+    if flat:
+        index = _to_device(torch.tensor([rows, flat], dtype=torch.int64), device)
+        count_tokens_(counts, index[1], index[0])
+    return counts
+
+
+def prompt_token_mask(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(token_ids), vocab_size] bool: which token ids occur in each row's list."""
+    return token_counts(token_ids, vocab_size, device) > 0
+
+
+def count_tokens_(counts: torch.Tensor, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Add one occurrence of token_ids[i] to counts[rows[i]] in place (rows: 0..B-1 when None), counts being a
+    contiguous [rows, V] table. The ids may still be on their way from the sampler: nothing waits for them."""
+    if rows is None:
+        rows = torch.arange(token_ids.size(0), device=counts.device)
+    flat = rows * counts.size(1) + token_ids  # one scatter over the flattened table, repeats accumulate
+    counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if torch.device(device).type == "cuda":  # pinned, non-blocking: a pageable copy waits for the queued steps
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+# ---- the ModelRunner's current call, until it builds SamplingTensors and calls sample() -----------------------
+
+@compile_on_cuda
+def sample_from_logits(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Greedy where temperature == 0, else a draw from softmax(logits / temperature); noise ~ Exp(1) i.i.d."""
     logits = logits.float()
     t = temperatures.unsqueeze(1)
     scores = logits / torch.where(t > 0, t, 1.0) - noise.log()

@@ -12,7 +12,8 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.config import head_dim_of
+from nanovllm.layers.rotary_embedding import RotaryEmbedding, norm_rope
 from nanovllm.utils.parallel import tp_size
 
 
@@ -22,10 +23,6 @@ def rope_theta(config: PretrainedConfig) -> float:
     if rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default' rotary embeddings)")
     return params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-
-
-def head_dim_of(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class Qwen3Attention(nn.Module):
@@ -58,8 +55,8 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
+        if self.qk_norm:  # per-head RMSNorm of q and k, fused with the rotation
+            q, k = norm_rope(positions, q, k, self.q_norm, self.k_norm, self.rotary_emb)
         else:
             q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v)

@@ -36,9 +36,9 @@ def get_context() -> Context:
 
 
 @contextmanager
-def forward_context(**fields):
+def forward_context(ctx: Context):
     """Publish one step's metadata for the attention layers; the previous (empty) context comes back afterwards."""
-    token = _CONTEXT.set(Context(**fields))
+    token = _CONTEXT.set(ctx)
     try:
         yield _CONTEXT.get()
     finally:

@@ -18,9 +18,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
 
     def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"attention_backend='triton' needs kvcache_block_size to be a power of two >= 16, "
-                             f"got kvcache_block_size={block_size}")
+        # kvcache_block_size is a power of two >= 16 by Config's rule, which is all the kernels need
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"attention_backend='triton' supports dtype float16, bfloat16 or float32, "
                              f"got dtype={dtype}")

@@ -1,0 +1,123 @@
+"""Finished and growing sequences in, what the user sees out: text (incremental where stop strings or streaming
+need it), stop strings, output dicts and stream events."""
+from dataclasses import dataclass
+
+from tokenizers.decoders import DecodeStream
+
+from nanovllm.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class Completion:
+    """One completion's text as its tokens arrive."""
+    seq: Sequence
+    decoder: DecodeStream | None  # None: the text is decoded once, at the end
+    text: str = ""
+    num_decoded: int = 0  # completion tokens fed to the decoder
+    num_sent_tokens: int = 0  # stream events: what was already sent
+    num_sent_chars: int = 0
+
+
+class OutputProcessor:
+    """Tracks the completions of one generate/stream call. `update` takes the sequences that received tokens in
+    a step and returns those a stop string has ended; `events` and `outputs` give what the user sees."""
+
+    def __init__(self, tokenizer, requests: list[list[Sequence]], stream: bool):
+        self.tokenizer = tokenizer
+        self.requests = requests
+        self.completions: dict[int, Completion] = {}
+        for branches in requests:
+            for seq in branches:
+                sp = seq.sampling_params
+                incremental = tokenizer is not None and (stream or bool(sp.stop))
+                decoder = DecodeStream(skip_special_tokens=sp.skip_special_tokens) if incremental else None
+                self.completions[seq.seq_id] = Completion(seq, decoder)
+
+    def owns(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.completions
+
+    def update(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Detokenise new tokens; return the sequences whose text now holds a stop string (cut at it)."""
+        stopped = []
+        for seq in seqs:
+            c = self.completions.get(seq.seq_id)
+            if c is not None and c.decoder is not None and self._advance(c):
+                stopped.append(seq)
+        return stopped
+
+    def _advance(self, c: Completion) -> bool:
+        sp, ids = c.seq.sampling_params, c.seq.completion_token_ids
+        backend = self.tokenizer.backend_tokenizer
+        while c.num_decoded < len(ids):
+            chunk = c.decoder.step(backend, ids[c.num_decoded])
+            c.num_decoded += 1
+            if chunk:
+                c.text += chunk
+                if sp.stop and c.num_decoded >= sp.min_tokens and self._cut_at_stop(c, len(chunk)):
+                    return True
+        return False
+
+    @staticmethod
+    def _cut_at_stop(c: Completion, new_chars: int) -> bool:
+        """A stop string may span tokens: look for it where the newest chunk could complete one."""
+        sp = c.seq.sampling_params
+        longest = max(len(s) for s in sp.stop)
+        start = max(0, len(c.text) - new_chars - longest + 1)
+        hits = [(c.text.find(s, start), s) for s in sp.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, stop = min(hits)
+        c.text = c.text[:i + len(stop)] if sp.include_stop_str_in_output else c.text[:i]
+        c.seq.stop_reason = stop
+        return True
+
+    def text(self, c: Completion) -> str | None:
+        if c.decoder is not None:
+            return c.text
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(c.seq.completion_token_ids, skip_special_tokens=c.seq.sampling_params.skip_special_tokens)
+
+    # ---- what the user sees ------------------------------------------------------------------------------------
+
+    def events(self, seqs: list[Sequence]) -> list[dict]:
+        """Stream events for sequences that got tokens or finished: new text (held back while it may still
+        become a stop string), new token ids, whether it finished."""
+        events = []
+        for seq in seqs:
+            c = self.completions.get(seq.seq_id)
+            if c is None:
+                continue
+            ids = seq.completion_token_ids
+            text = self.text(c) or ""
+            safe = len(text)
+            if not seq.is_finished and seq.sampling_params.stop:
+                safe -= max(len(s) for s in seq.sampling_params.stop) - 1
+            new_ids, new_text = ids[c.num_sent_tokens:], text[c.num_sent_chars:max(safe, c.num_sent_chars)]
+            if not new_ids and not new_text and not seq.is_finished:
+                continue
+            c.num_sent_tokens, c.num_sent_chars = len(ids), c.num_sent_chars + len(new_text)
+            index, branch = self._position(seq)
+            events.append({"index": index, "completion": branch, "text": new_text, "token_ids": new_ids,
+                           "finished": seq.is_finished, "finish_reason": seq.finish_reason,
+                           "stop_reason": seq.stop_reason})
+        return events
+
+    def _position(self, seq: Sequence) -> tuple[int, int]:
+        return seq.request_index, seq.branch
+
+    def outputs(self) -> list[dict]:
+        results = []
+        for branches in self.requests:
+            completions = [self._completion(seq) for seq in branches]
+            first = branches[0]
+            results.append({**completions[0], "prompt_token_ids": first.token_ids[:first.num_prompt_tokens],
+                            "prompt_logprobs": first.prompt_logprobs,
+                            "num_cached_tokens": first.num_cached_prompt_tokens or 0, "outputs": completions})
+        return results
+
+    def _completion(self, seq: Sequence) -> dict:
+        return {"text": self.text(self.completions[seq.seq_id]), "token_ids": seq.completion_token_ids,
+                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason, "logprobs": seq.logprobs,
+                "cumulative_logprob": seq.cumulative_logprob}

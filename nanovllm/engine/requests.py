@@ -1,0 +1,110 @@
+"""Prompts and SamplingParams in, checked token-id requests out. Everything is checked before anything is
+queued, so a bad request leaves the engine untouched."""
+import os
+from dataclasses import dataclass
+from numbers import Integral
+
+from transformers import AutoTokenizer
+
+from nanovllm.config import Config
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.math import cdiv
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass(slots=True)
+class Request:
+    token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+def load_tokenizer(model: str):
+    if not any(os.path.exists(os.path.join(model, name)) for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(model)
+
+
+class RequestBuilder:
+
+    def __init__(self, config: Config, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def render_chat(self, conversations, chat_template_kwargs: dict | None) -> list[list[int]]:
+        """One conversation (a list of {"role", "content"} messages) or a list of them, through the tokenizer's
+        chat template with the generation prompt, as token ids (the template writes the special tokens itself)."""
+        if self.tokenizer is None:
+            raise ValueError(f"model folder {self.config.model!r} has no tokenizer: chat needs its chat template")
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, or a list of such lists")
+        if isinstance(conversations[0], dict):
+            conversations = [conversations]
+        kwargs = dict(chat_template_kwargs or {})
+        prompts = []
+        for conversation in conversations:
+            if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
+                raise TypeError(f"a conversation must be a list of message dicts, got {conversation!r}")
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                                      **kwargs)
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return prompts
+
+    def build(self, prompts, sampling_params) -> list[Request]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
+        if prompts and all(isinstance(p, Integral) and not isinstance(p, bool) for p in prompts):
+            raise TypeError("prompts must be a list of prompts: wrap a single token-id list as [token_ids]")
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(sampling_params)} entries but there are "
+                                 f"{len(prompts)} prompts: give one SamplingParams or one per prompt")
+        else:
+            sampling_params = [sampling_params] * len(prompts)
+        return [self.one(prompt, sp) for prompt, sp in zip(prompts, sampling_params)]
+
+    def one(self, prompt, sampling_params: SamplingParams) -> Request:
+        token_ids = self.tokenize(prompt)
+        self.check(token_ids, sampling_params)
+        return Request(token_ids, sampling_params)
+
+    def tokenize(self, prompt) -> list[int]:
+        if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model folder {self.config.model!r} has no tokenizer: pass prompts as token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = [int(t) if isinstance(t, Integral) and not isinstance(t, bool) else t for t in prompt]
+        else:
+            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
+        vocab_size = self.config.hf_config.vocab_size
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
+        return token_ids
+
+    def check(self, token_ids: list[int], sp: SamplingParams):
+        if not isinstance(sp, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
+        n, max_len = len(token_ids), self.config.max_model_len
+        if n + sp.max_tokens > max_len:
+            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} = {n + sp.max_tokens} exceeds "
+                             f"max_model_len={max_len}")
+        vocab_size = self.config.hf_config.vocab_size
+        for t in sp.stop_token_ids:
+            if t >= vocab_size:
+                raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary: ids must be in "
+                                 f"[0, vocab_size={vocab_size})")
+        bs, num_blocks = self.config.kvcache_block_size, self.config.num_kvcache_blocks
+        needed = cdiv(n + sp.max_tokens - 1, bs)  # the last sampled token never needs a cache slot
+        if needed > num_blocks:
+            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} needs {needed} KV blocks of "
+                             f"{bs} tokens but the cache has only num_kvcache_blocks={num_blocks}: it can never fit")

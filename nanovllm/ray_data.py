@@ -19,9 +19,10 @@ from nanovllm.sampling_params import SamplingParams
 OUTPUT_COLUMNS = ("generated_text", "token_ids", "finish_reason")
 
 
-def as_sampling_params(value: SamplingParams | dict | None) -> SamplingParams:
+def as_sampling_params(value: SamplingParams | dict | None) -> SamplingParams | None:
+    """None: the model folder's defaults (generation_config.json), as in generate()."""
     if value is None:
-        return SamplingParams()
+        return None
     if isinstance(value, dict):
         return SamplingParams(**value)
     if not isinstance(value, SamplingParams):
@@ -49,13 +50,7 @@ class LLMProcessor:
         if "prompt" in batch:
             return [p if isinstance(p, str) else list(p) for p in batch["prompt"]]
         if "messages" in batch:
-            tokenizer = self.engine.tokenizer
-            if tokenizer is None or tokenizer.chat_template is None:
-                raise ValueError(f"the model folder {self.engine.config.model!r} has no chat template: "
-                                 f"give a 'prompt' column instead of 'messages'")
-            return [tokenizer.apply_chat_template([dict(m) for m in conversation], tokenize=False,
-                                                  add_generation_prompt=True)
-                    for conversation in batch["messages"]]
+            return self.engine.requests.render_chat([[dict(m) for m in c] for c in batch["messages"]], None)
         raise ValueError(f"the dataset needs a 'prompt' or a 'messages' column, it has {sorted(batch)}")
 
 

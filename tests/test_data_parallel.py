@@ -87,8 +87,32 @@ class TestTwoReplicas:
         assert len({r.node_id for r in llm.replicas}) == 2  # one replica on each raylet
         prompts, sps = mixed_batch()
         outputs = llm.generate(prompts, sps, use_tqdm=False)
-        assert outputs == single_engine(model, prompts, sps)
+        # then sampled requests: the driver draws the seeds of unseeded requests as one engine would (the n-th
+        # request of the engine's life gets the n-th seed), so outputs do not depend on which replica ran what
+        sampled = random_prompts([5, 30, 12, 44], seed=9)
+        sampled_sps = [SamplingParams(temperature=0.9, top_k=40, max_tokens=10, ignore_eos=True),
+                       SamplingParams(temperature=1.2, n=2, max_tokens=6, ignore_eos=True)] * 2
+        sampled_outputs = llm.generate(sampled, sampled_sps, use_tqdm=False)
+        with LLM(model, **OPTIONS) as one:
+            assert outputs == one.generate(prompts, sps, use_tqdm=False)
+            assert sampled_outputs == one.generate(sampled, sampled_sps, use_tqdm=False)
         assert [len(o["token_ids"]) for o in outputs] == [sp.max_tokens for sp in sps]
+
+    def test_stream_and_chat(self, llm, model):
+        prompts, sps = mixed_batch()
+        final = llm.generate(prompts, sps, use_tqdm=False)
+        text, ids, finished = {}, {}, []
+        for event in llm.stream(prompts, sps):
+            text[event["index"]] = text.get(event["index"], "") + event["text"]
+            ids[event["index"]] = ids.get(event["index"], []) + event["token_ids"]
+            if event["finished"]:
+                finished.append(event["index"])
+        assert sorted(finished) == list(range(len(prompts)))
+        assert [text[i] for i in range(len(prompts))] == [o["text"] for o in final]
+        assert [ids[i] for i in range(len(prompts))] == [o["token_ids"] for o in final]
+        conversation = [{"role": "user", "content": "w5 w6"}]
+        with pytest.raises(ValueError, match="chat template"):  # this tokenizer has none, as one engine says
+            llm.chat([conversation])
 
     def test_bad_requests_are_refused_on_the_driver(self, llm):
         with pytest.raises(ValueError, match=r"token id 512 is out of range: it must be in \[0, vocab_size=512\)"):

@@ -6,11 +6,14 @@ The driver validates and tokenizes the requests, spreads them over the replicas 
 outputs in input order. A replica that dies mid-call is replaced (or its requests go to the others) and its
 unfinished requests run again. Ray is imported only when a DataParallelLLM is built.
 """
+import dataclasses
 import heapq
 import os
+import random
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral
 from types import ModuleType
@@ -20,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
-from nanovllm.engine.llm_engine import LLMEngine, load_tokenizer
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.requests import Request, RequestBuilder, load_tokenizer
 from nanovllm.sampling_params import SamplingParams
 
 RAY_INSTALL_HINT = 'pip install -e ".[ray]"'
@@ -104,18 +108,24 @@ class EngineReplica:
     def generate(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> list[dict]:
         return self.engine.generate(prompts, sampling_params, use_tqdm=False)
 
+    def stream(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> Iterator[list[dict]]:
+        """The engine's stream events, a step's worth at a time (fewer, larger Ray objects)."""
+        batch = []
+        for event in self.engine.stream(prompts, sampling_params):
+            batch.append(event)
+            if event["finished"] or len(batch) >= 64:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
     def exit(self):
         self.engine.exit()
 
 
-@dataclass(slots=True)
-class Request:
-    token_ids: list[int]
-    sampling_params: SamplingParams
-
-    @property
-    def cost(self) -> int:
-        return len(self.token_ids) + self.sampling_params.max_tokens
+def cost(request: Request) -> int:
+    """The tokens a request will hold at most: what spreading balances."""
+    return len(request.token_ids) + request.sampling_params.n * request.sampling_params.max_tokens
 
 
 @dataclass(slots=True)
@@ -177,7 +187,11 @@ class DataParallelLLM:
         self._closed = True  # until the replicas are up: exit() then has nothing to do
         self.data_parallel_size = check_data_parallel_size(data_parallel_size)
         self._config = driver_config(model, options)  # bad options fail here, before Ray is even imported
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(self._config.model)
+        # seeds for requests without one, drawn here as one engine would: a request then samples the same tokens
+        # whichever replica runs it, also when it runs again after a replica died
+        self._rng = random.Random(self._config.seed)
+        self._lock = threading.Lock()  # calls from several threads run one at a time
         # workers on other nodes, or in another working directory, need the path as the driver sees it
         self._model = os.path.abspath(os.fspath(model))
         self._options = options
@@ -230,7 +244,8 @@ class DataParallelLLM:
             for r in replicas:
                 r.info = self._wait_started(r)
             # every replica must be able to hold any request the driver lets through
-            self._num_kvcache_blocks = min(r.info.num_kvcache_blocks for r in replicas)
+            self._config.num_kvcache_blocks = min(r.info.num_kvcache_blocks for r in replicas)
+            self._requests_builder = RequestBuilder(self._config, self.tokenizer)
         except BaseException:
             for r in replicas:
                 if r.actor is not None:
@@ -245,8 +260,7 @@ class DataParallelLLM:
         actor_class = self._ray.remote(EngineReplica).options(
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(replica.placement_group, 0))
-        # sampling streams of different replicas must differ, or equal requests get equal samples
-        options = {**self._options, "seed": self._config.seed + replica.slot}
+        options = dict(self._options)
         if self._num_threads is not None:  # a CPU replica stays off any GPU its node has but Ray does not list
             options["device"] = "cpu"
         replica.actor = actor_class.remote(replica.slot, self._model, options, self._num_threads)
@@ -282,11 +296,58 @@ class DataParallelLLM:
 
     # ---- requests ----------------------------------------------------------------------------------------
 
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self._config.generation_defaults)
+
     def generate(self, prompts: list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
+        requests = self._requests(prompts, sampling_params)
+        with self._lock:
+            return self._run("generate", requests, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[dict]:
         self._check_open()
-        return self._run("generate", self._requests(prompts, sampling_params), use_tqdm)
+        prompts = self._requests_builder.render_chat(messages, chat_template_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompts: list[str] | list[list[int]],
+               sampling_params: SamplingParams | list[SamplingParams] | None = None,
+               use_tqdm: bool = False) -> Iterator[dict]:
+        """The engine's stream events from every replica as they come, "index" being the prompt's place in this
+        call. A replica that dies mid-stream fails the call (what it had sent cannot be taken back)."""
+        requests = self._requests(prompts, sampling_params)
+        return self._stream(requests)
+
+    def _stream(self, requests: list[Request]) -> Iterator[dict]:
+        ray = self._ray
+        with self._lock:
+            shares = spread_by_cost([cost(r) for r in requests], [0] * len(self._live()))
+            streams = {}
+            for replica, share in zip(self._live(), shares):
+                if share:
+                    gen = replica.actor.stream.options(num_returns="streaming").remote(
+                        [requests[i].token_ids for i in share], [requests[i].sampling_params for i in share])
+                    streams[gen] = (replica, share)
+            try:
+                while streams:
+                    ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_INTERVAL_S)
+                    for gen in ready:
+                        replica, share = streams[gen]
+                        try:
+                            events = ray.get(next(gen))
+                        except StopIteration:
+                            del streams[gen]
+                            continue
+                        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+                            raise RuntimeError(f"data-parallel replica {replica.slot} died mid-stream: {e}") from e
+                        for event in events:
+                            yield {**event, "index": share[event["index"]]}
+            finally:
+                for gen in streams:  # the caller left early: the replicas drop those requests
+                    ray.cancel(gen)
 
     def _run(self, method: str, requests: list[Request], use_tqdm: bool) -> list[dict]:
         """Spread the requests over the replicas, call `method` of each with its share, and gather the outputs in
@@ -305,7 +366,7 @@ class DataParallelLLM:
                     outputs = self._collect(ref, job, requests, jobs)
                     for i, out in zip(job.indices, outputs):
                         results[i] = out
-                        num_tokens += len(out["token_ids"])
+                        num_tokens += sum(len(o["token_ids"]) for o in out["outputs"])
                     bar.update(len(outputs))
                     bar.set_postfix(output=f"{num_tokens / (time.perf_counter() - start):.0f}tok/s")
                 self._check_starts()
@@ -327,7 +388,7 @@ class DataParallelLLM:
             reasons = "; ".join(f"replica {r.slot}: {r.last_error}" for r in self._replicas)
             raise RuntimeError(f"no data-parallel replica is left to run the requests: {reasons}")
         loads = [sum(job.cost for job in jobs.values() if job.replica is r) for r in live]
-        shares = spread_by_cost([requests[i].cost for i in indices], loads)
+        shares = spread_by_cost([cost(requests[i]) for i in indices], loads)
         return dict(self._submit(r, method, [indices[k] for k in share], requests)
                     for r, share in zip(live, shares) if share)
 
@@ -335,7 +396,7 @@ class DataParallelLLM:
         batch = [requests[i] for i in indices]
         call = getattr(replica.actor, method)
         ref = call.remote([r.token_ids for r in batch], [r.sampling_params for r in batch])
-        return ref, _Job(replica, replica.actor, method, indices, sum(r.cost for r in batch))
+        return ref, _Job(replica, replica.actor, method, indices, sum(cost(r) for r in batch))
 
     def _recover(self, job: _Job, error, requests: list[Request], jobs: dict) -> dict:
         """A replica died with `job` unfinished: restart it once per death (a replacement that fails to start is
@@ -390,62 +451,14 @@ class DataParallelLLM:
 
     def _requests(self, prompts, sampling_params) -> list[Request]:
         """Tokenized and checked on the driver, with the engine's rules, so a bad request reaches no replica."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
-        if prompts and all(isinstance(p, Integral) and not isinstance(p, bool) for p in prompts):
-            raise TypeError("prompts must be a list of prompts: wrap a single token-id list as [token_ids]")
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"sampling_params has {len(sampling_params)} entries but there are "
-                                 f"{len(prompts)} prompts: give one SamplingParams or one per prompt")
-        else:
-            sampling_params = [sampling_params] * len(prompts)
-        requests = [Request(self._tokenize(p), sp) for p, sp in zip(prompts, sampling_params)]
+        self._check_open()
+        if sampling_params is None:
+            sampling_params = self.default_sampling_params()
+        requests = self._requests_builder.build(prompts, sampling_params)
         for r in requests:
-            self._check_request(r)
+            if r.sampling_params.seed is None:
+                r.sampling_params = dataclasses.replace(r.sampling_params, seed=self._rng.getrandbits(62))
         return requests
-
-    def _tokenize(self, prompt) -> list[int]:
-        if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
-            prompt = prompt.tolist()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"model folder {self._model!r} has no tokenizer: pass prompts as token ids")
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = list(prompt)
-        else:
-            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        if not token_ids:
-            raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
-        # the common case (plain ints in range) in C-speed passes: the driver checks every prompt of the batch
-        if not all(type(t) is int for t in token_ids):
-            token_ids = [int(t) if isinstance(t, Integral) and not isinstance(t, bool) else t for t in token_ids]
-            for t in token_ids:
-                if isinstance(t, bool) or not isinstance(t, int):
-                    raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
-        vocab_size = self._config.hf_config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
-            t = next(t for t in token_ids if not 0 <= t < vocab_size)
-            raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
-        return token_ids
-
-    def _check_request(self, request: Request):
-        sp = request.sampling_params
-        if not isinstance(sp, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
-        n, max_len = len(request.token_ids), self._config.max_model_len
-        if n + sp.max_tokens > max_len:
-            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} = {n + sp.max_tokens} exceeds "
-                             f"max_model_len={max_len}")
-        # the last sampled token never needs a cache slot
-        bs, num_blocks = self._config.kvcache_block_size, self._num_kvcache_blocks
-        needed = -(-(n + sp.max_tokens - 1) // bs)
-        if needed > num_blocks:
-            raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} needs {needed} KV blocks of "
-                             f"{bs} tokens but the cache has only num_kvcache_blocks={num_blocks}: it can never fit")
 
     # ---- shutting down -----------------------------------------------------------------------------------
 

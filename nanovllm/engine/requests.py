@@ -83,12 +83,14 @@ class RequestBuilder:
             raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
+        if not all(type(t) is int for t in token_ids):  # the common case in C-speed passes
+            for t in token_ids:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
         vocab_size = self.config.hf_config.vocab_size
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
-            if not 0 <= t < vocab_size:
-                raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+            t = next(t for t in token_ids if not 0 <= t < vocab_size)
+            raise ValueError(f"token id {t} is out of range: it must be in [0, vocab_size={vocab_size})")
         return token_ids
 
     def check(self, token_ids: list[int], sp: SamplingParams):

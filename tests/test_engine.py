@@ -248,3 +248,21 @@ def test_prefill_logits_under_tensor_parallelism(qwen3_path, hf_reference):
             llm.exit()
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     assert logits[0].argmax().item() == hf_reference(qwen3_path, prompt, 1)[0]
+
+
+@pytest.mark.parametrize("options", [dict(max_num_seqs=2, max_num_batched_tokens=24),
+                                     dict(num_kvcache_blocks=10, max_num_batched_tokens=20),
+                                     dict(max_num_seqs=3, max_num_batched_tokens=7, async_scheduling=False)],
+                         ids=["staggered-chunked", "preempt-chunked", "tiny-budget-step-by-step"])
+def test_mixed_steps_equal_prefill_first_steps(qwen3_path, hf_reference, options):
+    """Prompt chunks riding along decodes (the default) give transformers' tokens, as nano-vllm's prefill-first
+    steps do, with prefix hits (a shared 32-token prefix, and the batch twice), chunking and preemption."""
+    shared = random_prompts([32], seed=30)[0]
+    prompts = random_prompts([3, 45, 20], seed=31) + [shared + [5], shared + [7, 8, 9], shared[:20]]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    outputs = []
+    for mixed in (True, False):
+        with LLM(qwen3_path, kvcache_block_size=16, mixed_steps=mixed, **options) as llm:
+            runs = [run_and_compare(llm, qwen3_path, prompts, hf_reference, sp) for _ in range(2)]
+            outputs.append([[o["token_ids"] for o in run] for run in runs])
+    assert outputs[0] == outputs[1]  # prefix hits differ with the schedule; the tokens do not

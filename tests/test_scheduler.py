@@ -19,7 +19,7 @@ PREFILL, DECODE = StepKind.PREFILL, StepKind.DECODE
 
 def make_scheduler(**overrides) -> Scheduler:
     config = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, eos=(EOS,),
-                  num_kvcache_blocks=8, kvcache_block_size=BS, enable_prefix_caching=True)
+                  num_kvcache_blocks=8, kvcache_block_size=BS, enable_prefix_caching=True, mixed_steps=False)
     config.update(overrides)
     return Scheduler(SimpleNamespace(**config))
 
@@ -543,3 +543,46 @@ def test_a_sequence_preempted_with_a_token_in_flight_gets_it_back():
     assert step.finished_seq_ids == [0]
     assert run(sched, step, [23]) == []
     assert s1.token_ids == [5, 6, 7, 21, 23]
+
+
+# ---- mixed steps: decodes first, prompt chunks fill the rest of the budget ------------------------------------
+
+def sampled(step: ScheduledStep, by_seq: dict[int, int]) -> list[int]:
+    """The ids the model sampled, in the step's row order, from {seq_id: id}."""
+    return [by_seq[seq_id] for seq_id in step.seq_ids]
+
+
+def test_mixed_step_decodes_every_running_sequence_and_fills_the_budget_with_a_chunk():
+    sched = make_scheduler(mixed_steps=True, max_num_batched_tokens=6)
+    s0 = make_seq(0, [1, 2, 3])
+    sched.add(s0)
+    step = sched.schedule()
+    assert (step.kind, rows(step)) == (PREFILL, [(0, 3)])
+    run(sched, step, [10])
+    s1, s2 = make_seq(1, [4, 5, 6, 7, 8, 9, 10, 11]), make_seq(2, [12, 13])
+    add_all(sched, s1, s2)
+    step = sched.schedule()  # s0 decodes; 5 tokens of budget left: a chunk of s1, nothing for s2
+    assert step.kind == PREFILL
+    assert sorted(rows(step)) == [(0, 1), (1, 5)]
+    assert list(sched.waiting) == [s2]
+    run(sched, step, sampled(step, {0: 11, 1: 99}))
+    assert s0.token_ids == [1, 2, 3, 10, 11] and s1.token_ids == [4, 5, 6, 7, 8, 9, 10, 11]  # a chunk samples nothing
+    step = sched.schedule()  # s1 is mid-prompt: it is not decoded, its last 3 tokens go with s0's decode; s2 fits
+    assert sorted(rows(step)) == [(0, 1), (1, 3), (2, 2)]
+    run(sched, step, sampled(step, {0: 12, 1: 20, 2: 30}))
+    step = sched.schedule()  # no prompt work left: a pure decode step (CUDA graphs)
+    assert (step.kind, sorted(rows(step))) == (DECODE, [(0, 1), (1, 1), (2, 1)])
+
+
+def test_mixed_step_decodes_even_when_they_take_the_whole_budget():
+    sched = make_scheduler(mixed_steps=True, max_num_batched_tokens=2)
+    s0, s1 = make_seq(0, [1]), make_seq(1, [2])  # one-token prompts: straight to decode
+    add_all(sched, s0, s1)
+    step = sched.schedule()
+    assert (step.kind, sorted(rows(step))) == (DECODE, [(0, 1), (1, 1)])
+    run(sched, step, [5, 6])
+    s2 = make_seq(2, [3, 4, 5])
+    sched.add(s2)
+    step = sched.schedule()  # both decodes use the budget: s2 waits, no one starves forever (they finish)
+    assert (step.kind, sorted(rows(step))) == (DECODE, [(0, 1), (1, 1)])
+    assert list(sched.waiting) == [s2]

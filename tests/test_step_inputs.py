@@ -181,14 +181,17 @@ class FakeRunner:
         for seq_id, state in self.states.items():  # the runner holds only running sequences, with their tables
             assert self.seqs[seq_id].status == SequenceStatus.RUNNING
             assert state.block_table == self.seqs[seq_id].block_table
-        if step.kind == StepKind.PREFILL:
+        if step.kind == StepKind.PREFILL:  # also a mixed step's decode rows: one token each
             lay = prefill_layout(rows, BS)
             ends = lay.cu_seqlens_q[1:]
         else:
             lay = decode_layout(rows, BS)
-            lay.input_ids = [self.previous[r.seq_id] if t == -1 else t for r, t in zip(rows, lay.input_ids)]
             ends = list(range(1, len(rows) + 1))
         starts = [0] + ends[:-1]
+        for row, a, b in zip(rows, starts, ends):  # a token in flight is the row's only one: the last sample
+            if -1 in lay.input_ids[a:b]:
+                assert row.last_token is None and b - a == 1
+                lay.input_ids[a] = self.previous[row.seq_id]
         tokens = []
         for row, a, b in zip(rows, starts, ends):
             table = row.state.block_table
@@ -214,7 +217,8 @@ def test_runner_view_follows_the_scheduler(data):
                              max_num_batched_tokens=data.draw(st.integers(2, 12), label="budget"),
                              max_model_len=max_model_len, eos=(EOS,),
                              num_kvcache_blocks=data.draw(st.integers(4, 7), label="num_blocks"),
-                             kvcache_block_size=BS, enable_prefix_caching=data.draw(st.booleans(), label="caching"))
+                             kvcache_block_size=BS, enable_prefix_caching=data.draw(st.booleans(), label="caching"),
+                             mixed_steps=data.draw(st.booleans(), label="mixed"))
     sched = Scheduler(config)
     # prompts open with whole blocks from a pool of two, so that prefixes repeat and the cache gets hit
     prompt_st = st.tuples(st.lists(st.sampled_from([[0, 1, 2, 3], [3, 2, 1, 0]]), max_size=2),

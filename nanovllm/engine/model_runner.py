@@ -269,26 +269,37 @@ class ModelRunner:
     def prepare(self, rows: list[Row], kind: StepKind) -> tuple[torch.Tensor, torch.Tensor, Context,
                                                                  torch.Tensor | None]:
         """The step's input ids, positions, attention metadata and (prefill) which tokens need logits."""
+        # a token still in flight (input id -1) is read from the previous step's output, on the device
+        in_flight = any(r.last_token is None for r in rows)
         if kind == StepKind.PREFILL:
             lay = prefill_layout(rows, self.block_size)
-            ids, pos, slots, cu_q, cu_k, tables, logits_indices = self._upload(
+            pending = self._pending_rows(rows, lay.input_ids) if in_flight else []
+            ids, pos, slots, cu_q, cu_k, tables, logits_indices, pending = self._upload(
                 lay.input_ids, lay.positions, lay.slot_mapping, lay.cu_seqlens_q, lay.cu_seqlens_k,
-                lay.block_tables, lay.logits_indices)
+                lay.block_tables, lay.logits_indices, pending)
             ctx = Context(True, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, slots,
                           block_tables=tables.view(len(rows), lay.width) if lay.width else None)
-            return ids, pos, ctx, logits_indices
+            return self._fill_in_flight(ids, pending) if in_flight else ids, pos, ctx, logits_indices
         lay = decode_layout(rows, self.block_size)
-        # a token still in flight is read from the previous step's output, on the device
-        pending = [self.rows_of_last_step[r.seq_id] if r.last_token is None else -1 for r in rows]
-        in_flight = any(p >= 0 for p in pending)
+        pending = self._pending_rows(rows, lay.input_ids) if in_flight else []
         ids, pos, slots, lens, tables, pending = self._upload(
-            lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables,
-            pending if in_flight else [])
-        if in_flight:
-            previous = self.last_sampled[pending.clamp(min=0)].to(ids.dtype)
-            ids = torch.where(pending >= 0, previous, ids)
+            lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables, pending)
         ctx = Context(False, slot_mapping=slots, context_lens=lens, block_tables=tables.view(len(rows), lay.width))
-        return ids, pos, ctx, None
+        return self._fill_in_flight(ids, pending) if in_flight else ids, pos, ctx, None
+
+    def _pending_rows(self, rows: list[Row], input_ids: list[int]) -> list[int]:
+        """Per input token: the row of the previous step's output that holds it (-1: known here)."""
+        pending = [-1] * len(input_ids)
+        at = 0
+        for row in rows:
+            at += row.num_tokens
+            if row.last_token is None:
+                pending[at - 1] = self.rows_of_last_step[row.seq_id]
+        return pending
+
+    def _fill_in_flight(self, ids: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+        previous = self.last_sampled[pending.clamp(min=0)].to(ids.dtype)
+        return torch.where(pending >= 0, previous, ids)
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context,

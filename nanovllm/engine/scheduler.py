@@ -17,12 +17,15 @@ class BookedStep:
 
 
 class Scheduler:
-    """Decides what runs each step: a prefill batch when any prompt work is pending, else one decode batch.
+    """Decides what runs each step. Mixed steps (the default, as vLLM's V1 scheduler): every running sequence
+    past its prompt decodes one token, and the rest of the token budget (max_num_batched_tokens) goes to prompt
+    chunks, so prefill rides along with decode instead of stalling it. Without them (nano-vllm's policy): a
+    prefill batch when any prompt work is pending, else one decode batch.
 
-    Prefill steps first continue chunked prompts already running, then admit waiting sequences while the token
-    budget (max_num_batched_tokens), the sequence limit (max_num_seqs) and the free KV blocks allow. A prompt
-    longer than the remaining budget is cut into chunks over several steps. When a decode step runs out of blocks,
-    the most recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
+    Prompt work first continues chunked prompts already running, then admits waiting sequences while the token
+    budget, the sequence limit (max_num_seqs) and the free KV blocks allow; a prompt longer than the remaining
+    budget is cut into chunks over several steps. When a decode runs out of blocks, the most recently admitted
+    sequence is preempted: its blocks are freed and it is recomputed later.
 
     A step is booked in two halves, `launched` when it is queued on the device and `update` when its sampled ids
     are read back, so the engine may schedule and launch the next step in between.
@@ -32,6 +35,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
+        self.mixed_steps = getattr(config, "mixed_steps", True)
         self.eos = config.eos
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
@@ -61,13 +65,21 @@ class Scheduler:
     # ---- choosing a step -------------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep | None:
-        chunks, kind = self._schedule_prefill(), StepKind.PREFILL
-        if not chunks:
-            chunks, kind = self._schedule_decode(), StepKind.DECODE
+        if self.mixed_steps:
+            decodes = self._schedule_decode()
+            chunks = self._schedule_prefill(self.max_num_batched_tokens - len(decodes))
+            if not decodes and not chunks:  # what was admitted has its whole prompt cached: it decodes now
+                decodes = self._schedule_decode()
+            kind = StepKind.PREFILL if chunks else StepKind.DECODE  # a mixed step runs the varlen (prefill) path
+            chunks += decodes
+        else:
+            chunks, kind = self._schedule_prefill(self.max_num_batched_tokens), StepKind.PREFILL
+            if not chunks:
+                chunks, kind = self._schedule_decode(), StepKind.DECODE
         return self._step_record(kind, chunks) if chunks else None
 
-    def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
-        budget = self.max_num_batched_tokens
+    def _schedule_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
+        budget = max(budget, 0)
         chunks = []
         for seq in self.running:  # chunked prompts in flight go first, in admission order
             if budget and seq.needs_prefill:
@@ -97,11 +109,11 @@ class Scheduler:
             parent.status == SequenceStatus.WAITING or parent.num_cached_tokens < parent.num_prompt_tokens)
 
     def _schedule_decode(self) -> list[tuple[Sequence, int]]:
-        scheduled, done = [], []
+        scheduled, kept = [], []  # kept: visited and still running, in admission order
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
-            if self._reaches_length(seq, seq.num_tokens):  # its last token is still in flight; nothing to add
-                done.append(seq)
+            if seq.needs_prefill or self._reaches_length(seq, seq.num_tokens):
+                kept.append(seq)  # mid-prompt (mixed steps), or its last token is in flight: nothing to decode
                 continue
             while not self.block_manager.can_append(seq):
                 if self.running:
@@ -112,7 +124,8 @@ class Scheduler:
             else:
                 self.block_manager.may_append(seq)
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled + done))
+                kept.append(seq)
+        self.running.extendleft(reversed(kept))
         return [(seq, 1) for seq in scheduled]
 
     def _step_record(self, kind: StepKind, chunks: list[tuple[Sequence, int]]) -> ScheduledStep:

@@ -123,7 +123,10 @@ def prefill_layout(rows: list[Row], block_size: int) -> PrefillLayout:
     for row in rows:
         state = row.state
         start, end = state.num_computed, state.num_computed + row.num_tokens
-        input_ids.extend(state.token_ids[start:end])
+        if start < len(state.token_ids):
+            input_ids.extend(state.token_ids[start:end])
+        else:  # a decode row of a mixed step: its newest token (-1: in flight)
+            input_ids.append(-1 if row.last_token is None else row.last_token)
         positions.extend(range(start, end))
         cu_q.append(cu_q[-1] + end - start)
         cu_k.append(cu_k[-1] + end)

@@ -112,8 +112,11 @@ class OutputProcessor:
         for branches in self.requests:
             completions = [self._completion(seq) for seq in branches]
             first = branches[0]
+            prompt_logprobs = first.prompt_logprobs
+            if prompt_logprobs is None and first.sampling_params.prompt_logprobs is not None:
+                prompt_logprobs = [None]  # a one-token prompt goes straight to decode: nothing scored it
             results.append({**completions[0], "prompt_token_ids": first.token_ids[:first.num_prompt_tokens],
-                            "prompt_logprobs": first.prompt_logprobs,
+                            "prompt_logprobs": prompt_logprobs,
                             "num_cached_tokens": first.num_cached_prompt_tokens or 0, "outputs": completions})
         return results
 

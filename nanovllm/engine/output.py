@@ -16,6 +16,7 @@ class Completion:
     num_decoded: int = 0  # completion tokens fed to the decoder
     num_sent_tokens: int = 0  # stream events: what was already sent
     num_sent_chars: int = 0
+    finish_sent: bool = False
 
 
 class OutputProcessor:
@@ -87,7 +88,7 @@ class OutputProcessor:
         events = []
         for seq in seqs:
             c = self.completions.get(seq.seq_id)
-            if c is None:
+            if c is None or c.finish_sent:  # overlapped steps: a step launched before it stopped names it again
                 continue
             ids = seq.completion_token_ids
             text = self.text(c) or ""
@@ -98,6 +99,7 @@ class OutputProcessor:
             if not new_ids and not new_text and not seq.is_finished:
                 continue
             c.num_sent_tokens, c.num_sent_chars = len(ids), c.num_sent_chars + len(new_text)
+            c.finish_sent = seq.is_finished
             index, branch = self._position(seq)
             events.append({"index": index, "completion": branch, "text": new_text, "token_ids": new_ids,
                            "finished": seq.is_finished, "finish_reason": seq.finish_reason,

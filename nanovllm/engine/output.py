@@ -60,11 +60,10 @@ class OutputProcessor:
 
     @staticmethod
     def _cut_at_stop(c: Completion, new_chars: int) -> bool:
-        """A stop string may span tokens: look for it where the newest chunk could complete one."""
+        """A stop string may span tokens: look for each one only where the newest chunk completes it (one that
+        completed earlier, before min_tokens, does not count)."""
         sp = c.seq.sampling_params
-        longest = max(len(s) for s in sp.stop)
-        start = max(0, len(c.text) - new_chars - longest + 1)
-        hits = [(c.text.find(s, start), s) for s in sp.stop]
+        hits = [(c.text.find(s, max(0, len(c.text) - new_chars - len(s) + 1)), s) for s in sp.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False

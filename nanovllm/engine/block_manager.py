@@ -85,8 +85,9 @@ class BlockManager:
         The block holding the last token is never taken from the cache: its logits must be computed, and
         writing that token's K/V into a block other sequences share would disturb them.
         """
-        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt token's logits: nothing may come from the cache
+        if not self.enable_prefix_caching or (seq.sampling_params.prompt_logprobs is not None and seq.parent is None):
+            # prompt logprobs need every prompt token's logits; branches 2..n of n > 1 report none, so they share
+            return []
         hits, h = [], -1
         for i in range((len(seq) - 1) // self.block_size):
             token_ids = seq.block(i)

@@ -16,6 +16,7 @@ class Completion:
     num_decoded: int = 0  # completion tokens fed to the decoder
     num_sent_tokens: int = 0  # stream events: what was already sent
     num_sent_chars: int = 0
+    finish_sent: bool = False
 
 
 class OutputProcessor:
@@ -59,11 +60,10 @@ class OutputProcessor:
 
     @staticmethod
     def _cut_at_stop(c: Completion, new_chars: int) -> bool:
-        """A stop string may span tokens: look for it where the newest chunk could complete one."""
+        """A stop string may span tokens: look for each one only where the newest chunk completes it (one that
+        completed earlier, before min_tokens, does not count)."""
         sp = c.seq.sampling_params
-        longest = max(len(s) for s in sp.stop)
-        start = max(0, len(c.text) - new_chars - longest + 1)
-        hits = [(c.text.find(s, start), s) for s in sp.stop]
+        hits = [(c.text.find(s, max(0, len(c.text) - new_chars - len(s) + 1)), s) for s in sp.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False
@@ -87,7 +87,7 @@ class OutputProcessor:
         events = []
         for seq in seqs:
             c = self.completions.get(seq.seq_id)
-            if c is None:
+            if c is None or c.finish_sent:  # overlapped steps: a step launched before it stopped names it again
                 continue
             ids = seq.completion_token_ids
             text = self.text(c) or ""
@@ -98,6 +98,7 @@ class OutputProcessor:
             if not new_ids and not new_text and not seq.is_finished:
                 continue
             c.num_sent_tokens, c.num_sent_chars = len(ids), c.num_sent_chars + len(new_text)
+            c.finish_sent = seq.is_finished
             index, branch = self._position(seq)
             events.append({"index": index, "completion": branch, "text": new_text, "token_ids": new_ids,
                            "finished": seq.is_finished, "finish_reason": seq.finish_reason,
@@ -112,8 +113,11 @@ class OutputProcessor:
         for branches in self.requests:
             completions = [self._completion(seq) for seq in branches]
             first = branches[0]
+            prompt_logprobs = first.prompt_logprobs
+            if prompt_logprobs is None and first.sampling_params.prompt_logprobs is not None:
+                prompt_logprobs = [None]  # a one-token prompt goes straight to decode: nothing scored it
             results.append({**completions[0], "prompt_token_ids": first.token_ids[:first.num_prompt_tokens],
-                            "prompt_logprobs": first.prompt_logprobs,
+                            "prompt_logprobs": prompt_logprobs,
                             "num_cached_tokens": first.num_cached_prompt_tokens or 0, "outputs": completions})
         return results
 

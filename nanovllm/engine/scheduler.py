@@ -207,8 +207,11 @@ class Scheduler:
         return finished
 
     def finish(self, seq: Sequence, reason: str):
-        """End a sequence early (a stop string was found in its text)."""
-        if not seq.is_finished:
+        """End a sequence early (a stop string was found in its text). A stop string completed by the token that
+        also reached max_tokens wins over "length", as in vLLM."""
+        if seq.is_finished:
+            seq.finish_reason = reason
+        else:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str):

@@ -1,0 +1,525 @@
+"""vLLM's sampling and output surface, end to end on the CPU in float32: penalties, logprobs and min_tokens against
+transformers, seeds, stop strings and stop tokens, n > 1, chat, streaming, the model's generation defaults and bad
+values (issue 11's "Prove it" list)."""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import random_prompts
+from nanovllm import LLM, SamplingParams
+
+VOCAB = 512
+BLOCK = 16
+# the word-level tokenizer's chat template: "<bos> w1 <user text> w2 <assistant text> ... w3"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %} {{ 'w1' if m['role'] == 'user' else 'w2' }} "
+                 "{{ m['content'] }}{% endfor %}{% if greeting is defined %} {{ greeting }}{% endif %}"
+                 "{% if add_generation_prompt %} w3{% endif %}")
+
+
+def greedy(max_tokens: int = 12, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+
+
+def ids_of(outputs: list[dict]) -> list[list[int]]:
+    return [o["token_ids"] for o in outputs]
+
+
+def assert_pool_empty(llm: LLM):
+    bm = llm.scheduler.block_manager
+    assert llm.is_finished()
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def model_copy(path: str, folder, config: dict | None = None, generation: dict | None = None) -> str:
+    """A copy of a model folder with config.json / generation_config.json entries changed (same weights)."""
+    shutil.copytree(path, folder)
+    for name, changes in (("config.json", config), ("generation_config.json", generation)):
+        if changes:
+            file = folder / name
+            data = json.loads(file.read_text()) if file.exists() else {}
+            file.write_text(json.dumps(data | changes))
+    return str(folder)
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices on a shared, loaded machine: a second intra-op thread only waits for a core (each op then
+    costs a scheduler tick, a run about 100 times longer)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def word_model(qwen3_path, tmp_path_factory) -> str:
+    """The tiny qwen3 with a word-level tokenizer ("w0" .. "w509", "<bos>", "<eos>") and a simple chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("generation") / "word_model"
+    shutil.copytree(qwen3_path, folder)
+    vocab = {f"w{i}": i for i in range(510)} | {"<bos>": 510, "<eos>": 511}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_path):
+    with LLM(qwen3_path, kvcache_block_size=BLOCK) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def word_llm(word_model):
+    with LLM(word_model, kvcache_block_size=BLOCK) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    """transformers' model of a folder, float32, with no EOS of its own (runs go to max_new_tokens)."""
+    from transformers import AutoModelForCausalLM
+    models = {}
+
+    def load(path: str):
+        if path not in models:
+            models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            models[path].generation_config.eos_token_id = None
+        return models[path]
+
+    yield load
+    models.clear()
+
+
+def hf_generate(model, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_log_softmax(model, token_ids: list[int]) -> torch.Tensor:
+    """[len(token_ids), V]: row p is log_softmax of the logits after token_ids[:p + 1] (teacher forced)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([token_ids])).logits[0].float(), -1)
+
+
+def expected_entry(row: torch.Tensor, token: int, n: int) -> dict[int, float]:
+    top = row.topk(n)
+    return dict(zip(top.indices.tolist(), top.values.tolist())) | {token: row[token].item()}
+
+
+def assert_entry(entry: dict[int, float], row: torch.Tensor, token: int, n: int):
+    """vLLM's shape: the top-n ids, most likely first, then the chosen token if it is not among them."""
+    expected = expected_entry(row, token, n)
+    assert list(entry) == list(expected)
+    for token_id, logprob in expected.items():
+        assert abs(entry[token_id] - logprob) <= 1e-4, (token_id, entry[token_id], logprob)
+
+
+# ---- 1, 2: penalties --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_equals_transformers(kind, penalty, request, hf_model):
+    path = request.getfixturevalue(f"{kind}_path")
+    prompts = random_prompts([3, 19, 37], seed=31) + [[7, 8] * 10]
+    with LLM(path, kvcache_block_size=BLOCK) as engine:
+        outs = engine.generate(prompts, greedy(20, repetition_penalty=penalty), use_tqdm=False)
+        plain = engine.generate(prompts, greedy(20), use_tqdm=False)
+        assert_pool_empty(engine)
+    model = hf_model(path)
+    assert ids_of(outs) == [hf_generate(model, p, 20, repetition_penalty=penalty) for p in prompts]
+    assert ids_of(plain) == [hf_generate(model, p, 20) for p in prompts]
+    assert ids_of(outs) != ids_of(plain)  # the penalty changed something
+
+
+def penalized_reference(model, prompt: list[int], max_tokens: int, presence: float, frequency: float,
+                        repetition: float) -> list[int]:
+    """Greedy with vLLM's penalties applied by hand to transformers' logits, one full forward per token."""
+    ids, out = list(prompt), []
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.int64), minlength=logits.numel()).float()
+        seen = torch.zeros(logits.numel(), dtype=torch.bool)
+        seen[ids] = True  # prompt and output: the repetition penalty's set
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("presence, frequency, repetition", [(1.5, 0.0, 1.0), (0.0, 0.7, 1.0), (-0.5, 1.2, 1.2)])
+def test_presence_and_frequency_penalties_equal_a_plain_reference(llm, qwen3_path, hf_model, presence, frequency,
+                                                                  repetition):
+    prompts = random_prompts([5, 26], seed=32) + [[9, 9, 4] * 6]
+    penalized = greedy(16, presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition)
+    # an unpenalized row in the same batch keeps its plain greedy tokens
+    outs = llm.generate(prompts + prompts[:1], [penalized] * len(prompts) + [greedy(16)], use_tqdm=False)
+    model = hf_model(qwen3_path)
+    expected = [penalized_reference(model, p, 16, presence, frequency, repetition) for p in prompts]
+    assert ids_of(outs[:-1]) == expected
+    assert outs[-1]["token_ids"] == hf_generate(model, prompts[0], 16)
+    assert outs[-1]["token_ids"] != expected[0]
+
+
+# ---- 3: logprobs and prompt logprobs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature, num", [(0.0, 4), (0.7, 2), (1.3, 0)])  # raw logprobs, whatever the temperature
+def test_logprobs_equal_transformers_log_softmax(llm, qwen3_path, hf_model, temperature, num):
+    prompts = random_prompts([6, 23, 40], seed=33)
+    sp = SamplingParams(temperature=temperature, seed=7, max_tokens=10, ignore_eos=True, logprobs=num)
+    outs = llm.generate(prompts + prompts[:1], [sp] * len(prompts) + [greedy(10)], use_tqdm=False)
+    model = hf_model(qwen3_path)
+    outside_top = 0
+    for prompt, out in zip(prompts, outs):
+        ref = hf_log_softmax(model, prompt + out["token_ids"])
+        assert len(out["logprobs"]) == len(out["token_ids"]) == 10
+        total = 0.0
+        for i, (token, entry) in enumerate(zip(out["token_ids"], out["logprobs"])):
+            row = ref[len(prompt) - 1 + i]
+            assert_entry(entry, row, token, num)
+            outside_top += len(entry) > num
+            total += row[token].item()
+        assert abs(out["cumulative_logprob"] - total) <= 1e-4
+        assert out["cumulative_logprob"] == pytest.approx(sum(e[t] for t, e in zip(out["token_ids"], out["logprobs"])),
+                                                          abs=1e-9)
+    if temperature == 0:
+        assert outside_top == 0  # greedy picks the top-1
+        assert ids_of(outs[:1]) == ids_of(outs[-1:])
+    else:
+        assert outside_top > 0  # sampled tokens outside the top-N are added to its entry
+    assert outs[-1]["logprobs"] is None and outs[-1]["cumulative_logprob"] is None
+
+
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 16}, {"max_num_batched_tokens": 16,
+                                                                            "num_kvcache_blocks": 6}],
+                         ids=["whole", "chunked", "chunked-preempted"])
+def test_prompt_logprobs_equal_transformers(qwen3_path, hf_model, options):
+    prompts = random_prompts([1, 9, 40, 23], seed=34)
+    plain = greedy(20)
+    scored = greedy(20, prompt_logprobs=3)
+    with LLM(qwen3_path, kvcache_block_size=BLOCK, **options) as engine:
+        first = engine.generate(prompts, plain, use_tqdm=False)
+        again = engine.generate(prompts[2:3], plain, use_tqdm=False)
+        assert again[0]["num_cached_tokens"] == 32  # the 40-token prompt's two full blocks are cached
+        preemptions = engine.scheduler.num_preemptions
+        outs = engine.generate(prompts, scored, use_tqdm=False)
+        assert (engine.scheduler.num_preemptions > preemptions) == ("num_kvcache_blocks" in options)
+        assert_pool_empty(engine)
+    model = hf_model(qwen3_path)
+    for prompt, out, ref_out in zip(prompts, outs, first):
+        assert out["token_ids"] == ref_out["token_ids"]
+        assert out["num_cached_tokens"] == 0  # scoring every prompt token: nothing was taken from the cache
+        assert ref_out["prompt_logprobs"] is None
+        ref = hf_log_softmax(model, prompt)
+        assert len(out["prompt_logprobs"]) == len(prompt) and out["prompt_logprobs"][0] is None
+        for p in range(1, len(prompt)):
+            assert_entry(out["prompt_logprobs"][p], ref[p - 1], prompt[p], 3)
+
+
+# ---- 4: seeds ---------------------------------------------------------------------------------------------------
+
+SEEDED = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
+
+
+def test_a_seed_gives_the_same_tokens_in_any_company(qwen3_path):
+    """Alone or in a mixed batch, with or without prefix-cache hits, with preemptions, overlapped or step by step.
+    Requests without a seed draw theirs from the engine's seeded stream in order, so two fresh engines agree too."""
+    prompt = random_prompts([40], seed=35)[0]  # two full blocks: a second run hits the prefix cache
+    others = random_prompts([5, 30, 17, 33], seed=36)
+    company = [SamplingParams(temperature=0.7, top_k=20, max_tokens=12, ignore_eos=True), SEEDED,
+               SamplingParams(temperature=1.0, seed=99, top_p=0.9, max_tokens=12, ignore_eos=True),
+               greedy(12, repetition_penalty=1.2), SEEDED, SamplingParams(temperature=1.0, max_tokens=12),
+               SamplingParams(temperature=1.0, n=2, seed=7, max_tokens=12, ignore_eos=True)]
+    batch_prompts = [others[0], prompt, others[1], others[2], prompt, others[3], others[1]]
+    runs = []
+    for overlap in (True, False):
+        with LLM(qwen3_path, kvcache_block_size=BLOCK, async_scheduling=overlap) as engine:
+            alone = engine.generate([prompt], SEEDED, use_tqdm=False)[0]
+            assert alone["num_cached_tokens"] == 0
+            mixed = engine.generate(batch_prompts, company, use_tqdm=False)
+            assert [o["num_cached_tokens"] for o in (mixed[1], mixed[4])] == [32, 32]
+            other_seed = engine.generate([prompt], SamplingParams(temperature=1.0, seed=1235, max_tokens=12,
+                                                                  ignore_eos=True), use_tqdm=False)[0]
+        with LLM(qwen3_path, kvcache_block_size=BLOCK, async_scheduling=overlap, num_kvcache_blocks=8) as small:
+            squeezed = small.generate(batch_prompts, company, use_tqdm=False)
+            assert small.scheduler.num_preemptions > 0
+            assert_pool_empty(small)
+        assert mixed[1]["token_ids"] == mixed[4]["token_ids"] == alone["token_ids"]
+        assert len(mixed[6]["outputs"]) == 2
+        assert other_seed["token_ids"] != alone["token_ids"]
+        runs.append((alone["token_ids"], [ids_of(o["outputs"]) for o in mixed],
+                     [ids_of(o["outputs"]) for o in squeezed]))
+    assert runs[0][1] == runs[0][2]  # every row, whichever was preempted
+    assert runs[0] == runs[1]
+
+
+def test_the_engine_seed_seeds_requests_without_one(qwen3_path):
+    prompts = random_prompts([4, 20], seed=37)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
+    runs = []
+    for seed in (1, 1, 2):
+        with LLM(qwen3_path, kvcache_block_size=BLOCK, seed=seed) as engine:
+            runs.append(ids_of(engine.generate(prompts + prompts[:1], [unseeded] * 2 + [SEEDED], use_tqdm=False)))
+    assert runs[0] == runs[1]
+    assert runs[0][:2] != runs[2][:2]
+    assert runs[0][2] == runs[2][2]  # a request's own seed wins over the engine's
+
+
+# ---- 5: stop strings, stop tokens, min_tokens ---------------------------------------------------------------------
+
+# prompts whose greedy completions hold neither special token nor a repeat that ends them early
+STREAM_PROMPTS = [" ".join(f"w{t}" for t in p) for p in random_prompts([3, 5, 20], seed=44)]
+
+
+def spanning_stop(words: list[str]) -> tuple[str, int]:
+    """A stop string made of the end of word j and the start of word j + 1, found only there: (stop, j)."""
+    text = " ".join(words)
+    for j in range(2, len(words) - 1):
+        stop = words[j][-1] + " " + words[j + 1][:2]
+        if text.find(stop) == len(" ".join(words[:j + 1])) - 1 and text.count(stop) == 1:
+            return stop, j
+    raise AssertionError(f"no stop string spans two words of {text!r}")
+
+
+@pytest.mark.parametrize("include, held, at_limit", [(False, False, False), (True, False, False),
+                                                     (False, True, False), (False, False, True)],
+                         ids=["cut", "included", "min_tokens", "at-max-tokens"])
+def test_stop_strings_spanning_tokens(word_llm, include, held, at_limit):
+    """The stop string completes with token j + 1 (at_limit: the last max_tokens allows, where "stop" still wins
+    over "length"). With min_tokens past it, it is not looked for there, nor found later in a window as wide as
+    the list's longer stop string."""
+    prompts = STREAM_PROMPTS
+    full = word_llm.generate(prompts, greedy(16), use_tqdm=False)
+    sps, expected = [], []
+    for out in full:
+        words = out["text"].split(" ")
+        assert words == [f"w{t}" for t in out["token_ids"]]
+        stop, j = spanning_stop(words)
+        end = out["text"].find(stop) + (len(stop) if include else 0)
+        sps.append(greedy(j + 2 if at_limit else 16, stop=["w999 w999", stop], include_stop_str_in_output=include,
+                          min_tokens=j + 3 if held else 0))
+        expected.append((out["text"], out["token_ids"], "length", None) if held else
+                        (out["text"][:end], out["token_ids"][:j + 2], "stop", stop))
+    outs = word_llm.generate(prompts, sps, use_tqdm=False)
+    assert [(o["text"], o["token_ids"], o["finish_reason"], o["stop_reason"]) for o in outs] == expected
+    assert_pool_empty(word_llm)
+
+
+def test_stop_token_ids_and_min_tokens(llm, qwen3_path, hf_model):
+    prompt = random_prompts([11], seed=38)[0]
+    full = llm.generate([prompt], greedy(16), use_tqdm=False)[0]["token_ids"]
+    stop_id = full[3]
+    k = full.index(stop_id)
+    out = llm.generate([prompt], greedy(16, stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    assert (out["token_ids"], out["finish_reason"], out["stop_reason"]) == (full[:k + 1], "stop", stop_id)
+    # min_tokens bans the stop token until then; transformers' min_new_tokens does the same for its EOS ids
+    held = llm.generate([prompt], greedy(16, stop_token_ids=[stop_id], min_tokens=k + 3), use_tqdm=False)[0]
+    ref = hf_generate(hf_model(qwen3_path), prompt, 16, eos_token_id=[stop_id], min_new_tokens=k + 3)
+    assert held["token_ids"] == ref
+    assert len(ref) > k + 3
+    assert (held["finish_reason"], held["stop_reason"]) == (("stop", stop_id) if ref[-1] == stop_id else
+                                                            ("length", None))
+
+
+def test_min_tokens_holds_eos_back(qwen3_path, hf_model, tmp_path):
+    prompt = random_prompts([9], seed=39)[0]
+    model = hf_model(qwen3_path)
+    full = hf_generate(model, prompt, 16)
+    eos = full[2]  # a token greedy produces early
+    k = full.index(eos)
+    with LLM(model_copy(qwen3_path, tmp_path / "eos", config={"eos_token_id": eos},
+                        generation={"eos_token_id": eos}), kvcache_block_size=BLOCK) as engine:
+        plain, held = engine.generate([prompt, prompt], [SamplingParams(temperature=0, max_tokens=16),
+                                                         SamplingParams(temperature=0, max_tokens=16, min_tokens=6)],
+                                      use_tqdm=False)
+    assert (plain["token_ids"], plain["finish_reason"], plain["stop_reason"]) == (full[:k + 1], "stop", None)
+    ref = hf_generate(model, prompt, 16, eos_token_id=eos, min_new_tokens=6)
+    assert held["token_ids"] == ref and len(ref) > 6
+    assert held["finish_reason"] == ("stop" if ref[-1] == eos else "length") and held["stop_reason"] is None
+
+
+# ---- 6: n > 1 ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlap, prompt_logprobs", [(True, None), (False, None), (True, 2)],
+                         ids=["overlapped", "step-by-step", "prompt-logprobs"])
+def test_n_completions_share_the_prompt_blocks(word_model, overlap, prompt_logprobs):
+    """The first branch prefills the prompt (scoring it if asked); the others take its full blocks."""
+    prompt = random_prompts([40], seed=40)[0]  # two full blocks and a tail of 8 tokens
+    n, max_tokens = 3, 8  # positions 40..47 stay in the tail block
+    sp = SamplingParams(temperature=1.5, n=n, seed=5, max_tokens=max_tokens, ignore_eos=True,
+                        prompt_logprobs=prompt_logprobs)
+    with LLM(word_model, kvcache_block_size=BLOCK, async_scheduling=overlap) as engine:
+        bm = engine.scheduler.block_manager
+        events, used = [], []
+        for event in engine.stream([prompt], sp):
+            events.append(event)
+            if len({e["completion"] for e in events}) == n and not event["finished"]:
+                used.append(bm.num_blocks - bm.num_free_blocks)
+        assert_pool_empty(engine)
+        outs = engine.generate([prompt], sp, use_tqdm=False)
+        again = engine.generate([prompt], sp, use_tqdm=False)
+    shared, separate = 2 + n, n * 3  # two shared full blocks and a tail per branch; n copies of three blocks
+    assert used and max(used) == shared < separate
+    completions = ids_of(outs[0]["outputs"])
+    assert len(completions) == n and len(set(map(tuple, completions))) == n
+    assert all(len(c) == max_tokens for c in completions)
+    assert_events_add_up(events, outs)
+    assert {k: v for k, v in outs[0].items() if k not in ("outputs", "prompt_token_ids", "prompt_logprobs",
+                                                          "num_cached_tokens")} == outs[0]["outputs"][0]
+    assert outs[0]["prompt_token_ids"] == prompt
+    if prompt_logprobs is not None:
+        assert len(outs[0]["prompt_logprobs"]) == len(prompt) and outs[0]["prompt_logprobs"][0] is None
+        assert all(len(entry) in (2, 3) for entry in outs[0]["prompt_logprobs"][1:])
+    assert ids_of(again[0]["outputs"]) == completions
+
+
+# ---- 7: chat ----------------------------------------------------------------------------------------------------
+
+def test_chat_renders_the_template_and_generates(word_llm):
+    user = [{"role": "user", "content": "w5 w6"}]
+    talk = [{"role": "user", "content": "w7"}, {"role": "assistant", "content": "w8 w9"},
+            {"role": "user", "content": "w10"}]
+    expected_prompts = [[510, 1, 5, 6, 3], [510, 1, 7, 2, 8, 9, 1, 10, 3]]
+    sp = greedy(8)
+    one = word_llm.chat(user, sp, use_tqdm=False)
+    assert one[0]["prompt_token_ids"] == expected_prompts[0]
+    assert one == word_llm.generate(expected_prompts[:1], sp, use_tqdm=False)
+    both = word_llm.chat([user, talk], sp, use_tqdm=False)
+    assert [o["prompt_token_ids"] for o in both] == expected_prompts
+    assert both == word_llm.generate(expected_prompts, sp, use_tqdm=False)
+    greeted = word_llm.chat(user, sp, use_tqdm=False, chat_template_kwargs={"greeting": "w42"})
+    assert greeted[0]["prompt_token_ids"] == [510, 1, 5, 6, 42, 3]
+    assert greeted == word_llm.generate([[510, 1, 5, 6, 42, 3]], sp, use_tqdm=False)
+
+
+# ---- 8: streaming -----------------------------------------------------------------------------------------------
+
+def stop_params(llm: LLM, prompts: list[str], stop: str) -> list[SamplingParams]:
+    """Greedy; "strings" / "tokens": all but the last prompt stop early, the last runs to max_tokens."""
+    if stop == "none":
+        return [greedy(12)] * len(prompts)
+    outs = llm.generate(prompts, greedy(12), use_tqdm=False)
+    if stop == "tokens":
+        return [greedy(12, stop_token_ids=[o["token_ids"][3]]) for o in outs[:-1]] + [greedy(12)]
+    # the last one's stop string never comes: the text held back for it is sent at the end
+    return [greedy(12, stop=spanning_stop(o["text"].split(" "))[0]) for o in outs[:-1]] + [greedy(12, stop="w999 w")]
+
+
+def assert_events_add_up(events: list[dict], expected: list[dict]):
+    for index, out in enumerate(expected):
+        for completion, want in enumerate(out["outputs"]):
+            mine = [e for e in events if (e["index"], e["completion"]) == (index, completion)]
+            assert len(mine) >= 2  # it streamed, not one event at the end
+            assert "".join(e["text"] for e in mine) == want["text"]
+            assert [t for e in mine for t in e["token_ids"]] == want["token_ids"]
+            assert [e["finished"] for e in mine] == [False] * (len(mine) - 1) + [True]
+            assert (mine[-1]["finish_reason"], mine[-1]["stop_reason"]) == (want["finish_reason"], want["stop_reason"])
+
+
+@pytest.mark.parametrize("stop", ["none", "strings", "tokens"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
+def test_stream_deltas_add_up_to_generate(word_model, overlap, stop):
+    with LLM(word_model, kvcache_block_size=BLOCK, async_scheduling=overlap) as engine:
+        sps = stop_params(engine, STREAM_PROMPTS, stop)
+        expected = engine.generate(STREAM_PROMPTS, sps, use_tqdm=False)
+        events = list(engine.stream(STREAM_PROMPTS, sps))
+        assert_pool_empty(engine)
+    assert [o["finish_reason"] for o in expected] == (["length"] * 3 if stop == "none" else ["stop", "stop", "length"])
+    assert_events_add_up(events, expected)
+
+
+def test_leaving_a_stream_early_and_generate_inside_a_stream(word_llm):
+    sps = stop_params(word_llm, STREAM_PROMPTS, "strings")
+    expected = word_llm.generate(STREAM_PROMPTS, sps, use_tqdm=False)
+    for event in word_llm.stream(STREAM_PROMPTS, sps):
+        break
+    assert_pool_empty(word_llm)
+    assert word_llm.generate(STREAM_PROMPTS, sps, use_tqdm=False) == expected
+    stream = word_llm.stream(STREAM_PROMPTS, sps)
+    events = [next(stream)]
+    with pytest.raises(RuntimeError, match="already busy in this thread"):
+        word_llm.generate(STREAM_PROMPTS, sps, use_tqdm=False)
+    events += list(stream)
+    assert_pool_empty(word_llm)
+    assert_events_add_up(events, expected)
+
+
+# ---- 9: defaults from the model folder ----------------------------------------------------------------------------
+
+def test_generation_config_supplies_the_defaults(qwen3_path, hf_model, tmp_path):
+    prompts = random_prompts([7, 21], seed=42)
+    model = hf_model(qwen3_path)
+    full = [hf_generate(model, p, 7) for p in prompts]
+    assert VOCAB - 1 not in full[0] + full[1]  # the model's own EOS does not cut the reference
+    extra_eos = full[0][3]
+    folder = model_copy(qwen3_path, tmp_path / "greedy",
+                        generation={"temperature": 0.0, "max_new_tokens": 7, "eos_token_id": [VOCAB - 1, extra_eos]})
+    with LLM(folder, kvcache_block_size=BLOCK) as engine:
+        d = engine.default_sampling_params()
+        assert (d.temperature, d.max_tokens, d.top_p, d.top_k, d.min_p, d.repetition_penalty) == (0.0, 7, 1.0, 0, 0.0,
+                                                                                                  1.0)
+        outs = engine.generate(prompts, use_tqdm=False)
+    assert ids_of(outs) == [ids[:ids.index(extra_eos) + 1] if extra_eos in ids else ids for ids in full]
+    assert outs[0]["finish_reason"] == "stop"
+
+    qwen3_like = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05,
+                  "max_new_tokens": 9}
+    folder = model_copy(qwen3_path, tmp_path / "qwen3_like", generation=qwen3_like)
+    with LLM(folder, kvcache_block_size=BLOCK, seed=3) as engine:
+        d = engine.default_sampling_params()
+        assert (d.temperature, d.top_p, d.top_k, d.min_p, d.repetition_penalty, d.max_tokens) == (0.6, 0.95, 20, 0.05,
+                                                                                                  1.05, 9)
+        by_default = engine.generate(prompts, use_tqdm=False)
+    with LLM(folder, kvcache_block_size=BLOCK, seed=3) as engine:
+        spelled_out = engine.generate(prompts, SamplingParams(temperature=0.6, top_p=0.95, top_k=20, min_p=0.05,
+                                                              repetition_penalty=1.05, max_tokens=9), use_tqdm=False)
+    assert ids_of(by_default) == ids_of(spelled_out)
+    assert all(len(o["token_ids"]) == 9 or o["token_ids"][-1] == VOCAB - 1 for o in by_default)
+    assert any(len(o["token_ids"]) == 9 for o in by_default)
+    with LLM(qwen3_path, kvcache_block_size=BLOCK) as engine:
+        assert engine.default_sampling_params() == SamplingParams()  # no generation settings: vLLM's defaults
+
+
+# ---- 10: bad values ---------------------------------------------------------------------------------------------
+
+GOOD = greedy(6, stop=["w1 w2"], logprobs=2)
+MESSAGES = [{"role": "user", "content": "w5"}]
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda e: SamplingParams(top_p=0.0), ValueError, "top_p must be in (0, 1], got 0.0"),
+    (lambda e: SamplingParams(top_k=-2), ValueError, "top_k must be 0 or -1 (off), or >= 1, got -2"),
+    (lambda e: SamplingParams(min_tokens=5, max_tokens=4), ValueError, "min_tokens must be in [0, max_tokens=4]"),
+    (lambda e: SamplingParams(repetition_penalty=0), ValueError, "repetition_penalty must be a finite number > 0"),
+    (lambda e: SamplingParams(n=2, temperature=0), ValueError, "n must be 1 with temperature=0"),
+    (lambda e: SamplingParams(stop=["w1", ""]), ValueError, "stop must not contain an empty string"),
+    (lambda e: SamplingParams(logprobs=1.5), TypeError, "logprobs must be an int, got float"),
+    (lambda e: SamplingParams(stop_token_ids=[3, -1]), ValueError, "stop_token_ids must be token ids >= 0"),
+    (lambda e: e.generate(["w1 w2", "w3"], [GOOD, greedy(4, stop_token_ids=[3, VOCAB])], use_tqdm=False),
+     ValueError, f"stop_token_ids holds {VOCAB}, outside the vocabulary: ids must be in [0, vocab_size={VOCAB})"),
+    (lambda e: e.stream(["w1"], greedy(4, stop_token_ids=[10 ** 6])), ValueError, "stop_token_ids holds 1000000"),
+    (lambda e: e.chat("w1 w2"), TypeError, "messages must be a list of {'role': ..., 'content': ...} dicts"),
+    (lambda e: e.chat([]), TypeError, "messages must be a list"),
+    (lambda e: e.chat([MESSAGES, "w2"]), TypeError, "a conversation must be a list of message dicts, got 'w2'"),
+    (lambda e: e.chat(MESSAGES, greedy(4, stop_token_ids=[VOCAB])), ValueError, f"stop_token_ids holds {VOCAB}"),
+])
+def test_bad_values_name_the_field_and_the_engine_goes_on(word_llm, call, error, words):
+    before = word_llm.generate(["w1 w2 w3", "w7"], GOOD, use_tqdm=False)
+    with pytest.raises(error, match=re.escape(words)):
+        call(word_llm)
+    assert_pool_empty(word_llm)
+    assert word_llm.generate(["w1 w2 w3", "w7"], GOOD, use_tqdm=False) == before

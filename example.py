@@ -1,12 +1,11 @@
 """nano-vllm's example: two chat prompts through the engine.
 
     python example.py                         # the embedded demo model (converted on the first run, ~2 min)
+    python example.py --stream                # print the text as it is generated
     python example.py --model ~/huggingface/Qwen3-0.6B --max-tokens 128 --temperature 0
 """
 import argparse
 import os
-
-from transformers import AutoTokenizer
 
 from nanovllm import LLM, SamplingParams
 
@@ -33,6 +32,7 @@ def parse_args() -> argparse.Namespace:
                         help="a local Hugging Face folder of a Qwen3 or Qwen2 model (default: the embedded demo model)")
     parser.add_argument("--max-tokens", type=_positive_int, default=256, help="new tokens per prompt (default 256)")
     parser.add_argument("--temperature", type=_temperature, default=0.6, help="sampling temperature (default 0.6)")
+    parser.add_argument("--stream", action="store_true", help="print each answer as its tokens arrive")
     parser.add_argument("--dtype", default="bfloat16",
                         help="weights and activations dtype (default bfloat16, the checkpoint's own: on the CPU "
                              "it reads half the bytes of float32 per token; 'auto' = float32 on CPU)")
@@ -50,19 +50,22 @@ def main() -> None:
         from nanovllm.demo import demo_model_path
 
         args.model = demo_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in PROMPTS
-    ]
-    llm = LLM(args.model, enforce_eager=True, tensor_parallel_size=1, dtype=args.dtype)
-    try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens))
-    finally:
-        llm.exit()
-    for prompt, output in zip(prompts, outputs):
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    sampling_params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    with LLM(args.model, enforce_eager=True, tensor_parallel_size=1, dtype=args.dtype) as llm:
+        if args.stream:
+            tokenizer = llm.tokenizer
+            for conversation in conversations:
+                prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+                print(f"\n\nPrompt: {prompt!r}\nCompletion: ", end="", flush=True)
+                for event in llm.stream([tokenizer.encode(prompt, add_special_tokens=False)], sampling_params):
+                    print(event["text"], end="", flush=True)
+            print()
+            return
+        outputs = llm.chat(conversations, sampling_params)
+    for conversation, output in zip(conversations, outputs):
         print("\n")
-        print(f"Prompt: {prompt!r}")
+        print(f"Prompt: {conversation[0]['content']!r}")
         print(f"Completion: {output['text']!r}")
 
 

@@ -61,6 +61,9 @@ def parse_args():
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="read each step's tokens back before scheduling the next (no overlap)")
     p.add_argument("--profile", action="store_true", help="split the time into host launching and GPU (CUDA)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for every request (vLLM's meaning)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling for every request (0 = off)")
+    p.add_argument("--no-mixed-steps", action="store_true", help="nano-vllm's prefill-first steps")
     args = p.parse_args()
     if args.profile and args.data_parallel_size > 1:
         p.error("--profile times one engine in this process: use it with --data-parallel-size 1")
@@ -110,7 +113,8 @@ def main():
     num_seqs = args.num_seqs * args.data_parallel_size
     prompt_token_ids = [[randint(0, 10000) for _ in range(randint(lo, args.max_input_len))]
                         for _ in range(num_seqs)]
-    sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(lo, args.max_output_len))
+    sampling_params = [SamplingParams(temperature=0.6, top_p=args.top_p, top_k=args.top_k, ignore_eos=True,
+                                      max_tokens=randint(lo, args.max_output_len))
                        for _ in range(num_seqs)]
     path = args.model or dummy_model_folder(args.size)
     t = time.perf_counter()
@@ -118,7 +122,8 @@ def main():
               tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
               enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
-              async_scheduling=not args.no_async_scheduling, data_parallel_size=args.data_parallel_size)
+              async_scheduling=not args.no_async_scheduling, data_parallel_size=args.data_parallel_size,
+              mixed_steps=not args.no_mixed_steps)
     if args.data_parallel_size > 1:
         print(f"LLM() ready in {time.perf_counter() - t:.1f}s ({args.data_parallel_size} replicas: {llm.replicas})")
     else:

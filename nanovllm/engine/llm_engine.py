@@ -210,18 +210,19 @@ class LLMEngine:
         any exit (done, error, the caller leaving a stream) what is still running is dropped."""
         seqs = [seq for branches in groups for seq in branches]
         pending = {seq.seq_id for seq in seqs}
-        tps = {StepKind.PREFILL: 0.0, StepKind.DECODE: 0.0}
+        tokens = {StepKind.PREFILL: 0, StepKind.DECODE: 0}
+        seconds = {StepKind.PREFILL: 1e-9, StepKind.DECODE: 1e-9}  # throughput over the call, not one noisy step
         try:
             with self.executor.in_step(), closing(self._steps()) as steps, \
                     tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
                 t = perf_counter()
                 for summary in steps:
                     now = perf_counter()
-                    if summary.num_tokens:
-                        tps[summary.kind] = summary.num_tokens / max(now - t, 1e-9)
+                    tokens[summary.kind] += summary.num_tokens
+                    seconds[summary.kind] += now - t
                     t = now
-                    bar.set_postfix(prefill=f"{tps[StepKind.PREFILL]:.0f}tok/s",
-                                    decode=f"{tps[StepKind.DECODE]:.0f}tok/s")
+                    if use_tqdm:
+                        bar.set_postfix(**{kind.value: f"{tokens[kind] / seconds[kind]:.0f}tok/s" for kind in tokens})
                     mine = [seq for seq in summary.sampled if outputs.owns(seq)]
                     for seq in outputs.update(mine):
                         self.scheduler.finish(seq, "stop")

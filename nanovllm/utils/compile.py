@@ -1,19 +1,6 @@
-"""torch.compile for the small fused element-wise ops, on CUDA only.
+"""torch.compile for the small fused element-wise ops, on CUDA only (NANOVLLM_COMPILE=0 runs them eagerly).
 
-On the CPU the eager functions run (compiling there needs a C++ toolchain and buys little). Compiled
-functions are built once per process on first CUDA use. Set NANOVLLM_COMPILE=0 (before importing nanovllm)
-to run everything eagerly.
-
-Serving must never recompile: a recompile costs 0.5-2 s in the middle of a step, and after
-torch._dynamo.config.recompile_limit of them dynamo silently falls back to eager. So:
-  - `dynamic=True`: one graph for every token count. Dynamo would give size 1 a graph of its own (one more
-    compile of every op at start-up), so inputs with a leading dimension of 1 (a one-token step, a batch of one)
-    run the eager function instead: a few more small kernels on a step that is tiny anyway;
-  - duck sizing is off while tracing. With it on, dynamo ties together sizes, strides and storage offsets
-    that happen to be equal in the first call (the packed step inputs put `positions` at offset == token
-    count) and guards on that coincidence, which a later batch breaks. The switch is torch's process-wide
-    config: it is flipped only for the duration of each compiled call and restored after (dynamo has no
-    per-function setting for it).
+Serving never recompiles: one dynamic graph per op, size-1 inputs run eagerly, duck sizing off while tracing.
 """
 import contextlib
 import functools
@@ -27,6 +14,9 @@ _compiled_fns: list[dict] = []  # each compiled function's cache, so a settings 
 
 
 def compile_on_cuda(fn):
+    """Compile fn on first CUDA use. A leading dimension of 1 runs eagerly: dynamo would compile a graph of its own
+    for it. Duck sizing ties sizes and offsets that happen to be equal in the first call (the packed step inputs
+    put `positions` at offset == token count); it is torch's process-wide switch, so it is off only per call."""
     cache = {}
     _compiled_fns.append(cache)
 

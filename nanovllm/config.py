@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.layers.backends import BACKENDS
+from nanovllm.layers.kv_quant import FP8_DTYPE, KV_CACHE_DTYPES
 from nanovllm.utils.loader import check_weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
@@ -34,6 +35,7 @@ class Config:
     load_format: str = "auto"
     async_scheduling: bool = True
     mixed_steps: bool = True
+    kv_cache_dtype: str = "auto"
     # derived in __post_init__
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos: tuple[int, ...] = ()
@@ -90,7 +92,15 @@ class Config:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8":
+            self.kv_cache_dtype = "fp8_e4m3"
 
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        """The KV cache's element type: the model's dtype, or float8 e4m3 (with per-head scales)."""
+        return FP8_DTYPE if self.kv_cache_dtype == "fp8_e4m3" else self.torch_dtype
 
     def _check_tensor_parallel(self):
         tp, hf = self.tensor_parallel_size, self.hf_config

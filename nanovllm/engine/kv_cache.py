@@ -1,7 +1,8 @@
 """Sizing and allocating the paged KV cache.
 
 One tensor holds every layer's keys and values, [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim];
-the ModelRunner hands each attention layer the views of its k and v.
+the ModelRunner hands each attention layer the views of its k and v. An fp8 cache (kv_cache_dtype="fp8_e4m3")
+takes 1 byte per element, so the same memory holds twice the tokens of a bf16 one.
 """
 import os
 
@@ -18,7 +19,7 @@ CPU_KVCACHE_MAX_SEQS = 16
 def block_bytes(config: Config) -> int:
     hf = config.hf_config
     num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
-    itemsize = torch.empty(0, dtype=config.torch_dtype).element_size()
+    itemsize = torch.empty(0, dtype=config.kv_torch_dtype).element_size()
     return 2 * hf.num_hidden_layers * config.kvcache_block_size * num_kv_heads * head_dim_of(hf) * itemsize
 
 
@@ -67,4 +68,4 @@ def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device) -> 
     num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
     # zeros, not empty: masked-out cache entries still enter P @ V, and 0 * NaN garbage would be NaN
     return torch.zeros(2, hf.num_hidden_layers, num_blocks, config.kvcache_block_size, num_kv_heads,
-                       head_dim_of(hf), dtype=config.torch_dtype, device=device)
+                       head_dim_of(hf), dtype=config.kv_torch_dtype, device=device)

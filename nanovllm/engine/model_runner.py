@@ -9,11 +9,13 @@ import torch.distributed as dist
 from nanovllm.config import Config, head_dim_of
 from nanovllm.engine.cuda_graphs import CUDAGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
+from nanovllm.engine.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from nanovllm.engine.step import ScheduledStep, StepKind, StepResult
 from nanovllm.engine.penalties import PenaltyTables, is_penalized
 from nanovllm.engine.step_inputs import (Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout,
                                          wants_prompt_logprobs)
 from nanovllm.layers.attention import attention_layers
+from nanovllm.layers.kv_quant import KVScales
 from nanovllm.layers.backends import create_backend
 from nanovllm.layers.sampler import (SamplerOutput, TokenLogprobs, compute_logprobs, sample, sampling_tensors,
                                      warm_up_sampler)
@@ -133,8 +135,9 @@ class ModelRunner:
         self.rows_of_last_step: dict[int, int] = {}  # seq_id -> its row in last_sampled
         self.last_sampled: torch.Tensor | None = None
         self.graphs = None  # decode runs eagerly until the graphs are captured, the warm-up steps included
-        self.attn_backend = create_backend(config.attention_backend, device)
-        self.attn_backend.check_config(self.block_size, head_dim_of(config.hf_config), config.torch_dtype)
+        self.attn_backend = create_backend(config.attention_backend, device, config.kv_cache_dtype)
+        self.attn_backend.check_config(self.block_size, head_dim_of(config.hf_config), config.torch_dtype,
+                                       config.kv_cache_dtype)
         with default_dtype_and_device(config.torch_dtype, device), tensor_parallel(rank, self.world_size):
             self.model = Qwen3ForCausalLM(config.hf_config, config.torch_dtype)
         if config.load_format == "dummy":
@@ -147,10 +150,11 @@ class ModelRunner:
         self.penalties = PenaltyTables(config.hf_config.vocab_size, device)
         if self.on_cuda:
             self.warmup_model()
+        kv_scales = self.calibrate_kv_scales() if config.kv_cache_dtype != "auto" else [None] * len(self.layers)
         self.num_kvcache_blocks = num_kvcache_blocks(config, device, self.world_size)
         self.kv_cache = allocate_kv_cache(config, self.num_kvcache_blocks, device)
         for i, layer in enumerate(self.layers):
-            layer.set_cache(self.kv_cache[0, i], self.kv_cache[1, i])
+            layer.set_cache(self.kv_cache[0, i], self.kv_cache[1, i], kv_scales[i])
         if self.on_cuda or compiling_on(device):
             self.warmup_compiled_paths()
             if rank == 0:
@@ -182,6 +186,13 @@ class ModelRunner:
         self._run_rows([self._warmup_row(n, cached=0, scheduled=n, in_block_0=False) for n in lens],
                        StepKind.PREFILL)
         torch.cuda.synchronize(self.device)
+
+    def calibrate_kv_scales(self) -> list[KVScales]:
+        """An fp8 cache's scales, from one prefill of seeded random tokens; the cache does not exist yet, so
+        nothing is stored."""
+        ids = calibration_token_ids(self.config.hf_config.vocab_size, self.config.max_model_len)
+        row = Row(-1, SeqState(ids, [], 0, WARMUP, len(ids)), len(ids), 0)
+        return calibrate_kv_scales(self.layers, lambda: self._run_rows([row], StepKind.PREFILL))
 
     def warmup_compiled_paths(self):
         """Compile, before any real request, every variant that serving could otherwise compile mid-step: a plain

@@ -2,14 +2,15 @@ import torch
 from torch import nn
 
 from nanovllm.layers.backends.base import AttentionBackend
+from nanovllm.layers.kv_quant import KVScales
 from nanovllm.utils.context import get_context
 
 
 class Attention(nn.Module):
     """Paged attention over this layer's slice of the KV cache.
 
-    The ModelRunner sets the backend after building the model and the cache after sizing it; until then (the
-    warm-up pass) nothing is stored and prefill attends to the batch's own keys.
+    The ModelRunner sets the backend after building the model and the cache (with its scales, for an fp8 cache)
+    after sizing it; until then (the warm-up pass) nothing is stored and prefill attends to the batch's own keys.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
@@ -20,25 +21,28 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.backend: AttentionBackend | None = None
         self.k_cache = self.v_cache = torch.tensor([])
+        self.kv_scales: KVScales | None = None
 
     def set_backend(self, backend: AttentionBackend):
         self.backend = backend
 
-    def set_cache(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None):
+    def set_cache(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                  kv_scales: KVScales | None = None):
         """This layer's views of the paged cache, [num_blocks, block_size, num_kv_heads, head_dim]; None drops
-        them, so freeing the cache tensor frees its memory."""
+        them, so freeing the cache tensor frees its memory. kv_scales: an fp8 cache's K/V scales."""
         self.k_cache = k_cache if k_cache is not None else torch.tensor([])
         self.v_cache = v_cache if v_cache is not None else torch.tensor([])
+        self.kv_scales = kv_scales
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         ctx = get_context()
-        k_cache, v_cache = self.k_cache, self.v_cache
+        k_cache, v_cache, kv_scales = self.k_cache, self.v_cache, self.kv_scales
         if k_cache.numel():
-            self.backend.store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+            self.backend.store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping, kv_scales)
         if ctx.is_prefill:
-            return self.backend.prefill(q, k, v, k_cache, v_cache, ctx, self.scale)
-        return self.backend.decode(q, k_cache, v_cache, ctx, self.scale)
+            return self.backend.prefill(q, k, v, k_cache, v_cache, ctx, self.scale, kv_scales)
+        return self.backend.decode(q, k_cache, v_cache, ctx, self.scale, kv_scales)
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:

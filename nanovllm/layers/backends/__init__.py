@@ -8,19 +8,19 @@ from nanovllm.layers.backends.base import AttentionBackend
 BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
-def resolve_backend_name(name: str, device: torch.device) -> str:
-    """"auto" picks flash_attn when installed, else triton, on CUDA; torch elsewhere."""
+def resolve_backend_name(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> str:
+    """"auto" picks flash_attn when installed (and the KV cache is not fp8), else triton, on CUDA; torch elsewhere."""
     if name != "auto":
         return name
     if device.type != "cuda":
         return "torch"
-    if importlib.util.find_spec("flash_attn") is not None:
+    if kv_cache_dtype == "auto" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attn"
     return "triton"
 
 
-def create_backend(name: str, device: torch.device) -> AttentionBackend:
-    name = resolve_backend_name(name, device)
+def create_backend(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> AttentionBackend:
+    name = resolve_backend_name(name, device, kv_cache_dtype)
     if name == "torch":
         from nanovllm.layers.backends.torch_sdpa import TorchBackend
         return TorchBackend()

@@ -7,6 +7,9 @@ Every backend sees the same paged KV cache layout, per layer:
 and the same per-step metadata (`nanovllm.utils.context.Context`). A token's cache slot is
 `block_id * block_size + offset`; slot -1 marks a padded token (CUDA graphs) that must not be stored.
 
+An fp8 cache (`kv_scales` set) holds float8 e4m3 values with one scale per KV head (see
+`nanovllm.layers.kv_quant`); without a cache read, prefill attends to the new keys as the cache would return them.
+
 Prefill is causal and bottom-right aligned: a sequence with `k` keys of which the last `q` are new lets its
 i-th new token see keys `0 .. k - q + i`. Keys come from the cache when `block_tables` is set (cached prefix or
 chunked prefill), else from the new tokens' own k/v.
@@ -15,26 +18,28 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from nanovllm.layers.kv_quant import KVScales
 from nanovllm.utils.context import Context
 
 
 class AttentionBackend(ABC):
     name: str = ""
 
-    def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+    def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
+                     kv_cache_dtype: str = "auto") -> None:
         """Raise ValueError when this backend cannot serve the configuration."""
 
     @abstractmethod
     def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+                      slot_mapping: torch.Tensor, kv_scales: KVScales | None = None) -> None:
         """k, v: [num_tokens, num_kv_heads, head_dim]; writes token t to slot slot_mapping[t] unless it is -1."""
 
     @abstractmethod
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, ctx: Context, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, ctx: Context, scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: the same tokens' keys/values. Returns like q."""
 
     @abstractmethod
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context,
-               scale: float) -> torch.Tensor:
+               scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
         """q: [num_seqs, num_heads, head_dim], one new token per sequence, already stored. Returns like q."""

@@ -21,7 +21,11 @@ FLASH_ATTN_HEAD_DIMS = (64, 128)
 class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
 
-    def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+    def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
+                     kv_cache_dtype: str = "auto") -> None:
+        if kv_cache_dtype != "auto":  # flash-attn 2 reads K/V in q's dtype only (fp8 descaling is flash-attn 3)
+            raise ValueError(f"attention_backend='flash_attn' does not support kv_cache_dtype={kv_cache_dtype!r}; "
+                             f"use attention_backend='triton' for an fp8 KV cache")
         if block_size % FLASH_ATTN_PAGE_MULTIPLE:
             raise ValueError(f"attention_backend='flash_attn' needs kvcache_block_size to be a multiple of "
                              f"{FLASH_ATTN_PAGE_MULTIPLE}, got kvcache_block_size={block_size}; "

@@ -12,6 +12,10 @@ tile, because tiles start at multiples of BLOCK_N and BLOCK_N divides page_size)
 Softmax runs online in fp32 (flash-attention): per query row a running max m, a running sum l and an
 unnormalised accumulator, rescaled by exp2(m_old - m_new) whenever the max grows. Scores are taken in base 2,
 log2(e) folded into the softmax scale, so every exponential is a single exp2.
+
+An fp8 KV cache (KV_FP8) holds x / scale per KV head: the loop casts fp8 tiles to q's dtype (exact) and the
+scales are applied once per program, K's folded into the softmax scale and V's into the output. Unpaged prefill
+with an fp8 cache quantises the fresh K/V on load, so it attends to exactly what the cache holds.
 """
 import functools
 from dataclasses import dataclass
@@ -19,6 +23,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from nanovllm.kernels.store_kvcache import quantize_fp8
+from nanovllm.layers.kv_quant import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
 
@@ -55,14 +62,21 @@ def _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_page, stride_slot,
 
 @triton.jit
 def _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d,
-                  stride_kpage, stride_kslot, stride_vpage, stride_vslot,
+                  stride_kpage, stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale, dtype: tl.constexpr,
                   MASK_ROWS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_D: tl.constexpr):
-    """The K and V tiles ([BLOCK_N, BLOCK_D]) of keys offs_n of one sequence; k_ptr/v_ptr point at its KV head."""
+                  MASK_D: tl.constexpr, KV_FP8: tl.constexpr):
+    """The K and V tiles ([BLOCK_N, BLOCK_D], as `dtype`) of keys offs_n of one sequence; k_ptr/v_ptr point at
+    its KV head. KV_FP8: the values of the fp8 cache, unscaled (fresh unpaged K/V are quantised first)."""
     k_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_kpage, stride_kslot, PAGED, PAGE_SIZE, BLOCK_N)
     v_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_vpage, stride_vslot, PAGED, PAGE_SIZE, BLOCK_N)
     k = _load_2d(k_ptr + k_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASK_ROWS, MASK_D)
     v = _load_2d(v_ptr + v_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASK_ROWS, MASK_D)
+    if KV_FP8:
+        if not PAGED:
+            k = quantize_fp8(k, k_scale)
+            v = quantize_fp8(v, v_scale)
+        k = k.to(dtype)
+        v = v.to(dtype)
     return k, v
 
 
@@ -99,19 +113,30 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible,
     return acc, m_new, l_i
 
 
+@triton.jit
+def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, qk_scale, KV_FP8: tl.constexpr):
+    """(k_scale, v_scale, qk_scale with K's scale folded in) of one KV head; unused without an fp8 cache."""
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr + kv_head)
+        return k_scale, tl.load(v_scale_ptr + kv_head), qk_scale * k_scale
+    else:
+        return 1.0, 1.0, qk_scale
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # prefill
 
 
 @triton.jit
 def _prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start_n, offs_m, offs_d, mask_d, shift, k_len,
-                  qk_scale, stride_kpage, stride_kslot, stride_vpage, stride_vslot,
+                  qk_scale, stride_kpage, stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale,
                   MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+                  MASK_D: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < k_len
     k, v = _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d, stride_kpage,
-                         stride_kslot, stride_vpage, stride_vslot, MASKED, PAGED, PAGE_SIZE, BLOCK_N, MASK_D)
+                         stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale, q.dtype, MASKED, PAGED,
+                         PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8)
     # query row i sits at key position shift + i (bottom-right causal alignment)
     visible = (offs_n[None, :] <= (shift + offs_m)[:, None]) & mask_n[None, :]
     return _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED, PRECISION)
@@ -122,11 +147,12 @@ def _prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start_n, offs_m, o
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, qk_scale,
+    k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kpage, stride_kslot, stride_kh, stride_vpage, stride_vslot, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # the last query tiles of a sequence see the most keys: hand them out first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -150,6 +176,7 @@ def _prefill_kernel(
         k_base = k_ptr + q_start.to(tl.int64) * stride_kslot + kv_head * stride_kh
         v_base = v_ptr + q_start.to(tl.int64) * stride_vslot + kv_head * stride_vh
     shift = k_len - q_len
+    k_scale, v_scale, qk_scale = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, qk_scale, KV_FP8)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -170,13 +197,17 @@ def _prefill_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_row_ptr, start_n, offs_m, offs_d,
                                       mask_d, shift, k_len, qk_scale, stride_kpage, stride_kslot, stride_vpage,
-                                      stride_vslot, False, PAGED, PAGE_SIZE, BLOCK_N, MASK_D, PRECISION)
+                                      stride_vslot, k_scale, v_scale, False, PAGED, PAGE_SIZE, BLOCK_N, MASK_D,
+                                      PRECISION, KV_FP8)
     for start_n in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_row_ptr, start_n, offs_m, offs_d,
                                       mask_d, shift, k_len, qk_scale, stride_kpage, stride_kslot, stride_vpage,
-                                      stride_vslot, True, PAGED, PAGE_SIZE, BLOCK_N, MASK_D, PRECISION)
+                                      stride_vslot, k_scale, v_scale, True, PAGED, PAGE_SIZE, BLOCK_N, MASK_D,
+                                      PRECISION, KV_FP8)
 
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * v_scale
     o_ptrs = o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     if MASK_D:
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -206,12 +237,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       max_seqlen_q: int, block_tables: torch.Tensor | None, scale: float,
-                      config: TileConfig | None = None) -> torch.Tensor:
+                      config: TileConfig | None = None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal varlen prefill. q: [num_tokens, num_heads, head_dim]; returns the same shape.
 
     block_tables None: keys/values are k, v ([num_tokens, num_kv_heads, head_dim], k_len == q_len).
     Otherwise they come from k_cache/v_cache through block_tables ([num_seqs, max_blocks] int32), with
-    cu_seqlens_k giving each sequence's key count (cached prefix + new tokens).
+    cu_seqlens_k giving each sequence's key count (cached prefix + new tokens). An fp8 cache needs
+    k_scale, v_scale (float32 [num_kv_heads]); then fresh k, v are attended as the cache would hold them.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.numel() - 1
@@ -234,15 +267,25 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         tables, stride_bt = cu_seqlens_q, 0  # a dummy pointer, never read
     num_kv_heads = kt.size(-2)
     assert q.stride(2) == 1 and kt.stride(3 if paged else 2) == 1 and num_heads % num_kv_heads == 0
+    fp8 = _check_kv_scales(k_cache, k_scale, v_scale)
     grid = (triton.cdiv(max_seqlen_q, cfg.block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, kt, vt, out, tables, cu_seqlens_q, cu_seqlens_k, scale * LOG2E,
+        k_scale if fp8 else q, v_scale if fp8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides_k, *strides_v, stride_bt,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged, PAGE_SIZE=page_size,
-        PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def _check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Whether the cache is fp8; such a cache comes with one float32 scale per KV head for K and for V."""
+    fp8 = k_cache.dtype == FP8_DTYPE
+    assert fp8 == (k_scale is not None and v_scale is not None)
+    assert not fp8 or k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.numel() == k_cache.size(2)
+    return fp8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,12 +304,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
                                "stride_lb", "stride_lh"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, context_lens_ptr, block_tables_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-    qk_scale, split_size, num_splits,
+    qk_scale, k_scale_ptr, v_scale_ptr, split_size, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_kpage, stride_kslot, stride_kh, stride_vpage, stride_vslot, stride_vh, stride_bt,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -290,6 +333,7 @@ def _decode_split_kernel(
     bt_row_ptr = block_tables_ptr + seq64 * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    k_scale, v_scale, qk_scale = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, qk_scale, KV_FP8)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -297,11 +341,14 @@ def _decode_split_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         k, v = _load_kv_tile(k_base, v_base, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d, stride_kpage,
-                             stride_kslot, stride_vpage, stride_vslot, True, True, PAGE_SIZE, BLOCK_N, MASK_D)
+                             stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale, q.dtype, True, True,
+                             PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, mask_n[None, :], True, PRECISION)
 
     # an empty split or sequence (l = 0, acc = 0) yields 0, not nan
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     if num_splits == 1:
         o_ptrs = o_ptr + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
@@ -375,16 +422,19 @@ def decode_splits(max_keys: int, num_seqs: int, num_kv_heads: int, block_n: int,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, config: TileConfig | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token per sequence against its paged context. q: [B, num_heads, head_dim] -> same shape.
 
     context_lens: [B] int32 keys per sequence (the new token included, already stored);
-    block_tables: [B, max_blocks] int32. No host sync: safe under CUDA graph capture.
+    block_tables: [B, max_blocks] int32; k_scale, v_scale: an fp8 cache's float32 [num_kv_heads] scales.
+    No host sync: safe under CUDA graph capture.
     """
     num_seqs, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.size(1), k_cache.size(2)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert num_heads % num_kv_heads == 0
+    fp8 = _check_kv_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
     cfg = config or decode_config(head_dim, group, q.dtype)
     assert cfg.block_m >= group
@@ -410,12 +460,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, scale * LOG2E, split_size, num_splits,
+        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, scale * LOG2E,
+        k_scale if fp8 else q, v_scale if fp8 else q, split_size, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *part_strides,
         GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype),
+        PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

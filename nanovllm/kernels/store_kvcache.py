@@ -6,19 +6,32 @@
                  |           |
              slot // bs   slot % bs
 
-One program per token copies its whole [num_kv_heads, head_dim] row of K and of V.
+One program per token copies its whole [num_kv_heads, head_dim] row of K and of V. An fp8 cache gets
+fp8(clamp(x / scale[head], -448, 448)) (see nanovllm.layers.kv_quant).
 """
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm.layers.kv_quant import FP8_DTYPE, FP8_MAX
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
+
+@triton.jit
+def quantize_fp8(x, scale):
+    """x / scale saturated to the e4m3 range, as float8 e4m3 (division by a power of two: exact)."""
+    x = tl.math.div_rn(x.to(tl.float32), scale)
+    return tl.clamp(x, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+
 
 @triton.jit
 def _store_kvcache_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,  # k_cache and v_cache share one layout
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -30,26 +43,34 @@ def _store_kvcache_kernel(
     t = token.to(tl.int64)
     k = tl.load(k_ptr + t * stride_kt + head * stride_kh + dim, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + head * stride_vh + dim, mask=mask)
+    if FP8:
+        k = quantize_fp8(k, tl.load(k_scale_ptr + head, mask=mask, other=1.0))
+        v = quantize_fp8(v, tl.load(v_scale_ptr + head, mask=mask, other=1.0))
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch + dim
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """k, v: [num_tokens, num_kv_heads, head_dim] (any token/head strides, unit last stride)."""
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """k, v: [num_tokens, num_kv_heads, head_dim] (any token/head strides, unit last stride). An fp8 cache
+    needs k_scale, v_scale: float32 [num_kv_heads]."""
     num_tokens, num_kv_heads, head_dim = k.shape
     assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.shape[2:] == (num_kv_heads, head_dim) and k_cache.stride(3) == 1
     assert slot_mapping.numel() == num_tokens
+    fp8 = k_cache.dtype == FP8_DTYPE
+    assert fp8 == (k_scale is not None and v_scale is not None)
     if num_tokens == 0:
         return
     row = num_kv_heads * head_dim
     _store_kvcache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, k_scale if fp8 else k, v_scale if fp8 else v,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.size(1), HEAD_DIM=head_dim, ROW=row, BLOCK_ROW=triton.next_power_of_2(row),
+        FP8=fp8,
         num_warps=max(1, min(8, triton.next_power_of_2(row) // 256)),
     )

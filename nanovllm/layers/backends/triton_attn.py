@@ -2,6 +2,7 @@
 import torch
 
 from nanovllm.layers.backends.base import AttentionBackend
+from nanovllm.layers.kv_quant import KVScales
 from nanovllm.utils.context import Context
 
 try:
@@ -17,18 +18,24 @@ from nanovllm.kernels.store_kvcache import store_kvcache
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype) -> None:
+    def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
+                     kv_cache_dtype: str = "auto") -> None:
         # kvcache_block_size is a power of two >= 16 by Config's rule, which is all the kernels need
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"attention_backend='triton' supports dtype float16, bfloat16 or float32, "
                              f"got dtype={dtype}")
 
-    def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
-        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping, kv_scales: KVScales | None = None):
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping, *_scales(kv_scales))
 
-    def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale):
+    def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
         return prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
-                                 ctx.block_tables, scale)
+                                 ctx.block_tables, scale, None, *_scales(kv_scales))
 
-    def decode(self, q, k_cache, v_cache, ctx: Context, scale):
-        return decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)
+    def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
+        return decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, None, None,
+                                *_scales(kv_scales))
+
+
+def _scales(kv_scales: KVScales | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)

@@ -11,6 +11,12 @@ Two kinds of tests live here:
 * `@pytest.mark.cuda` tests (skipped without a GPU): store, prefill and decode of the triton and flash_attn
   backends against TorchBackend in bf16, including shuffled block tables, cached prefixes, chunked prefill,
   GQA, long split-KV contexts and decode under CUDA graph capture.
+
+fp8 KV cache cases convert a case's caches to float8 e4m3 with per-KV-head scales and compare the kernels with
+TorchBackend given the same scales. The interpreter loads and stores float8, but its float32 -> float8 conversion
+rounds half up and lets a mantissa carry corrupt the exponent (1.99 -> 1.0, Triton 3.6), so its checks feed the
+kernels values already on the fp8 grid (and far-out ones, which saturate); the rounding itself is checked on
+CUDA, byte for byte against torch.
 """
 import importlib.util
 import json
@@ -23,6 +29,7 @@ import pytest
 import torch
 
 from nanovllm.layers.backends.torch_sdpa import TorchBackend
+from nanovllm.layers.kv_quant import KVScales, fp8_round_trip, quantize_fp8
 from nanovllm.utils.context import Context
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -106,21 +113,36 @@ def store_case(num_tokens, num_slots_free, block_size, num_kv_heads, head_dim, d
     return k, v, k_cache, v_cache, slots.to(device)
 
 
-def run_backend(backend, kind, case, scale):
+def fp8_scales(num_kv_heads: int, device, seed=3) -> KVScales:
+    """Powers of two from 1/8 to 2, different per head (random caches hold values up to ~5)."""
+    exps = torch.randint(-3, 2, (2, num_kv_heads), generator=torch.Generator().manual_seed(seed)).float()
+    return KVScales(k=(2.0 ** exps[0]).to(device), v=(2.0 ** exps[1]).to(device))
+
+
+def with_fp8_cache(case, kv_scales: KVScales):
+    """The same case with its caches rounded to fp8 (the k, v of new tokens stay as they are)."""
+    if len(case) == 6:
+        q, k, v, k_cache, v_cache, ctx = case
+        return q, k, v, quantize_fp8(k_cache, kv_scales.k), quantize_fp8(v_cache, kv_scales.v), ctx
+    q, k_cache, v_cache, ctx = case
+    return q, quantize_fp8(k_cache, kv_scales.k), quantize_fp8(v_cache, kv_scales.v), ctx
+
+
+def run_backend(backend, kind, case, scale, kv_scales=None):
     if kind == "prefill":
         q, k, v, k_cache, v_cache, ctx = case
-        return backend.prefill(q, k, v, k_cache, v_cache, ctx, scale)
+        return backend.prefill(q, k, v, k_cache, v_cache, ctx, scale, kv_scales)
     q, k_cache, v_cache, ctx = case
-    return backend.decode(q, k_cache, v_cache, ctx, scale)
+    return backend.decode(q, k_cache, v_cache, ctx, scale, kv_scales)
 
 
-def assert_matches_torch(kind, case, out, scale=0.3, atol=1e-4, rtol=1e-4):
+def assert_matches_torch(kind, case, out, scale=0.3, atol=1e-4, rtol=1e-4, kv_scales=None):
     """`out` (a kernel's or a backend's) equals the plain-PyTorch backend's result on the same case."""
-    torch.testing.assert_close(out, run_backend(TorchBackend(), kind, case, scale), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out, run_backend(TorchBackend(), kind, case, scale, kv_scales), atol=atol, rtol=rtol)
 
 
-def assert_backend_matches_torch(backend, kind, case, scale, atol, rtol):
-    assert_matches_torch(kind, case, run_backend(backend, kind, case, scale), scale, atol, rtol)
+def assert_backend_matches_torch(backend, kind, case, scale, atol, rtol, kv_scales=None):
+    assert_matches_torch(kind, case, run_backend(backend, kind, case, scale, kv_scales), scale, atol, rtol, kv_scales)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,6 +219,50 @@ def _check_decode_empty_rows():
         assert not out[0].isnan().any()
 
 
+def _check_store_kvcache_fp8():
+    """Same bytes as the torch store, saturating far-out values at +-448 * scale."""
+    from nanovllm.kernels.store_kvcache import store_kvcache
+    for head_dim in (32, 24):
+        k, v, k_cache, v_cache, slots = store_case(9, 64, 16, 2, head_dim, torch.float32, "cpu")
+        scales = fp8_scales(2, "cpu")
+        k, v = fp8_round_trip(k, scales.k), fp8_round_trip(v, scales.v)  # on the grid (see the module docstring)
+        k[1, 0, :2] = torch.tensor([1e6, -1e6])
+        k_cache, v_cache = quantize_fp8(k_cache, scales.k), quantize_fp8(v_cache, scales.v)
+        expect_k, expect_v = k_cache.clone(), v_cache.clone()
+        TorchBackend().store_kvcache(k, v, expect_k, expect_v, slots, scales)
+        store_kvcache(k, v, k_cache, v_cache, slots, scales.k, scales.v)
+        assert torch.equal(k_cache.view(torch.uint8), expect_k.view(torch.uint8))
+        assert torch.equal(v_cache.view(torch.uint8), expect_v.view(torch.uint8))
+
+
+def _check_prefill_fp8():
+    """Paged (keys read as fp8) and unpaged (fresh keys rounded through fp8 on load), GQA, odd head_dim."""
+    from nanovllm.kernels.attention import TileConfig, prefill_attention
+    for paged, q_lens, k_lens, head_dim in ((True, [1, 17, 33, 5], [5, 40, 33, 70], 32),
+                                           (False, [1, 17, 40], [1, 17, 40], 32),
+                                           (True, [3, 20], [10, 20], 40)):
+        case = prefill_case(q_lens, k_lens, 16, 6, 2, head_dim, torch.float32, "cpu", paged=paged)
+        scales = fp8_scales(2, "cpu")
+        q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
+        k, v = fp8_round_trip(k, scales.k), fp8_round_trip(v, scales.v)  # on the grid (see the module docstring)
+        case = q, k, v, k_cache, v_cache, ctx
+        out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1), scales.k, scales.v)
+        assert_matches_torch("prefill", case, out, kv_scales=scales)
+
+
+def _check_decode_fp8():
+    from nanovllm.kernels.attention import TileConfig, decode_attention
+    for num_splits in (None, 3):
+        scales = fp8_scales(2, "cpu")
+        case = with_fp8_cache(decode_case([1, 16, 17, 90, 33], 16, 6, 2, 32, torch.float32, "cpu", extra_width=2),
+                              scales)
+        q, k_cache, v_cache, ctx = case
+        out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3,
+                               TileConfig(16, 16, 4, 1), num_splits, scales.k, scales.v)
+        assert_matches_torch("decode", case, out, kv_scales=scales)
+
+
 INTERPRETER_CHECKS = {
     "store_kvcache": _check_store_kvcache,
     "prefill_varlen": _check_prefill_varlen,
@@ -204,6 +270,9 @@ INTERPRETER_CHECKS = {
     "decode": _check_decode,
     "odd_head_dim": _check_odd_head_dim,
     "decode_empty_rows": _check_decode_empty_rows,
+    "store_kvcache_fp8": _check_store_kvcache_fp8,
+    "prefill_fp8": _check_prefill_fp8,
+    "decode_fp8": _check_decode_fp8,
 }
 
 
@@ -316,6 +385,19 @@ def test_flash_attn_backend_refuses_unsupported_configs(block_size, head_dim, dt
     with pytest.raises(ValueError, match=words):
         FlashAttnBackend().check_config(block_size, head_dim, dtype)
     assert FlashAttnBackend().check_config(512, 64, torch.float16) is None
+
+
+@pytest.mark.skipif(not (HAS_FLASH_ATTN and HAS_TRITON), reason="flash_attn and triton are not both installed")
+def test_flash_attn_backend_refuses_an_fp8_cache():
+    from nanovllm.layers.backends.flash_attn import FlashAttnBackend
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8_e4m3'.*attention_backend='triton'"):
+        FlashAttnBackend().check_config(256, 128, torch.bfloat16, "fp8_e4m3")
+
+
+@needs_triton
+def test_triton_backend_accepts_an_fp8_cache():
+    from nanovllm.layers.backends.triton_attn import TritonBackend
+    assert TritonBackend().check_config(16, 128, torch.bfloat16, "fp8_e4m3") is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,3 +569,59 @@ if __name__ == "__main__":
         print(json.dumps(_run_interpreter_checks()))
     else:
         sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpret")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU tests of the fp8 KV cache: the triton kernels against TorchBackend, both reading the same fp8 cache
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("head_dim", HEAD_DIMS + [96])
+def test_store_kvcache_fp8_cuda_equals_torch_bytes(head_dim):
+    from nanovllm.kernels.store_kvcache import store_kvcache
+    k, v, k_cache, v_cache, slots = store_case(300, 1024, 16, 8, head_dim, torch.bfloat16, "cuda")
+    k[0, :, :4] = torch.tensor([1e5, -1e5, 3e38, -3e38], dtype=torch.bfloat16)  # saturate, never nan / inf
+    scales = fp8_scales(8, "cuda")
+    k_cache, v_cache = quantize_fp8(k_cache, scales.k), quantize_fp8(v_cache, scales.v)
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    TorchBackend().store_kvcache(k, v, expect_k, expect_v, slots, scales)
+    store_kvcache(k, v, k_cache, v_cache, slots, scales.k, scales.v)
+    assert torch.equal(k_cache.view(torch.uint8), expect_k.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), expect_v.view(torch.uint8))
+    assert not k_cache.float().isnan().any()
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_heads, num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_triton_fp8_prefill_cuda(block_size, num_heads, num_kv_heads, head_dim):
+    backend = gpu_backend("triton")
+    scales = fp8_scales(num_kv_heads, "cuda")
+    q_lens = [1, 15, 300, 1000, 129]
+    case = prefill_case(q_lens, q_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda",
+                        paged=False)
+    assert_backend_matches_torch(backend, "prefill", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
+                                 scales)
+    q_lens, k_lens = [1, 7, 300, 64, 513, 100], [1, 300, 300, 1000, 700, 2049]
+    case = prefill_case(q_lens, k_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda",
+                        paged=True)
+    assert_backend_matches_torch(backend, "prefill", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
+                                 scales)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_heads, num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("lens", list(DECODE_LENS))
+def test_triton_fp8_decode_cuda(block_size, num_heads, num_kv_heads, head_dim, lens):
+    backend = gpu_backend("triton")
+    scales = fp8_scales(num_kv_heads, "cuda")
+    case = decode_case(DECODE_LENS[lens], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
+    assert_backend_matches_torch(backend, "decode", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
+                                 scales)

@@ -58,6 +58,7 @@ def parse_args():
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", help='"fp8_e4m3": an fp8 KV cache (twice the tokens)')
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="read each step's tokens back before scheduling the next (no overlap)")
     p.add_argument("--profile", action="store_true", help="split the time into host launching and GPU (CUDA)")
@@ -123,7 +124,7 @@ def main():
               enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
               async_scheduling=not args.no_async_scheduling, data_parallel_size=args.data_parallel_size,
-              mixed_steps=not args.no_mixed_steps)
+              mixed_steps=not args.no_mixed_steps, kv_cache_dtype=args.kv_cache_dtype)
     if args.data_parallel_size > 1:
         print(f"LLM() ready in {time.perf_counter() - t:.1f}s ({args.data_parallel_size} replicas: {llm.replicas})")
     else:

@@ -5,7 +5,9 @@
 
 Two engines, one with a bf16 KV cache and one with an fp8 cache, each generate greedily from the same chat
 prompts (128 tokens, EOS ignored so every prompt gives 128). Reported:
-  - the share of positions whose greedy token equals the bf16-KV run's, and where each prompt first diverges;
+  - the share of positions whose greedy token equals the bf16-KV run's, and where each prompt first diverges
+    (after a first difference the texts go their own ways; --noise-floor shows what bf16's own batch-shape
+    rounding does to that share);
   - teacher-forced: both runs' token sequences are scored by both engines (one prefill each over prompt +
     completion; with an fp8 cache a prefill attends to exactly what the cache would hold), giving the logprob of
     every chosen token under each cache; the mean |logprob_fp8 - logprob_bf16| over all those tokens, and the
@@ -38,6 +40,9 @@ def parse_args():
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--fixed-scale", type=float, help="replace every calibrated K/V scale by this value")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also run the bf16-KV engine on one prompt at a time: how far greedy runs drift apart "
+                        "from batch-shape rounding alone")
     return p.parse_args()
 
 
@@ -108,6 +113,10 @@ def main():
         print(f"prompt {i} ({len(prompt)} tokens): {same}/{len(a)} greedy tokens equal, "
               f"first difference at {first if first is not None else '-'}")
     diffs = torch.cat(diffs)
+    if args.noise_floor:
+        alone = [engines["bf16"].generate([p], sp, use_tqdm=False)[0]["token_ids"] for p in prompts]
+        same = sum(x == y for a, b in zip(runs["bf16"], alone) for x, y in zip(a, b))
+        print(f"noise floor: bf16-KV one prompt at a time vs batched: {same}/{total} = {same / total:.1%} equal")
     print(f"greedy tokens equal to the bf16-KV run: {equal}/{total} = {equal / total:.1%}")
     print(f"teacher-forced argmax agreement: {argmax_agree}/{argmax_total} = {argmax_agree / argmax_total:.1%}")
     print(f"chosen tokens' |logprob fp8 - logprob bf16|: mean {diffs.mean():.4f}, median {diffs.median():.4f}, "

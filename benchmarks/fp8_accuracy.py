@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.demo import demo_model_path
-from nanovllm.layers.attention import Attention
-from nanovllm.utils.context import forward_context
+from nanovllm.utils.context import Context, forward_context
 
 PROMPTS = [
     "Write a Python function that merges two sorted lists into one sorted list, with a docstring and tests.",
@@ -58,13 +57,13 @@ def token_logprobs(llm: LLM, head: torch.Tensor, prompt: list[int],
                    completion: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprob of each completion token, argmax at each completion position), teacher-forced in one prefill.
     Nothing is stored (slot -1), so the prefill attends to the new tokens' own K/V, as the cache would hold them."""
-    model = llm.model_runner.model
-    device = llm.model_runner.device
+    model = llm.executor.runner.model
+    device = llm.executor.runner.device
     ids = torch.tensor(prompt + completion, dtype=torch.int64, device=device)
     n = ids.numel()
     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-    with forward_context(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n,
-                         slot_mapping=torch.full((n,), -1, dtype=torch.int32, device=device)):
+    with forward_context(Context(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n,
+                                 slot_mapping=torch.full((n,), -1, dtype=torch.int32, device=device))):
         hidden = model(ids, torch.arange(n, device=device))
     # logits of the positions that predict the completion, in float32 so that bf16 logit rounding stays out
     rows = hidden[len(prompt) - 1:n - 1].float()
@@ -79,7 +78,7 @@ def main():
     options = dict(dtype="bfloat16", device="cpu", enforce_eager=True, max_model_len=1024, kvcache_block_size=16)
     t0 = time.perf_counter()
     engines = {"bf16": LLM(path, **options), "fp8": LLM(path, kv_cache_dtype="fp8_e4m3", **options)}
-    scales = [m.kv_scales for m in engines["fp8"].model_runner.model.modules() if isinstance(m, Attention)]
+    scales = [layer.kv_scales for layer in engines["fp8"].executor.runner.layers]
     if args.fixed_scale is not None:
         for s in scales:
             s.k.fill_(args.fixed_scale)
@@ -95,7 +94,7 @@ def main():
     runs = {name: [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
             for name, llm in engines.items()}
     t2 = time.perf_counter()
-    heads = {name: llm.model_runner.model.lm_head.weight.float() for name, llm in engines.items()}
+    heads = {name: llm.executor.runner.model.lm_head.weight.float() for name, llm in engines.items()}
 
     equal = total = 0
     diffs, argmax_agree, argmax_total = [], 0, 0

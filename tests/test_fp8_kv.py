@@ -12,7 +12,6 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 from nanovllm.engine import kv_cache
 from nanovllm.engine.kv_calibration import calibration_token_ids
-from nanovllm.layers.attention import Attention
 from nanovllm.layers.backends import resolve_backend_name
 from nanovllm.layers.backends.torch_sdpa import TorchBackend
 from nanovllm.layers.kv_quant import FP8_DTYPE, FP8_MAX, KVScales, fp8_round_trip, scales_from_amax
@@ -174,7 +173,7 @@ def test_attention_over_an_fp8_cache(kind):
 
 
 def _engine_scales(llm: LLM) -> list[KVScales]:
-    return [m.kv_scales for m in llm.model_runner.model.modules() if isinstance(m, Attention)]
+    return [layer.kv_scales for layer in llm.executor.runner.layers]
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +330,7 @@ def test_triton_fp8_bf16_agrees_with_torch_backend(qwen3_hd64_path):
     ref = LLM(qwen3_hd64_path, attention_backend="torch", enforce_eager=True, **common)
     fast = LLM(qwen3_hd64_path, attention_backend="auto", **common)  # "auto" must pick triton for fp8
     try:
-        assert fast.model_runner.attn_backend.name == "triton"
+        assert fast.executor.runner.attn_backend.name == "triton"
         out_ref = [o["token_ids"] for o in ref.generate(prompts, sp, use_tqdm=False)]
         out_fast = [o["token_ids"] for o in fast.generate(prompts, sp, use_tqdm=False)]
         for p, a, b in zip(prompts, out_ref, out_fast):

@@ -1,4 +1,5 @@
 import random
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ class LLMEngine:
     Calls from several threads are served one after the other."""
 
     def __init__(self, model: str, **options):
+        start = perf_counter()
         config = Config.from_options(model, **options)
         self.config = config
         self.executor = Executor(config)
@@ -47,6 +49,9 @@ class LLMEngine:
         except BaseException:
             self.exit()
             raise
+        split = ", ".join(f"{name} {t:.1f} s" for name, t in self.executor.runner.start_up_seconds.items())
+        print(f"nanovllm: LLM() ready in {perf_counter() - start:.1f} s ({split}; {config.num_kvcache_blocks} KV "
+              f"blocks of {config.kvcache_block_size} tokens)", file=sys.stderr)
         self._seq_ids = count()
         self._rng = random.Random(config.seed)  # seeds for requests that bring none
         self._lock = threading.Lock()

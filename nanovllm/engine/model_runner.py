@@ -2,6 +2,7 @@
 runs the model (eagerly or by graph replay) and samples. Process management lives in executor.py."""
 from contextlib import contextmanager
 from dataclasses import dataclass
+from time import perf_counter
 
 import torch
 import torch.distributed as dist
@@ -125,6 +126,7 @@ def _entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[fl
 class ModelRunner:
 
     def __init__(self, config: Config, rank: int, device: torch.device):
+        start = perf_counter()
         self.config = config
         self.rank = rank
         self.world_size = config.tensor_parallel_size
@@ -144,6 +146,7 @@ class ModelRunner:
             init_dummy_weights(self.model, config.seed + rank)
         else:
             load_model(self.model, config.model)
+        weights = perf_counter()
         self.layers = attention_layers(self.model)
         for layer in self.layers:
             layer.set_backend(self.attn_backend)
@@ -159,8 +162,11 @@ class ModelRunner:
             self.warmup_compiled_paths()
             if rank == 0:
                 warm_up_sampler(config.hf_config.vocab_size, config.torch_dtype, device)
+        warm = perf_counter()
         if self.on_cuda and not config.enforce_eager:
             self.graphs = CUDAGraphRunner(self.model, config, device)
+        self.start_up_seconds = {"weights": weights - start, "warm-up and compile": warm - weights,
+                                 "graph capture": perf_counter() - warm}
 
     def release(self, wait: bool = True):
         """Drop graphs, cache and weights now rather than at the next garbage collection: a later engine in this

@@ -156,9 +156,10 @@ def test_exit_gives_the_memory_back(qwen3_path):
 
 def test_reading_a_step_back_does_not_wait_for_later_steps():
     """Overlapped scheduling reads step N's tokens while step N+1 runs: that read must wait for step N alone."""
-    from nanovllm.engine.model_runner import SampledTokens
+    from nanovllm.engine.model_runner import SampledTokens, StepOutput
+    from nanovllm.layers.sampler import SamplerOutput
     ids = torch.arange(5, device="cuda") * 7
-    step_n = SampledTokens(ids)
+    step_n = SampledTokens(StepOutput(SamplerOutput(ids), [None] * 5))
     torch.cuda._sleep(2_000_000_000)  # stands for step N+1, queued behind it on the same stream (~1 s)
     assert step_n.tolist() == [0, 7, 14, 21, 28]
     assert not torch.cuda.current_stream().query()  # returned while the later work still runs

@@ -342,12 +342,12 @@ def test_decode_splits_follow_shapes_only():
     assert decode_splits(200, 1, 1, 64, 264) == (1, 256)
 
 
-@needs_triton
 @pytest.mark.parametrize("block_size", [8, 48, 100, 0])
-def test_triton_backend_refuses_odd_block_sizes(block_size):
-    from nanovllm.layers.backends.triton_attn import TritonBackend
-    with pytest.raises(ValueError, match=f"kvcache_block_size={block_size}"):
-        TritonBackend().check_config(block_size, 128, torch.bfloat16)
+def test_odd_block_sizes_are_refused_before_any_backend(qwen3_path, block_size):
+    """The block-size rule (a power of two >= 16, all the Triton kernels need) is stated once, in Config."""
+    from nanovllm.config import Config
+    with pytest.raises(ValueError, match=f"kvcache_block_size must be .*, got {block_size}$"):
+        Config.from_options(qwen3_path, kvcache_block_size=block_size)
 
 
 @needs_triton

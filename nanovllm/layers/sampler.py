@@ -133,6 +133,11 @@ def warm_up_sampler(vocab_size: int, dtype: torch.dtype, device: torch.device) -
     """Compile, before serving, every variant a step could otherwise compile mid-way: the race, the filtered
     draw (top-k candidates and a full sort share its graphs) and the penalties, on the model's logits dtype
     and, after penalties, on float32."""
+    with torch.inference_mode():  # as serving samples: compiled graphs guard on it
+        _warm_up(vocab_size, dtype, device)
+
+
+def _warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
     rows = 2  # a batch of one runs eagerly
     logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
     counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
@@ -329,7 +334,9 @@ def _upload(floats: list[np.ndarray], ints: list[np.ndarray],
             device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Rows of float32 and of int64 values, in one host buffer and one copy; back as views on the device."""
     f, i = np.concatenate(floats), np.concatenate(ints)
-    f_bytes = -(-f.nbytes // 8) * 8  # the int64 part starts 8-byte aligned
+    # the int64 part starts 8-byte aligned and at element >= 2: dynamo specialises storage offsets 0 and 1, so a
+    # batch whose offset were 1 would compile a variant of its own
+    f_bytes = max(-(-f.nbytes // 8) * 8, 16)
     host = torch.empty(f_bytes + i.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     buf = host.numpy()
     buf[:f.nbytes] = f.view(np.uint8)

@@ -36,17 +36,18 @@ class FlashAttnBackend(AttentionBackend):
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attention_backend='flash_attn' supports dtype float16 or bfloat16, got dtype={dtype}")
 
-    def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
+    # kv_scales: always None here, check_config refuses an fp8 cache
+    def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)
 
-    def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale):
+    def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
         if ctx.block_tables is not None:  # cached prefix or chunked prefill: every key is already in the cache
             k, v = k_cache, v_cache
         return flash_attn_varlen_func(q, k, v, cu_seqlens_q=ctx.cu_seqlens_q, cu_seqlens_k=ctx.cu_seqlens_k,
                                       max_seqlen_q=ctx.max_seqlen_q, max_seqlen_k=ctx.max_seqlen_k,
                                       softmax_scale=scale, causal=True, block_table=ctx.block_tables)
 
-    def decode(self, q, k_cache, v_cache, ctx: Context, scale):
+    def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
         o = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=ctx.context_lens,
                                     block_table=ctx.block_tables, softmax_scale=scale, causal=True)
         return o.squeeze(1)

@@ -30,19 +30,16 @@ def gather_cached_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [q_len, heads, dim]; k, v: [k_len, kv_heads, dim], k_len >= q_len, bottom-right causal."""
     q_len, k_len = q.size(0), k.size(0)
-    group = q.size(1) // k.size(1)
-    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    if group > 1:
-        # repeated rather than enable_gqa=True: on the CPU, SDPA serves enable_gqa with its slow unfused kernel
-        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    # 4-D with enable_gqa: the CPU's fused SDPA kernel takes neither 3-D inputs nor repeated K/V without a copy
+    q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if q_len == k_len:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
         # query i sits at position k_len - q_len + i and sees every key up to it
         rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
         mask = torch.arange(k_len, device=q.device)[None, :] <= rows
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def reference_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

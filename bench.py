@@ -2,19 +2,31 @@
 
     python bench.py                      # dummy Qwen3-0.6B weights, 256 sequences (needs a GPU to be quick)
     python bench.py --size 8B            # dummy Qwen3-8B
-    python bench.py --model PATH         # a real local checkpoint
+    python bench.py --model PATH         # a real local checkpoint ("--model demo": the embedded demo model)
     python bench.py --size tiny --num-seqs 8 --max-input-len 64 --max-output-len 32   # a CPU smoke run
     python bench.py --data-parallel-size 2   # two replicas on Ray (the [ray] extra), 2 x 256 sequences
+    python bench.py --top-p 0.95 --top-k 20  # Qwen3's recommended filters on every request
+
+    # decode throughput at fixed batch sizes: N prompts of --max-input-len tokens, --max-output-len new tokens each
+    python bench.py --device cpu --model demo --dtype bfloat16 --enforce-eager --temperature 0 \
+        --decode-batch 1 64 --max-input-len 128 --max-output-len 32
 
 Without --model the weights are random ("dummy") on the real architecture, so a fresh machine benchmarks
 without any download; throughput does not depend on the weights' values.
+
+Prefill and decode tok/s come from a run driven one step at a time (LLM.step), each step timed. On the CPU that is
+the only run (its steps cannot overlap anyway); on a GPU the headline is `generate()` with overlapped steps and
+`--phases` adds the step-by-step run.
 """
 import argparse
 import json
 import os
 import tempfile
 import time
-from random import randint, seed
+from dataclasses import dataclass
+from random import Random, randint, seed
+
+import torch
 
 from nanovllm import LLM, SamplingParams
 
@@ -42,7 +54,8 @@ def dummy_model_folder(size: str) -> str:
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local Hugging Face model folder (default: dummy weights, see --size)")
+    p.add_argument("--model", help="local Hugging Face model folder, or 'demo' for the embedded demo model "
+                                    "(default: dummy weights, see --size)")
     p.add_argument("--size", choices=sorted(SIZES), default="0.6B", help="Qwen3 shape for dummy weights")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--max-input-len", type=int, default=1024)
@@ -61,13 +74,24 @@ def parse_args():
     p.add_argument("--kv-cache-dtype", default="auto", help='"fp8_e4m3": an fp8 KV cache (twice the tokens)')
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="read each step's tokens back before scheduling the next (no overlap)")
+    p.add_argument("--num-kvcache-blocks", type=int, default=-1, help="-1: sized by the engine")
+    p.add_argument("--kvcache-block-size", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
+    p.add_argument("--decode-batch", type=int, nargs="+", metavar="N",
+                   help="decode throughput at these batch sizes: N prompts of exactly --max-input-len tokens, "
+                        "exactly --max-output-len new tokens each (EOS ignored)")
+    p.add_argument("--phases", action="store_true", help="GPU: also time prefill and decode steps apart")
     p.add_argument("--profile", action="store_true", help="split the time into host launching and GPU (CUDA)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for every request (vLLM's meaning)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling for every request (0 = off)")
     p.add_argument("--no-mixed-steps", action="store_true", help="nano-vllm's prefill-first steps")
     args = p.parse_args()
-    if args.profile and args.data_parallel_size > 1:
-        p.error("--profile times one engine in this process: use it with --data-parallel-size 1")
+    if args.data_parallel_size > 1 and (args.profile or args.phases or args.decode_batch):
+        p.error("--profile, --phases and --decode-batch time one engine in this process: use --data-parallel-size 1")
+    if args.decode_batch and min(args.decode_batch) < 1:
+        p.error(f"--decode-batch sizes must be >= 1, got {args.decode_batch}")
+    if args.decode_batch and args.max_output_len < 2:
+        p.error(f"--decode-batch needs --max-output-len >= 2 (one prefill token, then decode), got {args.max_output_len}")
     return args
 
 
@@ -76,7 +100,6 @@ class StepProfile:
     sampler) and the model's own time on the GPU (CUDA events), for prefill and decode steps."""
 
     def __init__(self, llm):
-        import torch
         self.rows = []  # (is_prefill, host seconds, start event, end event, batch size)
         runner = llm.executor.runner
         launch, run_model = runner.launch, runner.run_model
@@ -107,38 +130,128 @@ class StepProfile:
         print(f"wall {total:.2f}s")
 
 
-def main():
-    args = parse_args()
+@dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    sampling_params: list[SamplingParams]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(sp.max_tokens for sp in self.sampling_params)
+
+
+def random_workload(args) -> Workload:
+    """nano-vllm's workload (its draws, in its order), data_parallel_size times over."""
     seed(0)
     lo = min(args.min_len, args.max_input_len, args.max_output_len)
     num_seqs = args.num_seqs * args.data_parallel_size
-    prompt_token_ids = [[randint(0, 10000) for _ in range(randint(lo, args.max_input_len))]
-                        for _ in range(num_seqs)]
-    sampling_params = [SamplingParams(temperature=0.6, top_p=args.top_p, top_k=args.top_k, ignore_eos=True,
-                                      max_tokens=randint(lo, args.max_output_len))
-                       for _ in range(num_seqs)]
+    prompts = [[randint(0, 10000) for _ in range(randint(lo, args.max_input_len))] for _ in range(num_seqs)]
+    sps = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, ignore_eos=True,
+                          max_tokens=randint(lo, args.max_output_len)) for _ in range(num_seqs)]
+    return Workload(prompts, sps)
+
+
+def fixed_batch_workload(args, batch: int) -> Workload:
+    rng = Random(batch)  # other tokens for each batch size, so that the prefix cache serves none of them
+    prompts = [[rng.randint(0, 10000) for _ in range(args.max_input_len)] for _ in range(batch)]
+    sp = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.max_output_len)
+    return Workload(prompts, [sp] * batch)
+
+
+@dataclass(slots=True)
+class PhaseTimes:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / max(self.decode_s, 1e-9)
+
+    def report(self, label: str = ""):
+        print(f"{label}Prefill: {self.prefill_tokens}tok in {self.prefill_s:.2f}s, "
+              f"{self.prefill_tokens / max(self.prefill_s, 1e-9):.2f}tok/s | Decode: {self.decode_tokens}tok in "
+              f"{self.decode_s:.2f}s ({self.decode_steps} steps, mean batch "
+              f"{self.decode_tokens / max(self.decode_steps, 1):.1f}), {self.decode_tps:.2f}tok/s")
+
+
+def timed_steps(llm, work: Workload) -> PhaseTimes:
+    """Run the workload one step at a time (no overlap of host and device), timing prefill and decode steps."""
+    for prompt, sp in zip(work.prompts, work.sampling_params):
+        llm.add_request(prompt, sp)
+    times = PhaseTimes()
+    while not llm.is_finished():
+        t = time.perf_counter()
+        summary = llm.step()
+        dt = time.perf_counter() - t
+        if summary is None:
+            continue
+        if summary.kind.value == "prefill":  # a mixed step counts as prefill: it runs the varlen path
+            times.prefill_tokens += summary.num_tokens
+            times.prefill_s += dt
+        else:
+            times.decode_tokens += summary.num_tokens
+            times.decode_s += dt
+            times.decode_steps += 1
+    return times
+
+
+def timed_generate(llm, work: Workload, profile: StepProfile | None) -> float:
+    t = time.perf_counter()
+    llm.generate(work.prompts, work.sampling_params, use_tqdm=False)
+    t = time.perf_counter() - t
+    print(f"Total: {work.output_tokens}tok, Time: {t:.2f}s, Throughput: {work.output_tokens / t:.2f}tok/s")
+    if profile:
+        profile.report(t)
+    return t
+
+
+def main():
+    args = parse_args()
+    if args.model == "demo":
+        from nanovllm import demo_model_path
+        args.model = demo_model_path()
     path = args.model or dummy_model_folder(args.size)
+    max_num_seqs = max(args.max_num_seqs, *(args.decode_batch or [1]))
     t = time.perf_counter()
     llm = LLM(path, load_format="auto" if args.model else "dummy", max_model_len=args.max_model_len,
               tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
-              enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
+              enforce_eager=args.enforce_eager, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
-              async_scheduling=not args.no_async_scheduling, data_parallel_size=args.data_parallel_size,
-              mixed_steps=not args.no_mixed_steps, kv_cache_dtype=args.kv_cache_dtype)
+              async_scheduling=not args.no_async_scheduling, num_kvcache_blocks=args.num_kvcache_blocks,
+              kvcache_block_size=args.kvcache_block_size, kv_cache_dtype=args.kv_cache_dtype,
+              mixed_steps=not args.no_mixed_steps, data_parallel_size=args.data_parallel_size)
     if args.data_parallel_size > 1:
+        on_cpu = False
         print(f"LLM() ready in {time.perf_counter() - t:.1f}s ({args.data_parallel_size} replicas: {llm.replicas})")
     else:
+        on_cpu = llm.config.device.type == "cpu"
         print(f"LLM() ready in {time.perf_counter() - t:.1f}s (attention backend: "
-              f"{llm.executor.runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks})")
+              f"{llm.executor.runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks}, device: "
+              f"{llm.config.device}, dtype: {llm.config.torch_dtype}, torch threads: {torch.get_num_threads()})")
     llm.generate([[1, 2, 3, 4]] * args.data_parallel_size, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-    profile = StepProfile(llm) if args.profile else None
-    t = time.perf_counter()
-    llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)
-    t = time.perf_counter() - t
-    total_tokens = sum(sp.max_tokens for sp in sampling_params)
-    print(f"Total: {total_tokens}tok, Time: {t:.2f}s, Throughput: {total_tokens / t:.2f}tok/s")
-    if profile:
-        profile.report(t)
+    if args.decode_batch:
+        decode_tps = {}
+        for batch in args.decode_batch:
+            times = timed_steps(llm, fixed_batch_workload(args, batch))
+            times.report(f"[batch {batch}] ")
+            decode_tps[batch] = times.decode_tps
+        base = args.decode_batch[0]
+        for batch, tps in decode_tps.items():
+            print(f"decode at batch {batch}: {tps:.2f}tok/s, {tps / decode_tps[base]:.2f}x batch {base}")
+    else:
+        work = random_workload(args)
+        if not on_cpu:  # the headline: overlapped steps, as users run them
+            timed_generate(llm, work, StepProfile(llm) if args.profile else None)
+        if on_cpu or args.phases:
+            times = timed_steps(llm, work)
+            times.report()
+            if on_cpu:
+                total = times.prefill_s + times.decode_s
+                print(f"Total: {work.output_tokens}tok, Time: {total:.2f}s, "
+                      f"Throughput: {work.output_tokens / total:.2f}tok/s")
     llm.exit()
 
 

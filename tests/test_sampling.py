@@ -30,6 +30,13 @@ def test_sampler_greedy_rows_are_argmax(device):
     assert torch.equal(tokens[::2], logits[::2].argmax(-1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampler_all_greedy_batch_is_argmax(device):
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    tokens = Sampler()(logits, torch.zeros(8, device=device), torch.Generator(device).manual_seed(0))
+    assert torch.equal(tokens, logits.float().argmax(-1))
+
+
 def test_same_seed_same_output_other_seed_differs(qwen3_path):
     prompts = [[5, 6, 7], [100] * 20, [9]]
     sp = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)

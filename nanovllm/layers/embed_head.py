@@ -3,6 +3,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.cpu_packed import PackedWeight
 from nanovllm.layers.linear import divide
 from nanovllm.utils.parallel import all_reduce, tp_rank, tp_size
 
@@ -39,8 +40,12 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits of the hidden states it is given (the runner picks which tokens); under TP the vocabulary slices
     are gathered on rank 0."""
 
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.packed = PackedWeight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(x, self.weight)
+        logits = self.packed.linear(x, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
             dist.gather(logits, parts, 0)

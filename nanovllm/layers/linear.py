@@ -4,9 +4,9 @@ Each Parameter carries a `weight_loader(param, loaded_weight[, shard_id])` that 
 full checkpoint tensor into it, so the loader never needs to know how a layer is split.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.cpu_packed import PackedWeight
 from nanovllm.utils.parallel import all_reduce, tp_rank, tp_size
 
 
@@ -30,6 +30,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed = PackedWeight()
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor):
         if self.tp_dim is not None and param.dim() > self.tp_dim and self.tp_size > 1:
@@ -38,7 +39,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.packed.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -99,5 +100,5 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the bias is added once, on rank 0, so the all-reduce sums it exactly once
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.packed.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y, self.tp_size)

@@ -1,16 +1,30 @@
-"""Pure-PyTorch paged attention: the CPU path, and the reference every GPU kernel is tested against."""
+"""Pure-PyTorch paged attention: the CPU path, and the reference every GPU kernel is tested against.
+
+Decode has two versions with equal results:
+
+* `reference_decode`: every sequence's blocks padded to the longest block table and K/V repeated per query head,
+  then one masked SDPA. Plain, and free of host syncs (CUDA graphs can capture it); used off the CPU.
+* `grouped_decode` (the CPU path): sequences grouped by their number of blocks, each group gathers exactly its
+  own blocks (padding stays within the last block), and the query heads that share a KV head attend together as
+  the query rows of one SDPA, so the cached K/V is read once, never copied per query head:
+
+      q [num_seqs, num_heads, head_dim] --view--> [num_seqs, num_kv_heads, group, head_dim]
+                                                   group query heads = the "query length" of each KV head
+      k [num_seqs, num_kv_heads, keys, head_dim]   (a view of the gathered blocks, no copy per head)
+"""
 import torch
 import torch.nn.functional as F
 
 from nanovllm.layers.backends.base import AttentionBackend
 from nanovllm.layers.kv_quant import KVScales, dequantize_fp8, fp8_round_trip, quantize_fp8
 from nanovllm.utils.context import Context
+from nanovllm.utils.math import cdiv
 
 
 def gather_cached_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """The first num_tokens cached entries of one sequence, in order: [num_tokens, num_kv_heads, head_dim]."""
     block_size = cache.size(1)
-    num_blocks = (num_tokens + block_size - 1) // block_size
+    num_blocks = cdiv(num_tokens, block_size)
     blocks = cache[block_table[:num_blocks].long()]  # [num_blocks, block_size, kv_heads, head_dim]
     return blocks.flatten(0, 1)[:num_tokens]
 
@@ -20,21 +34,106 @@ def read_cache(cached: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     return cached if scale is None else dequantize_fp8(cached, scale, dtype)
 
 
+def _scales(kv_scales: KVScales | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [q_len, heads, dim]; k, v: [k_len, kv_heads, dim], k_len >= q_len, bottom-right causal."""
     q_len, k_len = q.size(0), k.size(0)
-    group = q.size(1) // k.size(1)
-    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    if group > 1:
-        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    # 4-D with enable_gqa: the CPU's fused SDPA kernel takes neither 3-D inputs nor repeated K/V without a copy
+    q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if q_len == k_len:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
         # query i sits at position k_len - q_len + i and sees every key up to it
         rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
         mask = torch.arange(k_len, device=q.device)[None, :] <= rows
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+def reference_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, ctx: Context, scale: float,
+                      kv_scales: KVScales | None = None) -> torch.Tensor:
+    """One sequence at a time; keys from the cache when ctx.block_tables is set, else the new tokens' own (with an
+    fp8 cache rounded as it stores them, so a cached and an uncached prefill agree)."""
+    ks, vs = _scales(kv_scales)
+    if kv_scales is not None and ctx.block_tables is None:
+        k, v = fp8_round_trip(k, ks), fp8_round_trip(v, vs)
+    cu_q = ctx.cu_seqlens_q.tolist()
+    cu_k = ctx.cu_seqlens_k.tolist()
+    out = torch.empty_like(q)
+    for i in range(len(cu_q) - 1):
+        q0, q1 = cu_q[i], cu_q[i + 1]
+        k_len = cu_k[i + 1] - cu_k[i]
+        if ctx.block_tables is None:
+            ki, vi = k[q0:q1], v[q0:q1]
+        else:
+            ki = read_cache(gather_cached_kv(k_cache, ctx.block_tables[i], k_len), ks, q.dtype)
+            vi = read_cache(gather_cached_kv(v_cache, ctx.block_tables[i], k_len), vs, q.dtype)
+        out[q0:q1] = causal_attention(q[q0:q1], ki, vi, scale)
+    return out
+
+
+def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                     block_tables: torch.Tensor, scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
+    """q: [num_seqs, heads, dim]; each sequence attends to its first context_lens[i] cached tokens."""
+    num_heads, num_kv_heads = q.size(1), k_cache.size(2)
+    ks, vs = _scales(kv_scales)
+    tables = block_tables.long()  # [num_seqs, max_blocks]; -1 entries index the last block and are masked
+    k = read_cache(k_cache[tables].flatten(1, 2), ks, q.dtype)  # [num_seqs, max_blocks * block_size, kv_heads, dim]
+    v = read_cache(v_cache[tables].flatten(1, 2), vs, q.dtype)
+    group = num_heads // num_kv_heads
+    k = k.permute(0, 2, 1, 3).repeat_interleave(group, 1)  # [num_seqs, heads, keys, dim]
+    v = v.permute(0, 2, 1, 3).repeat_interleave(group, 1)
+    visible = torch.arange(k.size(2), device=q.device)[None, :] < context_lens[:, None]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale)
+    return o.squeeze(2)
+
+
+def grouped_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                   block_tables: torch.Tensor, scale: float, kv_scales: KVScales | None = None) -> torch.Tensor:
+    """reference_decode's result, reading each sequence's own blocks once (see the module docstring).
+    Reads context_lens on the host: meant for the CPU, where that costs nothing."""
+    block_size = k_cache.size(1)
+    lens = context_lens.tolist()
+    by_blocks: dict[int, list[int]] = {}
+    for row, n in enumerate(lens):
+        by_blocks.setdefault(cdiv(n, block_size), []).append(row)
+    if len(by_blocks) == 1 and 0 not in by_blocks:
+        (num_blocks, _), = by_blocks.items()
+        return _decode_rows(q, k_cache, v_cache, lens, block_tables[:, :num_blocks], scale, kv_scales)
+    out = torch.zeros_like(q)  # rows without context (CUDA-graph padding) stay zero
+    for num_blocks, rows in by_blocks.items():
+        if num_blocks == 0:
+            continue
+        index = torch.tensor(rows, device=q.device)
+        out[index] = _decode_rows(q[index], k_cache, v_cache, [lens[r] for r in rows],
+                                  block_tables[index, :num_blocks], scale, kv_scales)
+    return out
+
+
+def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: list[int],
+                 tables: torch.Tensor, scale: float, kv_scales: KVScales | None) -> torch.Tensor:
+    """Sequences with the same number of blocks: tables [num_seqs, num_blocks], all entries valid."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.size(2)
+    num_keys = max(lens)
+    blocks = tables.flatten().long()
+    # index_select: on the CPU about 3x faster than the same gather written as cache[blocks]
+    ks, vs = _scales(kv_scales)
+    k = read_cache(k_cache.index_select(0, blocks), ks, q.dtype).view(num_seqs, -1, num_kv_heads, head_dim)
+    v = read_cache(v_cache.index_select(0, blocks), vs, q.dtype).view(num_seqs, -1, num_kv_heads, head_dim)
+    # [num_seqs, kv_heads, num_keys, dim]: views of the one copy the gather made
+    k, v = k[:, :num_keys].transpose(1, 2), v[:, :num_keys].transpose(1, 2)
+    mask = None
+    if min(lens) < num_keys:
+        lens_t = torch.tensor(lens, device=q.device)
+        mask = (torch.arange(num_keys, device=q.device)[None, :] < lens_t[:, None])[:, None, None, :]
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return o.reshape(num_seqs, num_heads, head_dim)
 
 
 class TorchBackend(AttentionBackend):
@@ -49,32 +148,9 @@ class TorchBackend(AttentionBackend):
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
-        ks, vs = (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
-        if kv_scales is not None and ctx.block_tables is None:
-            k, v = fp8_round_trip(k, ks), fp8_round_trip(v, vs)
-        cu_q = ctx.cu_seqlens_q.tolist()
-        cu_k = ctx.cu_seqlens_k.tolist()
-        out = torch.empty_like(q)
-        for i in range(len(cu_q) - 1):
-            q0, q1 = cu_q[i], cu_q[i + 1]
-            k_len = cu_k[i + 1] - cu_k[i]
-            if ctx.block_tables is None:
-                ki, vi = k[q0:q1], v[q0:q1]
-            else:
-                ki = read_cache(gather_cached_kv(k_cache, ctx.block_tables[i], k_len), ks, q.dtype)
-                vi = read_cache(gather_cached_kv(v_cache, ctx.block_tables[i], k_len), vs, q.dtype)
-            out[q0:q1] = causal_attention(q[q0:q1], ki, vi, scale)
-        return out
+        return reference_prefill(q, k, v, k_cache, v_cache, ctx, scale, kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
-        num_heads, num_kv_heads = q.size(1), k_cache.size(2)
-        ks, vs = (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
-        tables = ctx.block_tables.long()  # [num_seqs, max_blocks]
-        k = read_cache(k_cache[tables].flatten(1, 2), ks, q.dtype)  # [num_seqs, max_blocks * block_size, kv_heads, dim]
-        v = read_cache(v_cache[tables].flatten(1, 2), vs, q.dtype)
-        group = num_heads // num_kv_heads
-        k = k.permute(0, 2, 1, 3).repeat_interleave(group, 1)  # [num_seqs, heads, keys, dim]
-        v = v.permute(0, 2, 1, 3).repeat_interleave(group, 1)
-        visible = torch.arange(k.size(2), device=q.device)[None, :] < ctx.context_lens[:, None]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale)
-        return o.squeeze(2)
+        if q.device.type == "cpu":
+            return grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, kv_scales)
+        return reference_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, kv_scales)

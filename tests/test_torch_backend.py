@@ -1,0 +1,97 @@
+"""The pure-PyTorch backend on the CPU: its fast paths against the plain reference, both against textbook math.
+
+float32, tiny shapes: random caches, shuffled block tables, GQA groups 1/2/7, lengths on and around block edges,
+chunked prefill after a cached prefix.
+"""
+import pytest
+import torch
+
+from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_decode, reference_prefill
+from test_kernels import decode_case, prefill_case
+
+SCALE = 0.3
+HEADS = [(4, 4), (4, 2), (14, 2)]  # query heads, KV heads: groups of 1, 2 and 7
+MIXED_LENS = [1, 15, 16, 17, 40, 64, 3, 33, 48, 31]  # block size 16: 1..4 blocks, full and partial last blocks
+
+
+def textbook_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """float64 softmax(q k^T) v, bottom-right causal; q: [q_len, heads, dim], k, v: [k_len, kv_heads, dim]."""
+    q_len, k_len = q.size(0), k.size(0)
+    group = q.size(1) // k.size(1)
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    visible = torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None] + (k_len - q_len)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+
+
+def cached_keys(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    return cache[table[table >= 0].long()].flatten(0, 1)[:n]
+
+
+def textbook_decode(q, k_cache, v_cache, ctx, scale) -> torch.Tensor:
+    rows = []
+    for i, n in enumerate(ctx.context_lens.tolist()):
+        k, v = cached_keys(k_cache, ctx.block_tables[i], n), cached_keys(v_cache, ctx.block_tables[i], n)
+        rows.append(textbook_attention(q[i:i + 1], k, v, scale))
+    return torch.cat(rows)
+
+
+def textbook_prefill(q, k, v, k_cache, v_cache, ctx, scale) -> torch.Tensor:
+    cu_q, cu_k = ctx.cu_seqlens_q.tolist(), ctx.cu_seqlens_k.tolist()
+    rows = []
+    for i in range(len(cu_q) - 1):
+        q0, q1, n = cu_q[i], cu_q[i + 1], cu_k[i + 1] - cu_k[i]
+        if ctx.block_tables is None:
+            ki, vi = k[q0:q1], v[q0:q1]
+        else:
+            ki, vi = cached_keys(k_cache, ctx.block_tables[i], n), cached_keys(v_cache, ctx.block_tables[i], n)
+        rows.append(textbook_attention(q[q0:q1], ki, vi, scale))
+    return torch.cat(rows)
+
+
+def test_textbook_attention_sees_only_earlier_keys():
+    q, k, v = torch.randn(2, 1, 4), torch.randn(3, 1, 4), torch.eye(3, 4)[:, None, :]
+    out = textbook_attention(q, k, v, 1.0)
+    # the first query sits at position 1 (bottom-right): no weight on key 2, so value row 2 contributes nothing
+    assert out[0, 0, 2].item() == 0.0 and out[1, 0, 2].item() > 0.0
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", HEADS)
+@pytest.mark.parametrize("lens", [MIXED_LENS, [40] * 5, [1], [16, 32, 48]])
+def test_grouped_decode_equals_reference(num_heads, num_kv_heads, lens):
+    q, k_cache, v_cache, ctx = decode_case(lens, 16, num_heads, num_kv_heads, 8, torch.float32, "cpu", seed=1,
+                                           extra_width=2)
+    fast = grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, SCALE)
+    torch.testing.assert_close(fast, reference_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables,
+                                                      SCALE))
+    torch.testing.assert_close(fast, textbook_decode(q, k_cache, v_cache, ctx, SCALE))
+
+
+def test_grouped_decode_leaves_rows_without_context_zero():
+    q, k_cache, v_cache, ctx = decode_case([20, 5, 20], 16, 4, 2, 8, torch.float32, "cpu")
+    ctx.context_lens[1] = 0
+    out = grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, SCALE)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[[0, 2]], textbook_decode(q[[0, 2]], k_cache, v_cache,
+                                                            type(ctx)(context_lens=ctx.context_lens[[0, 2]],
+                                                                      block_tables=ctx.block_tables[[0, 2]]), SCALE))
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", HEADS)
+def test_backend_decode_on_cpu_equals_textbook(num_heads, num_kv_heads):
+    case = decode_case(MIXED_LENS, 16, num_heads, num_kv_heads, 8, torch.float32, "cpu", seed=2)
+    torch.testing.assert_close(TorchBackend().decode(*case, SCALE), textbook_decode(*case, SCALE))
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", HEADS)
+@pytest.mark.parametrize("q_lens, k_lens, paged", [
+    ([5, 17, 1, 40, 16], [5, 17, 1, 40, 16], False),  # plain prompts
+    ([5, 17, 1, 40, 16], [5, 17, 1, 40, 16], True),  # the same, keys read back from the cache
+    ([1, 17, 33, 5, 20], [5, 40, 33, 70, 20], True),  # cached prefixes, chunks, one-token chunks
+])
+def test_backend_prefill_equals_textbook(num_heads, num_kv_heads, q_lens, k_lens, paged):
+    case = prefill_case(q_lens, k_lens, 16, num_heads, num_kv_heads, 8, torch.float32, "cpu", paged, seed=3)
+    expect = textbook_prefill(*case, SCALE)
+    torch.testing.assert_close(TorchBackend().prefill(*case, SCALE), expect)
+    torch.testing.assert_close(reference_prefill(*case, SCALE), expect)

@@ -11,7 +11,7 @@ from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsPr
                                      TopKLogitsWarper, TopPLogitsWarper)
 
 from nanovllm import SamplingParams
-from nanovllm.layers.sampler import (Sampler, count_tokens_, processed_logits, prompt_token_mask, row_noise_keys, sample,
+from nanovllm.layers.sampler import (count_tokens_, processed_logits, prompt_token_mask, row_noise_keys, sample,
                                      sampling_tensors, token_counts, uniform_noise, warm_up_sampler)
 from nanovllm.utils.compile import compile_settings
 
@@ -443,13 +443,11 @@ def test_cuda_warm_up_compiles_every_variant_and_inductor_draws_as_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_top_k_top_p_costs_little_more_than_temperature():
     """bench.py's settings at its batch: Qwen3's vocabulary, 256 rows, bfloat16 logits; each step builds its
-    SamplingTensors on the host as the runner will. Prints the figures, the ModelRunner's current sampler too."""
+    SamplingTensors on the host as the runner does. Prints the figures."""
     vocab, n, device = 151936, 256, torch.device("cuda")
     logits = torch.randn(n, vocab, device=device).to(torch.bfloat16)
     seeds, positions = list(range(n)), [100] * n
-    legacy, generator = Sampler(), torch.Generator(device).manual_seed(0)
-    temperatures = torch.full((n,), 0.6, device=device)
-    steps = {"current sampler, temperature 0.6": lambda: legacy(logits, temperatures, generator)}
+    steps = {}
     for name, sp in [("temperature 0.6", SamplingParams(temperature=0.6)),
                      ("+ top_k 20, top_p 0.95", SamplingParams(temperature=0.6, top_k=20, top_p=0.95)),
                      ("+ top_p 0.95 (full sort)", SamplingParams(temperature=0.6, top_p=0.95))]:

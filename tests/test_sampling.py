@@ -33,8 +33,9 @@ def test_sampler_greedy_rows_are_argmax(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_sampler_all_greedy_batch_is_argmax(device):
     logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
-    tokens = Sampler()(logits, torch.zeros(8, device=device), torch.Generator(device).manual_seed(0))
-    assert torch.equal(tokens, logits.float().argmax(-1))
+    t = sampling_tensors([SamplingParams(temperature=0)] * 8, range(8), [0] * 8, torch.device(device))
+    assert not t.any_plain and not t.any_filtered  # no noise is drawn for an all-greedy batch
+    assert torch.equal(sample(logits, t).token_ids, logits.float().argmax(-1))
 
 
 def test_same_seed_same_output_other_seed_differs(qwen3_path):

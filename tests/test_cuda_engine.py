@@ -157,7 +157,7 @@ def test_exit_gives_the_memory_back(qwen3_path):
 
 def test_reading_a_step_back_does_not_wait_for_later_steps():
     """Overlapped scheduling reads step N's tokens while step N+1 runs: that read must wait for step N alone."""
-    from nanovllm.engine.model_runner import SampledTokens, StepOutput
+    from nanovllm.engine.readback import SampledTokens, StepOutput
     from nanovllm.layers.sampler import SamplerOutput
     ids = torch.arange(5, device="cuda") * 7
     step_n = SampledTokens(StepOutput(SamplerOutput(ids), [None] * 5))

@@ -10,7 +10,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 

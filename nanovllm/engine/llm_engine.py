@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from nanovllm.config import Config
 from nanovllm.engine.executor import Executor
-from nanovllm.engine.model_runner import SampledTokens
+from nanovllm.engine.readback import SampledTokens
 from nanovllm.engine.output import OutputProcessor
 from nanovllm.engine.requests import Request, RequestBuilder, load_tokenizer
 from nanovllm.engine.scheduler import BookedStep, Scheduler

@@ -1,7 +1,6 @@
 """One rank's model: built once (weights, KV cache, warm-up, CUDA graphs), then each step uploads its inputs,
 runs the model (eagerly or by graph replay) and samples. Process management lives in executor.py."""
 from contextlib import contextmanager
-from dataclasses import dataclass
 from time import perf_counter
 
 import torch
@@ -13,13 +12,12 @@ from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
 from nanovllm.engine.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from nanovllm.engine.step import ScheduledStep, StepKind, StepResult
 from nanovllm.engine.penalties import PenaltyTables, is_penalized
-from nanovllm.engine.step_inputs import (Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout,
-                                         wants_prompt_logprobs)
+from nanovllm.engine.readback import SampledTokens, StepOutput, last_of_each_row, score_prompts
+from nanovllm.engine.step_inputs import Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout
 from nanovllm.layers.attention import attention_layers
 from nanovllm.layers.kv_quant import KVScales
 from nanovllm.layers.backends import create_backend
-from nanovllm.layers.sampler import (SamplerOutput, TokenLogprobs, compute_logprobs, sample, sampling_tensors,
-                                     warm_up_sampler)
+from nanovllm.layers.sampler import sample, sampling_tensors, warm_up_sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.compile import compiling_on
@@ -43,84 +41,6 @@ def default_dtype_and_device(dtype: torch.dtype, device: torch.device):
             yield
     finally:
         torch.set_default_dtype(old_dtype)
-
-
-@dataclass(slots=True)
-class PromptScores:
-    """One row's prompt logprobs of a step: `count` entries from `offset` in the step's scores."""
-    scores: TokenLogprobs | None
-    first: bool  # the chunk starts the prompt: token 0 has no logprob
-    count: int
-    offset: int = 0
-    targets: list[int] | None = None
-
-
-@dataclass(slots=True)
-class StepOutput:
-    sampler: SamplerOutput
-    num_logprobs: list[int | None]  # per row, as its SamplingParams asked
-    prompt_logprobs: dict[int, PromptScores] | None = None
-    num_prompt_logprobs: list[int | None] | None = None
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type != "cuda":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-    return host.copy_(t, non_blocking=True)
-
-
-class SampledTokens:
-    """A step's sampled ids (and logprobs) on their way to the host: copies queued right behind the sampler and an
-    event, so reading waits for this step alone, not for the steps launched after it."""
-
-    def __init__(self, output: StepOutput):
-        self._output = output
-        out = output.sampler
-        self._ids = _host_copy(out.token_ids)
-        self._logprobs = None if out.logprobs is None else [_host_copy(t) for t in _fields(out.logprobs)]
-        self._prompt = {i: [_host_copy(t) for t in _fields(p.scores)] for i, p in
-                        (output.prompt_logprobs or {}).items() if p.scores is not None}
-        self._ready = None
-        if out.token_ids.device.type == "cuda":
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(out.token_ids.device))
-
-    def tolist(self) -> list[int]:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._ids.tolist()
-
-    def result(self) -> StepResult:
-        ids = self.tolist()
-        logprobs = None
-        if self._logprobs is not None:
-            chosen, top_ids, top_lps = (t.tolist() for t in self._logprobs)
-            logprobs = [None if n is None else _entry(ids[i], chosen[i], top_ids[i][:n], top_lps[i][:n])
-                        for i, n in enumerate(self._output.num_logprobs)]
-        prompt = None
-        if self._output.prompt_logprobs is not None:
-            prompt = {}
-            for i, p in self._output.prompt_logprobs.items():
-                entries = [None] if p.first else []
-                if p.count:
-                    n = self._output.num_prompt_logprobs[i]
-                    chosen, top_ids, top_lps = (t.tolist() for t in self._prompt[i])
-                    for j in range(p.offset, p.offset + p.count):
-                        entries.append(_entry(p.targets[j - p.offset], chosen[j], top_ids[j][:n], top_lps[j][:n]))
-                prompt[i] = entries
-        return StepResult(ids, logprobs, prompt)
-
-
-def _fields(lp: TokenLogprobs) -> list[torch.Tensor]:
-    return [lp.token_logprobs, lp.top_ids, lp.top_logprobs]
-
-
-def _entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> dict[int, float]:
-    """{token id: logprob} for the top-N and the chosen token (vLLM's shape)."""
-    entry = dict(zip(top_ids, top_logprobs))
-    entry[token] = logprob
-    return entry
 
 
 class ModelRunner:
@@ -232,8 +152,8 @@ class ModelRunner:
             return None
         prompt_logprobs = None
         if logits_indices is not None and logits.size(0) > len(rows):  # rows scored their prompt tokens too
-            last = torch.tensor(_last_of_each_row(rows, ctx), device=self.device)
-            prompt_logprobs = self._prompt_logprobs(rows, logits)
+            last = torch.tensor(last_of_each_row(rows), device=self.device)
+            prompt_logprobs = score_prompts(rows, logits)
             logits = logits[last]
         counts = prompt_mask = slots = None
         if any(is_penalized(row) for row in rows):
@@ -245,29 +165,6 @@ class ModelRunner:
         if slots is not None:
             self.penalties.count(out.token_ids, rows, slots)
         return StepOutput(out, [p.logprobs for p in params], prompt_logprobs, [p.prompt_logprobs for p in params])
-
-    def _prompt_logprobs(self, rows: list[Row], logits: torch.Tensor) -> dict[int, PromptScores]:
-        """For rows scoring their prompt: the logprobs of prompt token p + 1 given tokens <= p, for each p of the
-        chunk (each row contributes all its chunk's positions to logits, in order; other rows their last)."""
-        picks, targets, spans, at = [], [], {}, 0
-        for i, row in enumerate(rows):
-            if not wants_prompt_logprobs(row):
-                at += 1
-                continue
-            state = row.state
-            start, end = state.num_computed, state.num_computed + row.num_tokens
-            scored = range(start, min(end, state.num_prompt_tokens - 1))  # the last prompt position predicts output
-            spans[i] = (len(picks), len(scored), start == 0)
-            picks.extend(at + p - start for p in scored)
-            targets.extend(state.token_ids[p + 1] for p in scored)
-            at += row.num_tokens
-        if not picks:
-            return {i: PromptScores(None, first, 0) for i, (_, _, first) in spans.items()}
-        num_top = max(max(rows[i].state.sampling_params.prompt_logprobs for i in spans), 1)
-        scores = compute_logprobs(logits[torch.tensor(picks, device=self.device)],
-                                  torch.tensor(targets, device=self.device), num_top)
-        return {i: PromptScores(scores if n else None, first, n, offset, targets[offset:offset + n])
-                for i, (offset, n, first) in spans.items()}
 
     # ---- a step ----------------------------------------------------------------------------------------------
 
@@ -364,11 +261,3 @@ class ModelRunner:
             for row in rows:
                 self.states.pop(row.seq_id, None)
 
-
-def _last_of_each_row(rows: list[Row], ctx: Context) -> list[int]:
-    """Where each row's last token sits among the computed logits (see PrefillLayout.logits_indices)."""
-    out, at = [], 0
-    for row in rows:
-        at += row.num_tokens if wants_prompt_logprobs(row) else 1
-        out.append(at - 1)
-    return out

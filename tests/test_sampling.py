@@ -33,7 +33,8 @@ def test_sampler_greedy_rows_are_argmax(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_sampler_all_greedy_batch_is_argmax(device):
     logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
-    tokens = Sampler()(logits, torch.zeros(8, device=device), torch.Generator(device).manual_seed(0))
+    params = [SamplingParams(temperature=0)] * 8
+    tokens = sample(logits, sampling_tensors(params, range(8), [0] * 8, torch.device(device))).token_ids
     assert torch.equal(tokens, logits.float().argmax(-1))
 
 

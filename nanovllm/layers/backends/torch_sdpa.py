@@ -1,6 +1,9 @@
 """Pure-PyTorch paged attention: the CPU path, and the reference every GPU kernel is tested against.
 
-Decode has two versions with equal results:
+Prefill runs one sequence at a time: a step's sequences are long enough that attention is compute-bound, and
+padding them into one batched SDPA measured slower than the loop on the CPU.
+
+Decode has two versions whose results agree to float rounding:
 
 * `reference_decode`: every sequence's blocks padded to the longest block table and K/V repeated per query head,
   then one masked SDPA. Plain, and free of host syncs (CUDA graphs can capture it); used off the CPU.

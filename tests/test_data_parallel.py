@@ -140,6 +140,23 @@ class TestTwoReplicas:
         assert outputs == expected
         assert llm.actors[1] != victim and len(llm.replicas) == 2
 
+    def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(self, llm, model):
+        """Its unfinished requests run again on the replacement; what the stream had sent is not sent twice."""
+        prompts = random_prompts([30, 5, 44, 12, 60, 9], seed=21)
+        sps = [SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True, seed=i) for i in range(3)] + \
+              [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 3  # seeded: the same in both calls
+        expected = llm.generate(prompts, sps, use_tqdm=False)
+        ids, finished, killed = {}, [], False
+        with pytest.warns(RuntimeWarning, match="died .*; restarting it"):
+            for event in llm.stream(prompts, sps):
+                ids[event["index"]] = ids.get(event["index"], []) + event["token_ids"]
+                finished += [event["index"]] if event["finished"] else []
+                if not killed and sum(map(len, ids.values())) >= 20:  # both replicas are part-way
+                    ray.kill(llm.actors[0])
+                    killed = True
+        assert sorted(finished) == list(range(len(prompts)))
+        assert [ids[i] for i in range(len(prompts))] == [o["token_ids"] for o in expected]
+
     def test_no_replica_can_restart(self, llm, model):
         shutil.rmtree(model)  # the replacements cannot load it
         for actor in llm.actors:

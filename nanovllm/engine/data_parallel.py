@@ -123,6 +123,26 @@ class EngineReplica:
         self.engine.exit()
 
 
+def _unsent(event: dict, share: list[int], seen: dict, sent: dict) -> dict | None:
+    """A replica's event with the call's index, less what an earlier run of the same request already sent (a
+    request runs again, with the same outputs, after its replica died); None when nothing is new."""
+    index = share[event["index"]]
+    key = (index, event["completion"])
+    tokens, chars = seen.get(key, (0, 0))
+    seen[key] = (tokens + len(event["token_ids"]), chars + len(event["text"]))
+    done = sent.setdefault(key, [0, 0, False])
+    if done[2]:
+        return None
+    new_ids = event["token_ids"][max(done[0] - tokens, 0):]
+    new_text = event["text"][max(done[1] - chars, 0):]
+    done[0] = max(done[0], tokens + len(event["token_ids"]))
+    done[1] = max(done[1], chars + len(event["text"]))
+    done[2] = event["finished"]
+    if not new_ids and not new_text and not event["finished"]:
+        return None
+    return {**event, "index": index, "token_ids": new_ids, "text": new_text}
+
+
 def cost(request: Request) -> int:
     """The tokens a request will hold at most: what spreading balances."""
     return len(request.token_ids) + request.sampling_params.n * request.sampling_params.max_tokens
@@ -317,37 +337,71 @@ class DataParallelLLM:
                sampling_params: SamplingParams | list[SamplingParams] | None = None,
                use_tqdm: bool = False) -> Iterator[dict]:
         """The engine's stream events from every replica as they come, "index" being the prompt's place in this
-        call. A replica that dies mid-stream fails the call (what it had sent cannot be taken back)."""
+        call. A replica that dies mid-stream is replaced and its unfinished requests run again; as a request's
+        outputs do not depend on the replica (its seed is drawn here), what was already sent is skipped."""
         requests = self._requests(prompts, sampling_params)
         return self._stream(requests)
 
     def _stream(self, requests: list[Request]) -> Iterator[dict]:
         ray = self._ray
+        sent: dict[tuple[int, int], list] = {}  # (index, completion) -> [tokens sent, chars sent, finished]
         with self._lock:
-            shares = spread_by_cost([cost(r) for r in requests], [0] * len(self._live()))
+            for r in self._replicas:
+                r.restarts = 0
+            live = self._live()
             streams = {}
-            for replica, share in zip(self._live(), shares):
+            for replica, share in zip(live, spread_by_cost([cost(r) for r in requests], [0] * len(live))):
                 if share:
-                    gen = replica.actor.stream.options(num_returns="streaming").remote(
-                        [requests[i].token_ids for i in share], [requests[i].sampling_params for i in share])
-                    streams[gen] = (replica, share)
+                    streams.update(self._start_stream(replica, share, requests))
             try:
                 while streams:
                     ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_INTERVAL_S)
                     for gen in ready:
-                        replica, share = streams[gen]
+                        replica, actor, share, seen = streams[gen]
                         try:
                             events = ray.get(next(gen))
                         except StopIteration:
                             del streams[gen]
                             continue
                         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-                            raise RuntimeError(f"data-parallel replica {replica.slot} died mid-stream: {e}") from e
+                            del streams[gen]
+                            streams.update(self._resume_stream(replica, actor, share, sent, requests, e))
+                            continue
                         for event in events:
-                            yield {**event, "index": share[event["index"]]}
+                            out = _unsent(event, share, seen, sent)
+                            if out is not None:
+                                yield out
+                    self._check_starts()
             finally:
                 for gen in streams:  # the caller left early: the replicas drop those requests
                     ray.cancel(gen)
+
+    def _start_stream(self, replica: _Replica, share: list[int], requests: list[Request]) -> dict:
+        gen = replica.actor.stream.options(num_returns="streaming").remote(
+            [requests[i].token_ids for i in share], [requests[i].sampling_params for i in share])
+        return {gen: (replica, replica.actor, share, {})}
+
+    def _resume_stream(self, replica: _Replica, actor, share: list[int], sent: dict, requests: list[Request],
+                       error) -> dict:
+        """Run a dead replica's unfinished requests again, on its replacement or spread over the others."""
+        finished = {}
+        for (index, _), state in sent.items():
+            finished[index] = finished.get(index, True) and state[2]
+        unfinished = [i for i in share if not finished.get(i, False)
+                      or sum(1 for j, _ in sent if j == i) < requests[i].sampling_params.n]
+        if replica.actor is actor:
+            self._replace(replica, actor, error, len(unfinished))
+        if not unfinished:
+            return {}
+        live = [replica] if replica.actor is not None else self._live()
+        if not live:
+            reasons = "; ".join(f"replica {r.slot}: {r.last_error}" for r in self._replicas)
+            raise RuntimeError(f"no data-parallel replica is left to run the requests: {reasons}")
+        streams = {}
+        for target, part in zip(live, spread_by_cost([cost(requests[i]) for i in unfinished], [0] * len(live))):
+            if part:
+                streams.update(self._start_stream(target, [unfinished[k] for k in part], requests))
+        return streams
 
     def _run(self, method: str, requests: list[Request], use_tqdm: bool) -> list[dict]:
         """Spread the requests over the replicas, call `method` of each with its share, and gather the outputs in
@@ -401,26 +455,30 @@ class DataParallelLLM:
     def _recover(self, job: _Job, error, requests: list[Request], jobs: dict) -> dict:
         """A replica died with `job` unfinished: restart it once per death (a replacement that fails to start is
         given up) and run the job again there, or spread it over the others."""
-        replica, ray = job.replica, self._ray
+        replica = job.replica
         if replica.actor is job.actor:  # the first of this actor's jobs to fail: replace the actor
-            started = self._note_started(replica)
-            ray.kill(job.actor)
-            replica.last_error = str(error)
-            # a replica that never came up would not come up again either
-            restart = started and replica.restarts < MAX_RESTARTS
-            what = "restarting it" if restart else "giving it up"
-            who = f"pid {replica.info.pid}" if started else "starting"  # also keeps the warnings apart
-            warnings.warn(f"data-parallel replica {replica.slot} ({who}) died ({str(error).splitlines()[0]}); {what} "
-                          f"and running its {len(job.indices)} unfinished requests again", RuntimeWarning, stacklevel=4)
-            if restart:
-                replica.restarts += 1
-                self._spawn(replica)
-            else:
-                self._retire(replica)
+            self._replace(replica, job.actor, error, len(job.indices))
         if replica.actor is not None:
             ref, new_job = self._submit(replica, job.method, job.indices, requests)
             return {ref: new_job}
         return self._submit_spread(job.method, requests, job.indices, jobs)
+
+    def _replace(self, replica: _Replica, actor, error, num_requests: int):
+        """A replica's actor died: restart it (once per death, MAX_RESTARTS per call) or give it up; one that never
+        came up would not come up again either."""
+        started = self._note_started(replica)
+        self._ray.kill(actor)
+        replica.last_error = str(error)
+        restart = started and replica.restarts < MAX_RESTARTS
+        what = "restarting it" if restart else "giving it up"
+        who = f"pid {replica.info.pid}" if started else "starting"  # also keeps the warnings apart
+        warnings.warn(f"data-parallel replica {replica.slot} ({who}) died ({str(error).splitlines()[0]}); {what} "
+                      f"and running its {num_requests} unfinished requests again", RuntimeWarning, stacklevel=5)
+        if restart:
+            replica.restarts += 1
+            self._spawn(replica)
+        else:
+            self._retire(replica)
 
     def _retire(self, replica: _Replica):
         from ray.util import remove_placement_group

@@ -215,6 +215,7 @@ class LLMEngine:
         any exit (done, error, the caller leaving a stream) what is still running is dropped."""
         seqs = [seq for branches in groups for seq in branches]
         pending = {seq.seq_id for seq in seqs}
+        follow = outputs.follows_tokens  # else only finished sequences matter: less work per step
         tokens = {StepKind.PREFILL: 0, StepKind.DECODE: 0}
         seconds = {StepKind.PREFILL: 1e-9, StepKind.DECODE: 1e-9}  # throughput over the call, not one noisy step
         try:
@@ -228,9 +229,12 @@ class LLMEngine:
                     t = now
                     if use_tqdm:
                         bar.set_postfix(**{kind.value: f"{tokens[kind] / seconds[kind]:.0f}tok/s" for kind in tokens})
-                    mine = [seq for seq in summary.sampled if outputs.owns(seq)]
-                    for seq in outputs.update(mine):
-                        self.scheduler.finish(seq, "stop")
+                    if follow:
+                        mine = [seq for seq in summary.sampled if outputs.owns(seq)]
+                        for seq in outputs.update(mine):
+                            self.scheduler.finish(seq, "stop")
+                    else:
+                        mine = summary.finished
                     done = [seq.seq_id for seq in mine if seq.is_finished and seq.seq_id in pending]
                     pending.difference_update(done)
                     bar.update(len(done))

@@ -71,6 +71,7 @@ class ModelRunner:
         for layer in self.layers:
             layer.set_backend(self.attn_backend)
         self.penalties = PenaltyTables(config.hf_config.vocab_size, device)
+        self.penalized: set[int] = set()  # sequences with a penalty: the common step checks one empty set
         if self.on_cuda:
             self.warmup_model()
         kv_scales = self.calibrate_kv_scales() if config.kv_cache_dtype != "auto" else [None] * len(self.layers)
@@ -156,7 +157,7 @@ class ModelRunner:
             prompt_logprobs = score_prompts(rows, logits)
             logits = logits[last]
         counts = prompt_mask = slots = None
-        if any(is_penalized(row) for row in rows):
+        if self.penalized and any(row.seq_id in self.penalized for row in rows):
             counts, prompt_mask, slots = self.penalties.tables(rows)
         params = [row.state.sampling_params for row in rows]
         tensors = sampling_tensors(params, [row.state.seed for row in rows], [row.output_position for row in rows],
@@ -233,7 +234,9 @@ class ModelRunner:
         return None). Under TP with overlapped steps rank 0 broadcasts them: the next step may read them."""
         for seq_id in step.finished_seq_ids:
             self.penalties.drop(seq_id)
+            self.penalized.discard(seq_id)
         rows = apply_step(self.states, step)
+        self.penalized.update(row.seq_id for row in rows[:len(step.new)] if is_penalized(row))
         output = self._run_rows(rows, step.kind)
         finish_step(rows)
         if self.rank == 0:

@@ -27,12 +27,18 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests = requests
         self.completions: dict[int, Completion] = {}
+        self.stream = stream
         for branches in requests:
             for seq in branches:
                 sp = seq.sampling_params
                 incremental = tokenizer is not None and (stream or bool(sp.stop))
                 decoder = DecodeStream(skip_special_tokens=sp.skip_special_tokens) if incremental else None
                 self.completions[seq.seq_id] = Completion(seq, decoder)
+
+    @property
+    def follows_tokens(self) -> bool:
+        """Whether each step's new tokens matter (a stream, or text to watch for stop strings), or only the end."""
+        return self.stream or any(c.decoder is not None for c in self.completions.values())
 
     def owns(self, seq: Sequence) -> bool:
         return seq.seq_id in self.completions

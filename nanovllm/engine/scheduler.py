@@ -44,6 +44,7 @@ class Scheduler:
         self._blocks_sent: dict[int, int] = {}  # sequences the runner holds -> how many block ids it has
         self._forgotten: list[int] = []  # sequences the runner must drop at the next step
         self.num_preemptions = 0
+        self._last_step: tuple[ScheduledStep | None, list[tuple[Sequence, int]]] = (None, [])
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -132,6 +133,7 @@ class Scheduler:
         """New sequences go to the runner in full, the ones it holds as what changed since their last step."""
         step = ScheduledStep(kind, finished_seq_ids=self._forgotten)
         self._forgotten = []
+        new_rows, cached_rows = [], []
         for seq, num_tokens in chunks:
             sent = self._blocks_sent.get(seq.seq_id)
             if sent is None:
@@ -139,9 +141,12 @@ class Scheduler:
                 step.new.append(NewSequence(seq.seq_id, list(seq.token_ids), list(seq.block_table),
                                             seq.num_cached_tokens, num_tokens, seq.sampling_params,
                                             seq.num_prompt_tokens, seq.seed))
+                new_rows.append((seq, num_tokens))
             else:
                 step.cached.append(CachedSequence(seq.seq_id, seq.block_table[sent:], num_tokens, seq.last_token))
+                cached_rows.append((seq, num_tokens))
             self._blocks_sent[seq.seq_id] = len(seq.block_table)
+        self._last_step = (step, new_rows + cached_rows)  # in the runner's row order, for launched()
         return step
 
     def preempt(self, seq: Sequence):
@@ -161,12 +166,14 @@ class Scheduler:
         """Book a step sent to the device: its tokens' K/V count as cached, and every sequence that samples grows
         by a token still in flight."""
         booked = BookedStep(step)
-        by_id = {seq.seq_id: seq for seq in self.running}
-        for row, seq_id in enumerate(step.seq_ids):
-            seq = by_id[seq_id]
+        last, rows = self._last_step
+        if step is not last:  # a step record made elsewhere (tests): find its sequences
+            by_id = {seq.seq_id: seq for seq in self.running}
+            rows = [(by_id[r.seq_id], r.num_scheduled_tokens) for r in [*step.new, *step.cached]]
+        for row, (seq, num_tokens) in enumerate(rows):
             booked.seqs.append(seq)
             full_blocks = seq.num_cached_blocks
-            seq.num_cached_tokens += self._scheduled(step, row)
+            seq.num_cached_tokens += num_tokens
             if seq.num_cached_blocks > full_blocks:
                 # safe before the step ends: a later step reading the blocks runs after it on the device
                 self.block_manager.hash_blocks(seq)
@@ -175,11 +182,6 @@ class Scheduler:
                 booked.sampling.append(seq)
                 booked.rows.append(row)
         return booked
-
-    @staticmethod
-    def _scheduled(step: ScheduledStep, row: int) -> int:
-        record = step.new[row] if row < len(step.new) else step.cached[row - len(step.new)]
-        return record.num_scheduled_tokens
 
     def update(self, booked: BookedStep, result: StepResult) -> list[Sequence]:
         """Fill in a launched step's sampled tokens, publish completed blocks, finish sequences."""

@@ -167,9 +167,7 @@ class Scheduler:
         by a token still in flight."""
         booked = BookedStep(step)
         last, rows = self._last_step
-        if step is not last:  # a step record made elsewhere (tests): find its sequences
-            by_id = {seq.seq_id: seq for seq in self.running}
-            rows = [(by_id[r.seq_id], r.num_scheduled_tokens) for r in [*step.new, *step.cached]]
+        assert step is last, "launched() books the step schedule() just handed out"
         for row, (seq, num_tokens) in enumerate(rows):
             booked.seqs.append(seq)
             full_blocks = seq.num_cached_blocks

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from nanovllm.engine.data_parallel import driver_config, import_ray, wants_gpu
-from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.llm import LLM
 from nanovllm.sampling_params import SamplingParams
 
 OUTPUT_COLUMNS = ("generated_text", "token_ids", "finish_reason")
@@ -38,7 +38,7 @@ class LLMProcessor:
     def __init__(self, model: str, sampling_params: SamplingParams | dict | None = None, **options):
         # torch's CPU threads follow OMP_NUM_THREADS, which Ray sets to the actor's num_cpus
         self.sampling_params = as_sampling_params(sampling_params)
-        self.engine = LLMEngine(model, **options)
+        self.engine = LLM(model, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         outputs = self.engine.generate(self._prompts(batch), self.sampling_params, use_tqdm=False)

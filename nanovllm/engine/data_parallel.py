@@ -23,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
-from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.requests import Request, RequestBuilder, load_tokenizer
 from nanovllm.sampling_params import SamplingParams
 
@@ -90,13 +89,14 @@ class ReplicaInfo:
 
 
 class EngineReplica:
-    """One LLMEngine inside a Ray actor (DataParallelLLM makes it remote, so this module imports without Ray)."""
+    """One engine (an LLM) inside a Ray actor (DataParallelLLM makes it remote, so this module imports without Ray)."""
 
     def __init__(self, slot: int, model: str, options: dict, num_threads: int | None):
         if num_threads is not None:  # the replica's share of the node's cores, not all of them
             torch.set_num_threads(num_threads)
+        from nanovllm.llm import LLM  # here: llm.py imports this module
         self.slot = slot
-        self.engine = LLMEngine(model, **options)
+        self.engine = LLM(model, **options)
 
     def info(self) -> ReplicaInfo:
         import ray

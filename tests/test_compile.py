@@ -23,22 +23,16 @@ def test_no_recompile_while_serving(qwen3_path, block_size, budget):
     options = dict(device="cpu", kvcache_block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=6)
     with compile_settings(devices=("cpu",), backend="aot_eager"):
         counters.clear()
-        llm = LLM(qwen3_path, **options)
-        try:
+        with LLM(qwen3_path, **options) as llm:
             with torch._dynamo.config.patch(error_on_recompile=True):
                 compiled = [o["token_ids"] for o in llm.generate(batch + batch[:4], sp, use_tqdm=False)]
                 compiled += [o["token_ids"] for o in llm.generate(batch[5:7], sp, use_tqdm=False)]
                 compiled += [o["token_ids"] for o in llm.generate(batch[:1], sp, use_tqdm=False)]  # a batch of one
-        finally:
-            llm.exit()
         # one graph per fused op, whatever the sizes: norm + rope, residual add + norm, SiLU-and-mul, and the
         # sampler's four (penalties, the plain race, the top-k scaling, the filtered draw)
         assert counters["stats"]["unique_graphs"] == 7
-    llm = LLM(qwen3_path, **options)
-    try:
+    with LLM(qwen3_path, **options) as llm:
         eager = [o["token_ids"] for o in llm.generate(batch + batch[:4], sp, use_tqdm=False)]
         eager += [o["token_ids"] for o in llm.generate(batch[5:7], sp, use_tqdm=False)]
         eager += [o["token_ids"] for o in llm.generate(batch[:1], sp, use_tqdm=False)]
-    finally:
-        llm.exit()
     assert compiled == eager

@@ -40,11 +40,8 @@ def cluster():
 
 
 def single_engine(path: str, prompts, sampling_params) -> list[dict]:
-    llm = LLM(path, **OPTIONS)
-    try:
+    with LLM(path, **OPTIONS) as llm:
         return llm.generate(prompts, sampling_params, use_tqdm=False)
-    finally:
-        llm.exit()
 
 
 def mixed_batch() -> tuple[list, list[SamplingParams]]:

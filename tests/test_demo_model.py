@@ -107,11 +107,8 @@ def test_reference_is_sensible_english(reference):
 def test_greedy_token_ids_match_transformers(demo_path, prompts, reference):
     names = list(CHATS)
     assert len({len(reference[n][0]) for n in names}) == len(names)  # the prompts really differ in length
-    llm = LLM(demo_path, dtype="float32", device="cpu", enforce_eager=True)
-    try:
+    with LLM(demo_path, dtype="float32", device="cpu", enforce_eager=True) as llm:
         outputs = llm.generate([prompts[n] for n in names], greedy(), use_tqdm=False)
-    finally:
-        llm.exit()
     got = {n: out["token_ids"] for n, out in zip(names, outputs)}
     assert got == {n: reference[n][1] for n in names}
     assert [out["finish_reason"] for out in outputs] == ["length"] * len(names)
@@ -120,9 +117,8 @@ def test_greedy_token_ids_match_transformers(demo_path, prompts, reference):
 def test_prefix_cache_chunked_prefill_small_blocks_match_transformers(demo_path, reference, monkeypatch):
     names = list(SHARED_PREFIX)
     token_prompts = [reference[n][0] for n in names]
-    llm = LLM(demo_path, dtype="float32", device="cpu", enforce_eager=True, enable_prefix_caching=True,
-              max_num_batched_tokens=64, kvcache_block_size=BLOCK_SIZE)
-    try:
+    with LLM(demo_path, dtype="float32", device="cpu", enforce_eager=True, enable_prefix_caching=True,
+             max_num_batched_tokens=64, kvcache_block_size=BLOCK_SIZE) as llm:
         # Record how many prompt tokens each admission found cached.
         block_manager = llm.scheduler.block_manager
         allocate, cached = block_manager.allocate, []
@@ -135,8 +131,6 @@ def test_prefix_cache_chunked_prefill_small_blocks_match_transformers(demo_path,
         first = llm.generate(token_prompts, greedy(), use_tqdm=False)
         cached.clear()
         second = llm.generate(token_prompts, greedy(), use_tqdm=False)
-    finally:
-        llm.exit()
     expected = {n: reference[n][1] for n in names}
     assert {n: out["token_ids"] for n, out in zip(names, first)} == expected
     assert {n: out["token_ids"] for n, out in zip(names, second)} == expected

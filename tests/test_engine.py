@@ -44,11 +44,8 @@ def model_with_eos(path: str, eos: int, tmp_path) -> str:
 @pytest.mark.parametrize("options", [{}, {"kvcache_block_size": 16}], ids=["block256", "block16"])
 def test_greedy_matches_transformers(kind, options, request, hf_reference):
     path = request.getfixturevalue(f"{kind}_path")
-    llm = LLM(path, **options)
-    try:
+    with LLM(path, **options) as llm:
         run_and_compare(llm, path, random_prompts([1, 7, 16, 33, 64, 200]), hf_reference)
-    finally:
-        llm.exit()
 
 
 def test_prefix_caching_is_token_exact(qwen3_path, hf_reference):
@@ -68,20 +65,14 @@ def test_prefix_cache_hits_inside_one_batch_are_exact(qwen3_path, hf_reference):
     # the same long prompt several times in one generate call, with a tiny token budget (chunked prefill):
     # later copies may only reuse blocks the first copy has finished computing
     prompt = random_prompts([70], seed=3)[0]
-    llm = LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=24)
-    try:
+    with LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=24) as llm:
         run_and_compare(llm, qwen3_path, [prompt] * 4 + [prompt[:40]], hf_reference)
-    finally:
-        llm.exit()
 
 
 @pytest.mark.parametrize("budget", [1, 13, 64])
 def test_chunked_prefill_is_token_exact(qwen3_path, hf_reference, budget):
-    llm = LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=budget)
-    try:
+    with LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=budget) as llm:
         run_and_compare(llm, qwen3_path, random_prompts([3, 50, 130], seed=4), hf_reference)
-    finally:
-        llm.exit()
 
 
 @pytest.mark.parametrize("caching", [True, False])
@@ -95,14 +86,11 @@ def test_preemption_is_token_exact(qwen3_path, hf_reference, caching):
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
 def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference, overlap):
-    llm = LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16, max_num_batched_tokens=40,
-              async_scheduling=overlap)
-    try:
+    with LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16, max_num_batched_tokens=40,
+             async_scheduling=overlap) as llm:
         prompts = random_prompts([1, 12, 45, 90], seed=6)
         run_and_compare(llm, qwen3_path, prompts, hf_reference)
         run_and_compare(llm, qwen3_path, prompts, hf_reference)  # again, through the prefix cache
-    finally:
-        llm.exit()
     assert multiprocessing.active_children() == []
 
 
@@ -110,16 +98,13 @@ def test_eos_stops_and_is_reported(qwen3_path, hf_reference, tmp_path):
     prompt = random_prompts([10], seed=7)[0]
     first = hf_reference(qwen3_path, prompt, 24)
     eos = first[5]
-    llm = LLM(model_with_eos(qwen3_path, eos, tmp_path))  # same weights, that token ends the text
-    try:
+    with LLM(model_with_eos(qwen3_path, eos, tmp_path)) as llm:  # same weights, that token ends the text
         out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
         assert out["token_ids"] == first[:first.index(eos) + 1]
         assert out["finish_reason"] == "stop"
         ignored = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                                use_tqdm=False)[0]
         assert ignored["token_ids"] == first and ignored["finish_reason"] == "length"
-    finally:
-        llm.exit()
 
 
 def test_two_engines_one_after_the_other(qwen2_path, hf_reference):
@@ -134,14 +119,11 @@ def test_two_engines_one_after_the_other(qwen2_path, hf_reference):
 def test_outputs_keep_prompt_order_and_mixed_params(qwen3_path, hf_reference):
     prompts = random_prompts([40, 2, 17], seed=9)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 30, 9)]
-    llm = LLM(qwen3_path, kvcache_block_size=16)
-    try:
+    with LLM(qwen3_path, kvcache_block_size=16) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         for out, p, sp in zip(outputs, prompts, params):
             assert out["token_ids"] == hf_reference(qwen3_path, p, 30)[:sp.max_tokens]
         assert_pool_empty(llm)
-    finally:
-        llm.exit()
 
 
 def test_packed_starts_align_every_part_to_16_bytes():
@@ -155,11 +137,8 @@ def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_referenc
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(qwen3_with_tokenizer)
     texts = ["w5 w17 w300", "w1 " * 40 + "w2"]
-    llm = LLM(qwen3_with_tokenizer, kvcache_block_size=16)
-    try:
+    with LLM(qwen3_with_tokenizer, kvcache_block_size=16) as llm:
         outputs = llm.generate(texts, GREEDY, use_tqdm=False)
-    finally:
-        llm.exit()
     for text, out in zip(texts, outputs):
         ids = tokenizer.encode(text)
         assert out["token_ids"] == hf_reference(qwen3_with_tokenizer, ids, GREEDY.max_tokens)
@@ -195,8 +174,7 @@ def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, opti
 def test_generate_completes_the_other_requests_it_stepped(qwen3_path, hf_reference):
     """generate() returns once its own requests are done, with a step of a request queued by add_request
     still in flight: that step's token must be filled in, and the request must go on exactly as if alone."""
-    llm = LLM(qwen3_path, kvcache_block_size=16)
-    try:
+    with LLM(qwen3_path, kvcache_block_size=16) as llm:
         other = llm.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
         llm.generate([[9, 10]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
         assert 3 < len(other.token_ids) < 3 + 30 and other.num_pending == 0
@@ -204,8 +182,6 @@ def test_generate_completes_the_other_requests_it_stepped(qwen3_path, hf_referen
             llm.step()
         assert other.completion_token_ids == hf_reference(qwen3_path, [5, 6, 7], 30)
         assert_pool_empty(llm)
-    finally:
-        llm.exit()
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -240,12 +216,9 @@ def test_prefill_logits_under_tensor_parallelism(qwen3_path, hf_reference):
     prompt = random_prompts([37], seed=21)[0]
     logits = []
     for tp in (1, 2):
-        llm = LLM(qwen3_path, tensor_parallel_size=tp, kvcache_block_size=16)
-        try:
+        with LLM(qwen3_path, tensor_parallel_size=tp, kvcache_block_size=16) as llm:
             logits.append(next_token_logits(llm, prompt))
             assert_pool_empty(llm)
-        finally:
-            llm.exit()
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     assert logits[0].argmax().item() == hf_reference(qwen3_path, prompt, 1)[0]
 

@@ -231,15 +231,12 @@ def fake_fp8_reference():
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
 def test_fp8_scales_come_from_the_calibration_prefill(kind, request, fake_fp8_reference):
     path = request.getfixturevalue(f"{kind}_path")
-    llm = LLM(path, kv_cache_dtype="fp8_e4m3", kvcache_block_size=16)
-    try:
+    with LLM(path, kv_cache_dtype="fp8_e4m3", kvcache_block_size=16) as llm:
         ids = calibration_token_ids(llm.config.hf_config.vocab_size, llm.config.max_model_len)
         expected = fake_fp8_reference.calibration_amax(path, ids)
         for scales, (k_amax, v_amax) in zip(_engine_scales(llm), expected, strict=True):
             assert torch.equal(scales.k, scales_from_amax(k_amax))
             assert torch.equal(scales.v, scales_from_amax(v_amax))
-    finally:
-        llm.exit()
 
 
 @pytest.mark.parametrize("kind, options", [
@@ -252,8 +249,7 @@ def test_fp8_scales_come_from_the_calibration_prefill(kind, request, fake_fp8_re
 def test_fp8_run_matches_transformers_with_fp8_rounded_kv(kind, options, request, fake_fp8_reference):
     path = request.getfixturevalue(f"{kind}_path")
     prompts = random_prompts([1, 7, 33, 70], seed=7)
-    llm = LLM(path, kv_cache_dtype="fp8_e4m3", kvcache_block_size=16, **options)
-    try:
+    with LLM(path, kv_cache_dtype="fp8_e4m3", kvcache_block_size=16, **options) as llm:
         # the scales the calibration prefill gives, over all KV heads (under tensor parallelism rank 0 holds half)
         ids = calibration_token_ids(llm.config.hf_config.vocab_size, llm.config.max_model_len)
         scales = [KVScales(scales_from_amax(k), scales_from_amax(v))
@@ -262,8 +258,6 @@ def test_fp8_run_matches_transformers_with_fp8_rounded_kv(kind, options, request
         for _ in range(2):  # the second time through the prefix cache: cached keys are read as fp8
             outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
             assert [o["token_ids"] for o in outputs] == expected
-    finally:
-        llm.exit()
 
 
 def test_fp8_greedy_tokens_mostly_agree_with_a_float32_cache(qwen3_path):
@@ -271,9 +265,8 @@ def test_fp8_greedy_tokens_mostly_agree_with_a_float32_cache(qwen3_path):
     runs drift apart after the first near-tie; teacher-forced, the two caches pick the same token 93% of the time
     here (the demo model's figures: benchmarks/fp8_accuracy.py)."""
     prompts = random_prompts([5, 30, 70, 12], seed=1)
-    plain = LLM(qwen3_path, kvcache_block_size=16)
-    fp8 = LLM(qwen3_path, kv_cache_dtype="fp8_e4m3", kvcache_block_size=16)
-    try:
+    with LLM(qwen3_path, kvcache_block_size=16) as plain, \
+            LLM(qwen3_path, kv_cache_dtype="fp8_e4m3", kvcache_block_size=16) as fp8:
         out_plain = [o["token_ids"] for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
         out_fp8 = [o["token_ids"] for o in fp8.generate(prompts, GREEDY, use_tqdm=False)]
         agree = [next_token_logits(fp8, p + o[:i]).argmax().item() == o[i]
@@ -282,9 +275,6 @@ def test_fp8_greedy_tokens_mostly_agree_with_a_float32_cache(qwen3_path):
         # where the runs part, each side's token is among the other's top 5
         for p, a, b in zip(prompts, out_plain, out_fp8):
             assert agree_by_logprob_rule(plain, fp8, p, a, b)
-    finally:
-        plain.exit()
-        fp8.exit()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,14 +44,11 @@ def test_tilde_is_expanded(tmp_path, monkeypatch, qwen3_path, good_tokens):
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    llm = LLM("~/models/tiny", **SMALL)
-    try:
+    with LLM("~/models/tiny", **SMALL) as llm:
         assert llm.config.model == folder
         assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"] == good_tokens
         assert llm.generate(["hello world"], GREEDY, use_tqdm=False)[0]["token_ids"] == \
             llm.generate([[1, 2]], GREEDY, use_tqdm=False)[0]["token_ids"]
-    finally:
-        llm.exit()
 
 
 def test_missing_folder_under_tilde_names_both_paths(tmp_path, monkeypatch):
@@ -132,11 +129,8 @@ def test_header_rewritten_unchanged_still_loads(tmp_path, qwen3_path, good_token
     """The header rewrite of the test above is itself sound: with no edit the folder loads and runs."""
     folder = copy_model(qwen3_path, tmp_path / "m")
     rewrite_header(weight_file(folder), lambda h: None)
-    llm = LLM(folder, **SMALL)
-    try:
+    with LLM(folder, **SMALL) as llm:
         assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"] == good_tokens
-    finally:
-        llm.exit()
 
 
 def test_damaged_file_is_refused_by_llm_and_the_dummy_format_skips_the_check(tmp_path, qwen3_path):
@@ -144,11 +138,8 @@ def test_damaged_file_is_refused_by_llm_and_the_dummy_format_skips_the_check(tmp
     damage(weight_file(folder), "in-data")
     with pytest.raises(ValueError, match="damaged or incomplete"):
         LLM(folder, **SMALL)
-    llm = LLM(folder, load_format="dummy", **SMALL)  # dummy weights never read the file
-    try:
+    with LLM(folder, load_format="dummy", **SMALL) as llm:  # dummy weights never read the file
         assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]) == 5
-    finally:
-        llm.exit()
 
 
 @pytest.mark.parametrize("how", ["in-length", "in-header", "in-data", "garbage-header"])

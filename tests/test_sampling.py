@@ -52,13 +52,10 @@ def test_same_seed_same_output_other_seed_differs(qwen3_path):
 
 def test_temperature_zero_in_a_sampled_batch_stays_greedy(qwen3_path, hf_reference):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    llm = LLM(qwen3_path, kvcache_block_size=16)
-    try:
+    with LLM(qwen3_path, kvcache_block_size=16) as llm:
         outs = llm.generate([prompt, prompt, [7, 7]], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                                                        SamplingParams(temperature=1.5, max_tokens=12, ignore_eos=True),
                                                        SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True)],
                             use_tqdm=False)
-    finally:
-        llm.exit()
     assert outs[0]["token_ids"] == hf_reference(qwen3_path, prompt, 12)
     assert outs[1]["token_ids"] != outs[0]["token_ids"]

@@ -16,11 +16,8 @@ PROMPTS = random_prompts([1, 9, 40, 100, 300, 17, 64, 65])
 
 
 def run(path, prompt_list=PROMPTS, sp=GREEDY, **options):
-    llm = LLM(path, **options)
-    try:
+    with LLM(path, **options) as llm:
         return generate_twice(llm, prompt_list, sp)
-    finally:
-        llm.exit()
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +47,9 @@ def test_cuda_graphs_agree_with_eager_bf16(qwen3_path):
     """Not bitwise: a graph's block tables span max_model_len, so its split-KV decode splits the keys otherwise."""
     common = dict(dtype="bfloat16", attention_backend="triton", kvcache_block_size=16,
                   num_kvcache_blocks=128)  # two engines at once: fixed cache sizes
-    eager = LLM(qwen3_path, enforce_eager=True, **common)
-    graphs = LLM(qwen3_path, **common)
-    try:
+    with LLM(qwen3_path, enforce_eager=True, **common) as eager, LLM(qwen3_path, **common) as graphs:
         out_eager, out_graphs = generate_twice(eager, PROMPTS, GREEDY), generate_twice(graphs, PROMPTS, GREEDY)
         assert_agree_by_logprob_rule(eager, graphs, PROMPTS, out_eager, out_graphs)
-    finally:
-        eager.exit()
-        graphs.exit()
 
 
 @pytest.mark.skipif(not HAS_FLASH_ATTN, reason="flash_attn is not installed")
@@ -68,15 +60,11 @@ def test_cuda_graphs_agree_with_eager_bf16(qwen3_path):
 def test_flash_attn_bf16_agrees_with_torch_backend(qwen3_path, options):
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     common = dict(dtype="bfloat16", kvcache_block_size=256, **options)
-    ref = LLM(qwen3_path, attention_backend="torch", enforce_eager=True, **common)
-    fa = LLM(qwen3_path, attention_backend="flash_attn", **common)
-    try:
+    with (LLM(qwen3_path, attention_backend="torch", enforce_eager=True, **common) as ref,
+          LLM(qwen3_path, attention_backend="flash_attn", **common) as fa):
         out_ref = [o["token_ids"] for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
         out_fa = [o["token_ids"] for o in fa.generate(PROMPTS, sp, use_tqdm=False)]
         assert_agree_by_logprob_rule(ref, fa, PROMPTS, out_ref, out_fa)
-    finally:
-        ref.exit()
-        fa.exit()
 
 
 def test_no_memory_growth_and_construct_exit_twice(qwen3_path):
@@ -107,19 +95,18 @@ def test_no_recompiles_during_a_run(qwen3_path):
 
     for backend in ("triton", "flash_attn") if HAS_FLASH_ATTN else ("triton",):
         for options in (dict(), dict(enforce_eager=True)):
-            llm = LLM(qwen3_path, dtype="bfloat16", attention_backend=backend,
-                      kvcache_block_size=16 if backend == "triton" else 256,
-                      max_num_batched_tokens=50, max_num_seqs=20, **options)
-            try:
-                knobs.runtime.jit_cache_hook = record
-                with torch._dynamo.config.patch(error_on_recompile=True):
-                    mixed = random_prompts([1, 2, 3, 16, 17, 49, 50, 51, 130, 7, 300, 33] * 3, seed=11)
-                    llm.generate(mixed, SamplingParams(temperature=0.7, max_tokens=30), use_tqdm=False)
-                    llm.generate(mixed[:1], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
-                    llm.generate(mixed[:25], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
-            finally:
-                knobs.runtime.jit_cache_hook = None
-                llm.exit()
+            with LLM(qwen3_path, dtype="bfloat16", attention_backend=backend,
+                     kvcache_block_size=16 if backend == "triton" else 256,
+                     max_num_batched_tokens=50, max_num_seqs=20, **options) as llm:
+                try:
+                    knobs.runtime.jit_cache_hook = record
+                    with torch._dynamo.config.patch(error_on_recompile=True):
+                        mixed = random_prompts([1, 2, 3, 16, 17, 49, 50, 51, 130, 7, 300, 33] * 3, seed=11)
+                        llm.generate(mixed, SamplingParams(temperature=0.7, max_tokens=30), use_tqdm=False)
+                        llm.generate(mixed[:1], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+                        llm.generate(mixed[:25], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+                finally:
+                    knobs.runtime.jit_cache_hook = None
             assert jitted == [], (backend, options)
 
 
@@ -130,12 +117,9 @@ def test_start_up_compiles_each_fused_op_once(qwen3_path):
     from nanovllm.utils.compile import compile_settings
     with compile_settings(devices=("cuda",), backend="inductor"):  # a fresh start: nothing compiled yet
         counters.clear()
-        llm = LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16)
-        try:
+        with LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16) as llm:
             llm.generate(random_prompts([5, 40, 77], seed=3), SamplingParams(temperature=0.7, max_tokens=20),
                          use_tqdm=False)
-        finally:
-            llm.exit()
         # norm_rope, add_rms_norm, silu_and_mul and the sampler's four (penalties, race, top-k scaling, draw);
         # the race and the top-k scaling once for bf16 logits and once for float32 ones (after penalties)
         assert counters["stats"]["unique_graphs"] == 9

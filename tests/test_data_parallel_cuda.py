@@ -24,11 +24,8 @@ def qwen3_path(tmp_path_factory):
 
 def test_two_gpu_replicas_equal_one_gpu_engine(qwen3_path):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    single = LLM(qwen3_path, **OPTIONS)
-    try:
+    with LLM(qwen3_path, **OPTIONS) as single:
         expected = single.generate(PROMPTS, GREEDY, use_tqdm=False)
-    finally:
-        single.exit()
     with LLM(qwen3_path, data_parallel_size=2, **OPTIONS) as llm:  # starts a local Ray with both GPUs
         replicas = llm.replicas
         outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)

@@ -303,11 +303,8 @@ def test_triton_fp8_float32_equals_cpu_torch_fp8(qwen3_hd64_path, options):
     runs = []
     for device_options in (dict(device="cpu", kvcache_block_size=16),
                            dict(device="cuda", dtype="float32", attention_backend="triton", **options)):
-        llm = LLM(qwen3_hd64_path, kv_cache_dtype="fp8_e4m3", **device_options)
-        try:
+        with LLM(qwen3_hd64_path, kv_cache_dtype="fp8_e4m3", **device_options) as llm:
             runs.append(generate_twice(llm, prompts, sp))
-        finally:
-            llm.exit()
     assert runs[1] == runs[0]
 
 
@@ -317,17 +314,13 @@ def test_triton_fp8_bf16_agrees_with_torch_backend(qwen3_hd64_path):
     prompts = random_prompts([1, 9, 40, 100, 300, 17])
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     common = dict(dtype="bfloat16", kv_cache_dtype="fp8_e4m3", kvcache_block_size=16, num_kvcache_blocks=128)
-    ref = LLM(qwen3_hd64_path, attention_backend="torch", enforce_eager=True, **common)
-    fast = LLM(qwen3_hd64_path, attention_backend="auto", **common)  # "auto" must pick triton for fp8
-    try:
+    with (LLM(qwen3_hd64_path, attention_backend="torch", enforce_eager=True, **common) as ref,
+          LLM(qwen3_hd64_path, attention_backend="auto", **common) as fast):  # "auto" must pick triton for fp8
         assert fast.executor.runner.attn_backend.name == "triton"
         out_ref = [o["token_ids"] for o in ref.generate(prompts, sp, use_tqdm=False)]
         out_fast = [o["token_ids"] for o in fast.generate(prompts, sp, use_tqdm=False)]
         for p, a, b in zip(prompts, out_ref, out_fast):
             assert agree_by_logprob_rule(ref, fast, p, a, b)
-    finally:
-        ref.exit()
-        fast.exit()
 
 
 @pytest.mark.cuda
@@ -335,9 +328,8 @@ def test_triton_fp8_bf16_agrees_with_torch_backend(qwen3_hd64_path):
 def test_fp8_cache_holds_twice_the_blocks_on_the_gpu(qwen3_hd64_path):
     counts = {}
     for kv in ("auto", "fp8_e4m3"):
-        llm = LLM(qwen3_hd64_path, dtype="bfloat16", attention_backend="triton", kv_cache_dtype=kv,
-                  gpu_memory_utilization=0.3, enforce_eager=True)
-        counts[kv] = llm.config.num_kvcache_blocks
-        llm.exit()
+        with LLM(qwen3_hd64_path, dtype="bfloat16", attention_backend="triton", kv_cache_dtype=kv,
+                 gpu_memory_utilization=0.3, enforce_eager=True) as llm:
+            counts[kv] = llm.config.num_kvcache_blocks
     # the same free memory, half the bytes per block (within the few blocks of memory that moved meanwhile)
     assert abs(counts["fp8_e4m3"] - 2 * counts["auto"]) <= 0.01 * counts["fp8_e4m3"]

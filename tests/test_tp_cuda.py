@@ -43,11 +43,8 @@ def qwen3_path(tmp_path_factory):
 def test_tp2_triton_float32_equals_tp1(qwen3_path, options):
     outs = []
     for tp in (1, 2):
-        llm = LLM(qwen3_path, tensor_parallel_size=tp, dtype="float32", attention_backend="triton", **options)
-        try:
+        with LLM(qwen3_path, tensor_parallel_size=tp, dtype="float32", attention_backend="triton", **options) as llm:
             outs.append(generate_twice(llm, PROMPTS, GREEDY))
-        finally:
-            llm.exit()
     assert outs[1] == outs[0]
 
 
@@ -58,14 +55,10 @@ def test_tp2_flash_attn_bf16_agrees_with_tp1(qwen3_path, options):
     common = dict(dtype="bfloat16", attention_backend="flash_attn", kvcache_block_size=256,
                   num_kvcache_blocks=64)  # two engines share GPU 0: fixed cache sizes
     common.update(options)
-    tp1 = LLM(qwen3_path, tensor_parallel_size=1, **common)
-    tp2 = LLM(qwen3_path, tensor_parallel_size=2, **common)
-    try:
+    with (LLM(qwen3_path, tensor_parallel_size=1, **common) as tp1,
+          LLM(qwen3_path, tensor_parallel_size=2, **common) as tp2):
         out1, out2 = generate_twice(tp1, PROMPTS, GREEDY), generate_twice(tp2, PROMPTS, GREEDY)
         assert_agree_by_logprob_rule(tp1, tp2, PROMPTS, out1, out2)
-    finally:
-        tp1.exit()
-        tp2.exit()
 
 
 def test_tp2_exits_cleanly_and_twice(qwen3_path):

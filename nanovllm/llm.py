@@ -36,12 +36,17 @@ class LLM(LLMEngine):
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
         """One output dict per prompt, in order; with n > 1 its completions are in "outputs"."""
-        requests = self._requests(prompts, sampling_params)
+        return self._generate(self._requests(prompts, sampling_params), use_tqdm)
+
+    def _generate(self, requests: list[Request], use_tqdm: bool, cancelled=None) -> list[dict] | None:
+        """generate() on checked requests. `cancelled()`, asked after each step, may end the call early: it then
+        returns None and the requests are dropped."""
         with self._exclusive():
             groups = self._enqueue_all(requests)
             outputs = OutputProcessor(self.tokenizer, groups, stream=False)
             for _ in self._run(groups, outputs, use_tqdm):
-                pass
+                if cancelled is not None and cancelled():
+                    return None
             return outputs.outputs()
 
     def chat(self, messages: list[dict] | list[list[dict]],

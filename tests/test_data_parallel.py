@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+import _thread
 
 import numpy as np
 import pytest
@@ -121,6 +123,22 @@ class TestTwoReplicas:
         with pytest.raises(TypeError, match="sampling_params must be SamplingParams, got dict"):
             llm.generate([[1, 2]], [dict(max_tokens=3)], use_tqdm=False)
         assert llm.generate([], SamplingParams(), use_tqdm=False) == []
+
+    def test_ctrl_c_frees_the_replicas_at_once(self, llm, model):
+        """An interrupted generate cancels the replicas' shares: they stop at their next step, so the next call does
+        not queue behind work nobody will read (uninterrupted, these shares run for half a minute or more)."""
+        endless = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+        ctrl_c = threading.Timer(1.0, _thread.interrupt_main)
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(random_prompts([10] * 512, seed=5), endless, use_tqdm=False)
+        ctrl_c.join()
+        prompts, sps = mixed_batch()
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, sps, use_tqdm=False)
+        waited = time.perf_counter() - start
+        assert outputs == single_engine(model, prompts, sps)
+        assert waited < 15, f"the next call waited {waited:.1f} s behind the interrupted one"
 
     def test_a_replica_killed_mid_generate_loses_no_request(self, llm, model):
         prompts = random_prompts([20] * 6, seed=3)

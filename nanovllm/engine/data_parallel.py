@@ -105,8 +105,13 @@ class EngineReplica:
                            list(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES"),
                            self.engine.config.num_kvcache_blocks)
 
-    def generate(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> list[dict]:
-        return self.engine.generate(prompts, sampling_params, use_tqdm=False)
+    def generate(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> list[dict] | None:
+        """The engine's generate. Ray cannot interrupt a running actor method, ray.cancel only flags it: the call
+        stops at the next step and drops its requests (None), so the driver's Ctrl-C frees the replica."""
+        import ray
+        engine = self.engine
+        return engine._generate(engine._requests(prompts, sampling_params), False,
+                                ray.get_runtime_context().is_canceled)
 
     def stream(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> Iterator[list[dict]]:
         """The engine's stream events, a step's worth at a time (fewer, larger Ray objects)."""
@@ -412,18 +417,23 @@ class DataParallelLLM:
         jobs = self._submit_spread(method, requests, list(range(len(requests))), {})
         bar = tqdm(total=len(requests), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         start, num_tokens = time.perf_counter(), 0
-        with bar:
-            while jobs:
-                ready, _ = self._ray.wait(list(jobs), num_returns=1, timeout=POLL_INTERVAL_S)
-                for ref in ready:
-                    job = jobs.pop(ref)
-                    outputs = self._collect(ref, job, requests, jobs)
-                    for i, out in zip(job.indices, outputs):
-                        results[i] = out
-                        num_tokens += sum(len(o["token_ids"]) for o in out["outputs"])
-                    bar.update(len(outputs))
-                    bar.set_postfix(output=f"{num_tokens / (time.perf_counter() - start):.0f}tok/s")
-                self._check_starts()
+        try:
+            with bar:
+                while jobs:
+                    ready, _ = self._ray.wait(list(jobs), num_returns=1, timeout=POLL_INTERVAL_S)
+                    for ref in ready:
+                        job = jobs.pop(ref)
+                        outputs = self._collect(ref, job, requests, jobs)
+                        for i, out in zip(job.indices, outputs):
+                            results[i] = out
+                            num_tokens += sum(len(o["token_ids"]) for o in out["outputs"])
+                        bar.update(len(outputs))
+                        bar.set_postfix(output=f"{num_tokens / (time.perf_counter() - start):.0f}tok/s")
+                    self._check_starts()
+        except BaseException:  # Ctrl-C or an error: the replicas drop this call's shares, the next call runs at once
+            for ref in jobs:
+                self._ray.cancel(ref)
+            raise
         return results
 
     def _collect(self, ref, job: _Job, requests: list[Request], jobs: dict) -> list[dict]:

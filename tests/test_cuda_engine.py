@@ -120,9 +120,10 @@ def test_start_up_compiles_each_fused_op_once(qwen3_path):
         with LLM(qwen3_path, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16) as llm:
             llm.generate(random_prompts([5, 40, 77], seed=3), SamplingParams(temperature=0.7, max_tokens=20),
                          use_tqdm=False)
-        # norm_rope, add_rms_norm, silu_and_mul and the sampler's four (penalties, race, top-k scaling, draw);
-        # the race and the top-k scaling once for bf16 logits and once for float32 ones (after penalties)
-        assert counters["stats"]["unique_graphs"] == 9
+        # norm_rope, add_rms_norm, silu_and_mul and the sampler's eight (penalties, race, top-k scaling, draw;
+        # the thresholds' scaling, bisection, cut and draw); the race, the top-k scaling and the thresholds'
+        # scaling once for bf16 logits and once for float32 ones (after penalties)
+        assert counters["stats"]["unique_graphs"] == 14
 
 
 def test_exit_gives_the_memory_back(qwen3_path):

@@ -93,6 +93,31 @@ def test_a_mixed_batch_filters_each_row_by_its_own_settings():
     assert torch.equal(ours[-1], logits[-1])  # a greedy row's logits stay as they are
 
 
+@pytest.mark.parametrize("kwargs", [dict(temperature=1.0, top_p=0.95), dict(temperature=0.6, top_p=0.5, min_p=0.02),
+                                    dict(temperature=1.0, min_p=0.05), dict(temperature=0.7, top_k=40, top_p=0.9)])
+def test_thresholds_keep_what_hf_keeps_over_a_full_vocabulary(kwargs):
+    """Qwen's 151,936 tokens, from flat to peaked rows: the bisection's cut (what a GPU samples from, no sort)
+    equals HF's sorted one, and draws by thresholds equal draws from the CPU's full sort."""
+    sp, vocab = SamplingParams(**kwargs), 151936
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(8)) * torch.tensor([[0.5], [1], [3], [8]])
+    hf = hf_warped(logits, sp)
+    ours = processed_logits(logits, tensors_for([sp] * 4))
+    assert torch.equal(ours.isfinite(), hf.isfinite())
+    assert torch.equal(ours[hf.isfinite()], hf[hf.isfinite()])
+    t = tensors_for([sp] * 4, seeds=[3, 4, 5, 6])
+    by_sort = sample(logits, t).token_ids
+    t.by_thresholds = True
+    assert torch.equal(sample(logits, t).token_ids, by_sort)
+
+
+def test_a_tie_at_the_top_p_cut_keeps_every_tied_token():
+    """Probabilities .447, .164 x 3, .061: top_p .75 is reached inside the tied three, which all stay (a sort
+    would keep an arbitrary two of them)."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    kept = processed_logits(logits, tensors_for(SamplingParams(temperature=1.0, top_p=0.75)))[0].isfinite()
+    assert kept.tolist() == [True, True, True, True, False]
+
+
 @settings(max_examples=60, deadline=None)
 @given(grid=st.lists(st.integers(-400, 400), min_size=2, max_size=60, unique=True),
        temperature=st.floats(0.05, 3.0), top_k=st.integers(-1, 70), top_p=st.floats(0.01, 1.0),
@@ -354,7 +379,9 @@ def test_bad_builds_say_what_is_missing():
 
 # ---- compiled -------------------------------------------------------------------------------------------------
 
-def run_mixed_batches(vocab: int, device: torch.device = CPU, dtype: torch.dtype = torch.float32):
+def run_mixed_batches(vocab: int, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                      thresholds: bool = False):
+    """thresholds: rows without a top_k cap take the GPU's way (bisection) on any device."""
     kinds = [[SamplingParams(temperature=0.7)], [SamplingParams(temperature=0), SamplingParams(temperature=1.0)],
              [SamplingParams(temperature=0.6, top_k=20, top_p=0.95)],
              [SamplingParams(temperature=0.6, top_k=1), SamplingParams(temperature=1, top_k=50, min_p=0.1)],
@@ -370,6 +397,7 @@ def run_mixed_batches(vocab: int, device: torch.device = CPU, dtype: torch.dtype
             rows = [params[i % len(params)] for i in range(batch)]
             t = sampling_tensors(rows, list(range(batch)), [5] * batch, device, eos_token_ids=[vocab - 1],
                                  output_counts=counts, prompt_mask=mask)
+            t.by_thresholds |= thresholds and t.max_top_k is None
             results.append(sample(logits, t).token_ids.cpu())
     return results
 
@@ -379,19 +407,22 @@ def test_compiled_paths_never_recompile_and_match_eager():
     and guards as inductor does on CUDA); a second trace would fail under error_on_recompile."""
     with compile_settings(devices=("cpu",), backend="aot_eager"):
         counters.clear()
-        run_mixed_batches(300)  # the first batches compile
+        run_mixed_batches(300, thresholds=True)  # the first batches compile
         with torch._dynamo.config.patch(error_on_recompile=True):
-            compiled = run_mixed_batches(300)
-        assert counters["stats"]["unique_graphs"] == 4  # the penalties, the race, the filtered scale and draw
-    eager = run_mixed_batches(300)
+            compiled = run_mixed_batches(300, thresholds=True)
+        # the penalties, the race, the top-k candidates' scale and draw, the thresholds (scale, bisection, cut, draw)
+        assert counters["stats"]["unique_graphs"] == 8
+    eager = run_mixed_batches(300, thresholds=True)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    # and on these float32 logits (no ties) the thresholds draw exactly what the CPU's full sort draws
+    assert all(torch.equal(a, b) for a, b in zip(eager, run_mixed_batches(300)))
 
 
 def test_warm_up_compiles_every_variant_serving_uses():
     with compile_settings(devices=("cpu",), backend="aot_eager"):
         counters.clear()
         warm_up_sampler(300, torch.float32, CPU)
-        assert counters["stats"]["unique_graphs"] == 4
+        assert counters["stats"]["unique_graphs"] == 4  # the CPU sorts: no threshold graphs
         # serving samples in inference mode (the runner's step), at batch sizes whose packed inputs sit at other
         # storage offsets than the warm-up's
         with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
@@ -414,7 +445,9 @@ def test_cuda_compiled_draws_equal_the_cpu_and_stay_batch_invariant(kwargs, dtyp
     logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     seeds, positions = [1000 + i for i in range(n)], [i * 5 for i in range(n)]
     gpu = sample(logits.cuda(), sampling_tensors([sp] * n, seeds, positions, torch.device("cuda"))).token_ids
-    cpu = sample(logits.float(), tensors_for([sp] * n, seeds, positions)).token_ids
+    on_cpu = tensors_for([sp] * n, seeds, positions)
+    on_cpu.by_thresholds = on_cpu.max_top_k is None  # as the GPU: bfloat16 ties at a cut all stay, a sort splits them
+    cpu = sample(logits.float(), on_cpu).token_ids
     assert (gpu.cpu() == cpu).float().mean() > 0.98  # float rounding of log() may flip a near tie
     alone = [sample(logits[i:i + 1].cuda(), sampling_tensors([sp], seeds[i:i + 1], positions[i:i + 1],
                                                              torch.device("cuda"))).token_ids.item()

@@ -53,7 +53,11 @@ class SamplingTensors:
     any_greedy: bool = False
     any_plain: bool = False  # a sampled row without top-k / top-p / min-p: the full-vocabulary race
     any_filtered: bool = False
-    max_top_k: int | None = None  # filtered rows draw from topk(max_top_k); None: from a full sort
+    max_top_k: int | None = None  # filtered rows draw from topk(max_top_k); None: from the whole vocabulary
+    top_k_width: int | None = None  # the largest top_k of the filtered rows that have one
+    # max_top_k None: thresholds found by bisection (off the CPU: a GPU sorts 152k-wide rows slowly) or a full sort
+    # (the CPU, which sorts fast and pays for each of the bisection's passes); both keep the tokens HF keeps
+    by_thresholds: bool = False
     max_num_logprobs: int | None = None
 
 
@@ -81,15 +85,18 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         # the same ids; on the CPU argmax over bfloat16 is 3x slower than a float32 copy and its argmax
         tokens = logits.float().argmax(-1)
     if t.any_filtered:
-        if t.max_top_k is not None:  # at least 2: a dimension of size 1 would make dynamo compile again
-            values, ids = logits.topk(min(max(t.max_top_k, 2), logits.size(1)), -1)
-        else:
-            values, ids = logits.sort(-1, descending=True)
         if tokens is None:  # every row is filtered; a fresh tensor, as a view of ids would change dynamo's guards
             tokens = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)
-        scaled, probs = _scale_and_top_k(values, t.temperatures, t.top_k)
-        tokens = _draw_filtered(scaled, _tail_mass(probs), ids, t.temperatures, t.noise_keys, t.top_k,
-                                t.top_p_complement, t.min_p, tokens)
+        if t.by_thresholds:
+            tokens = _draw_by_thresholds(logits, t, tokens)
+        else:
+            if t.max_top_k is not None:  # at least 2: a dimension of size 1 would make dynamo compile again
+                values, ids = logits.topk(min(max(t.max_top_k, 2), logits.size(1)), -1)
+            else:
+                values, ids = logits.sort(-1, descending=True)
+            scaled, probs = _scale_and_top_k(values, t.temperatures, t.top_k)
+            tokens = _draw_filtered(scaled, _tail_mass(probs), ids, t.temperatures, t.noise_keys, t.top_k,
+                                    t.top_p_complement, t.min_p, tokens)
     logprobs = None
     if t.max_num_logprobs is not None:
         logprobs = compute_logprobs(raw, tokens, t.max_num_logprobs)
@@ -103,11 +110,8 @@ def processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     temperatures = t.temperatures.unsqueeze(1)
     out = logits / torch.where(temperatures > 0, temperatures, 1.0)
     if t.any_filtered:
-        values, ids = logits.sort(-1, descending=True)
-        scaled, probs = _scale_and_top_k(values, t.temperatures, t.top_k)
-        kept = _top_p_and_min_p(scaled, _tail_mass(probs), t.top_p_complement, t.min_p)
         rows = _filtered_rows(t.temperatures, t.top_k, t.top_p_complement, t.min_p)
-        out = torch.where(rows.unsqueeze(1), torch.empty_like(out).scatter_(1, ids, kept), out)
+        out = torch.where(rows.unsqueeze(1), _threshold_filter(logits, t), out)
     return out
 
 
@@ -131,7 +135,7 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
 
 def warm_up_sampler(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
     """Compile, before serving, every variant a step could otherwise compile mid-way: the race, the filtered
-    draw (top-k candidates and a full sort share its graphs) and the penalties, on the model's logits dtype
+    draws (from top-k candidates, and by thresholds off the CPU) and the penalties, on the model's logits dtype
     and, after penalties, on float32."""
     with torch.inference_mode():  # as serving samples: compiled graphs guard on it
         _warm_up(vocab_size, dtype, device)
@@ -143,7 +147,7 @@ def _warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
     counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
     mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
     for kwargs in (dict(), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
-                   dict(repetition_penalty=1.5, top_k=2)):
+                   dict(repetition_penalty=1.5, top_k=2), dict(repetition_penalty=1.5, top_p=0.5)):
         params = [SamplingParams(temperature=1.0, **kwargs)] * rows
         sample(logits, sampling_tensors(params, [0] * rows, [0] * rows, device, output_counts=counts,
                                         prompt_mask=mask))
@@ -214,6 +218,82 @@ def _draw_filtered(scaled: torch.Tensor, tail_mass: torch.Tensor, ids: torch.Ten
     """A draw among each filtered row's kept candidates; other rows keep `other`."""
     kept = _top_p_and_min_p(scaled, tail_mass, top_p_complement, min_p)
     choice = ids.gather(1, (kept + _gumbel(noise_keys.unsqueeze(1), ids)).argmax(-1, keepdim=True)).squeeze(1)
+    return torch.where(_filtered_rows(temperatures, top_k, top_p_complement, min_p), choice, other)
+
+
+# Filtered rows when some have no top_k: top-k, top-p and min-p as thresholds on each row's logits over the whole
+# vocabulary, no sort (a full sort of 152k logits per row cost ~80 ms per 256-row step on an H200). The top-p cut
+# is found by bisection over the logits' order: 33 masked sums, each one pass over [B, V].
+
+_BISECTION_STEPS = 33  # the keys below span 2**32 + 1 values
+_BELOW_EVERY_KEY = -2**31 - 1
+
+
+def _draw_by_thresholds(logits: torch.Tensor, t: SamplingTensors, other: torch.Tensor) -> torch.Tensor:
+    """A draw on every filtered row from _threshold_filter's logits; other rows keep other."""
+    vocab = torch.arange(logits.size(1), device=logits.device)
+    return _draw_kept(_threshold_filter(logits, t), vocab, t.temperatures, t.noise_keys, t.top_k,
+                      t.top_p_complement, t.min_p, other)
+
+
+def _threshold_filter(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """[B, V] float32: HF's warpers (temperature, top-k, top-p, min-p) on every row, -inf where dropped.
+    A tie at a cut keeps every tied token, where a sort would keep an arbitrary part of them."""
+    kth = torch.full((logits.size(0),), float("-inf"), dtype=logits.dtype, device=logits.device)
+    if t.top_k_width is not None:  # each top-k row's k-th largest logit (ties included, as HF's TopK)
+        width = min(max(t.top_k_width, 2), logits.size(1))
+        values = logits.topk(width, -1).values
+        kth = torch.where(t.top_k < TOP_K_OFF, values.gather(1, (t.top_k.clamp(max=width) - 1).unsqueeze(1))
+                          .squeeze(1), kth)
+    scaled, probs, keys, lo, hi = _threshold_scale(logits, t.temperatures, kth)
+    top_key = hi
+    for _ in range(_BISECTION_STEPS):
+        lo, hi = _bisect_top_p(probs, keys, lo, hi, t.top_p_complement)
+    return _apply_thresholds(scaled, keys, lo, top_key, t.top_p_complement, t.min_p)
+
+
+@compile_on_cuda
+def _threshold_scale(logits: torch.Tensor, temperatures: torch.Tensor, kth: torch.Tensor):
+    """logits / temperature with -inf below each row's k-th value, their softmax, order keys (int32 bit patterns
+    ordered as the floats), and the bisection's start: below every key, and the largest key."""
+    t = temperatures.unsqueeze(1)
+    t = torch.where(t > 0, t, 1.0)
+    scaled = logits.float() / t
+    scaled = scaled.masked_fill(scaled < kth.float().unsqueeze(1) / t, float("-inf"))
+    bits = scaled.view(torch.int32)
+    keys = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    hi = keys.amax(-1).long()
+    return scaled, scaled.softmax(-1), keys, torch.full_like(hi, _BELOW_EVERY_KEY), hi
+
+
+@compile_on_cuda
+def _bisect_top_p(probs: torch.Tensor, keys: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  top_p_complement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One halving of [lo, hi] towards the largest key whose tokens at or below it hold at most 1 - top_p of the
+    mass (HF drops exactly those: the mass summed from the least likely up stays <= 1 - top_p)."""
+    mid = (lo + hi + 1).div(2, rounding_mode="floor")
+    below = torch.where(keys <= mid.unsqueeze(1), probs, 0.0).sum(-1)
+    fits = below <= top_p_complement
+    return torch.where(fits, mid, lo), torch.where(fits, hi, mid - 1)
+
+
+@compile_on_cuda
+def _apply_thresholds(scaled: torch.Tensor, keys: torch.Tensor, cut: torch.Tensor, top_key: torch.Tensor,
+                      top_p_complement: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop keys at or below the top-p cut (never the likeliest), then min-p on the renormalised rest."""
+    cut = torch.where(top_p_complement > 0, cut, _BELOW_EVERY_KEY)
+    kept = (keys > cut.unsqueeze(1)) | (keys == top_key.unsqueeze(1))
+    scaled = scaled.masked_fill(~kept, float("-inf"))
+    probs = scaled.softmax(-1)
+    return scaled.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+@compile_on_cuda
+def _draw_kept(kept: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor,
+               top_k: torch.Tensor, top_p_complement: torch.Tensor, min_p: torch.Tensor,
+               other: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max over each filtered row's kept logits (-inf where dropped) at token ids `ids`."""
+    choice = (kept + _gumbel(noise_keys.unsqueeze(1), ids)).argmax(-1)
     return torch.where(_filtered_rows(temperatures, top_k, top_p_complement, min_p), choice, other)
 
 
@@ -296,6 +376,9 @@ def sampling_tensors(params: Sequence[SamplingParams], seeds: Sequence[int], pos
     if t.any_filtered:
         t.top_p_complement, t.min_p, t.top_k = floats[1], floats[2], ints[1]
         t.max_top_k = None if (top_k[filtered] <= 0).any() else int(top_k[filtered].max())
+        if (top_k[filtered] > 0).any():
+            t.top_k_width = int(top_k[filtered].max())
+        t.by_thresholds = t.max_top_k is None and device.type != "cpu"
     if penalized:
         t.repetition_penalties, t.presence_penalties, t.frequency_penalties = floats[-3:]
         t.output_counts, t.prompt_mask = output_counts, prompt_mask

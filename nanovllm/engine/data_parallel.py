@@ -13,6 +13,7 @@ import random
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral
@@ -389,11 +390,11 @@ class DataParallelLLM:
     def _resume_stream(self, replica: _Replica, actor, share: list[int], sent: dict, requests: list[Request],
                        error) -> dict:
         """Run a dead replica's unfinished requests again, on its replacement or spread over the others."""
-        finished = {}
+        finished, started = {}, Counter()  # per request: every started completion finished; how many started
         for (index, _), state in sent.items():
             finished[index] = finished.get(index, True) and state[2]
-        unfinished = [i for i in share if not finished.get(i, False)
-                      or sum(1 for j, _ in sent if j == i) < requests[i].sampling_params.n]
+            started[index] += 1
+        unfinished = [i for i in share if not finished.get(i, False) or started[i] < requests[i].sampling_params.n]
         if replica.actor is actor:
             self._replace(replica, actor, error, len(unfinished))
         if not unfinished:

@@ -76,6 +76,8 @@ def worker_main(config: Config, rank: int, init_file: str, conn: Connection, num
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         raise SystemExit(1)
     conn.send(("built", None))
+    gc.collect()
+    gc.freeze()  # as LLMEngine does: the model outlives every step
     while True:
         try:
             method, args = conn.recv()
@@ -252,6 +254,7 @@ class Executor:
         if self.world_size > 1:
             stop_process_group(abort)
         self._stop_workers(grace=10.0)
+        gc.unfreeze()  # what LLMEngine froze may now be collected
         if self._on_cuda and not abort:
             gc.collect()  # anything the model or the cache is still tied to through a reference cycle
             torch.cuda.empty_cache()

@@ -1,3 +1,4 @@
+import gc
 import random
 import sys
 import threading
@@ -53,6 +54,10 @@ class LLMEngine:
         self._rng = random.Random(config.seed)  # seeds for requests that bring none
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/step, to refuse re-entrant calls
+        # the model, its compiled code and the tokenizer live as long as the engine: keep them out of the
+        # collector's full passes, each of which would otherwise stall the step loop for a long walk
+        gc.collect()
+        gc.freeze()
 
     def exit(self):
         """Release the model, the KV cache, worker processes and the process group. Safe to call twice."""

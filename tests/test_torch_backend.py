@@ -84,6 +84,19 @@ def test_backend_decode_on_cpu_equals_textbook(num_heads, num_kv_heads):
     torch.testing.assert_close(TorchBackend().decode(*case, SCALE), textbook_decode(*case, SCALE))
 
 
+def test_one_decode_plan_serves_every_layer_of_a_step():
+    """The backend plans a step's gather at its first layer and reuses it: a second layer (other cache, other
+    queries) under the same context still attends to its own keys."""
+    q, k_cache, v_cache, ctx = decode_case(MIXED_LENS, 16, 14, 2, 8, torch.float32, "cpu", seed=3)
+    q2, k_cache2, v_cache2, _ = decode_case(MIXED_LENS, 16, 14, 2, 8, torch.float32, "cpu", seed=4)
+    backend = TorchBackend()
+    first = backend.decode(q, k_cache, v_cache, ctx, SCALE)
+    assert ctx.plan is not None
+    second = backend.decode(q2, k_cache2, v_cache2, ctx, SCALE)
+    torch.testing.assert_close(first, textbook_decode(q, k_cache, v_cache, ctx, SCALE))
+    torch.testing.assert_close(second, textbook_decode(q2, k_cache2, v_cache2, ctx, SCALE))
+
+
 @pytest.mark.parametrize("num_heads, num_kv_heads", HEADS)
 @pytest.mark.parametrize("q_lens, k_lens, paged", [
     ([5, 17, 1, 40, 16], [5, 17, 1, 40, 16], False),  # plain prompts

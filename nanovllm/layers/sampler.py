@@ -82,8 +82,9 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     if t.any_plain:
         tokens = _race(logits, t.temperatures, t.noise_keys)  # greedy rows get the argmax here too
     elif t.any_greedy:
-        # the same ids; on the CPU argmax over bfloat16 is 3x slower than a float32 copy and its argmax
-        tokens = logits.float().argmax(-1)
+        # argmax's ids (the first of equal maxima); on the CPU max over bfloat16 is ~1.8x faster than argmax over
+        # a float32 copy, and argmax over bfloat16 slower still
+        tokens = logits.max(-1).indices
     if t.any_filtered:
         if tokens is None:  # every row is filtered; a fresh tensor, as a view of ids would change dynamo's guards
             tokens = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)

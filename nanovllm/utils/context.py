@@ -25,6 +25,8 @@ class Context:
     context_lens: torch.Tensor | None = None
     # [num_seqs, max_num_blocks] int32, physical block ids; only set when attention must read the paged cache
     block_tables: torch.Tensor | None = None
+    # a backend's own data derived from the fields above, built by the step's first layer for the others
+    plan: object = None
 
 
 # A ContextVar rather than a rebound module global: set/reset pair up exactly, even when steps nest or raise.

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm.layers.cpu_packed import PackedWeight, packing_works
+from nanovllm.layers.cpu_packed import CPU_CHUNK_TOKENS, PackedWeight, in_token_chunks, packing_works
 from nanovllm.layers.linear import ReplicatedLinear
 
 needs_packing = pytest.mark.skipif(not packing_works(), reason="this torch build or CPU has no oneDNN bf16 linear")
@@ -36,3 +36,25 @@ def test_packed_copy_follows_in_place_weight_changes():
 def test_float32_keeps_f_linear():
     weight, x = torch.randn(16, 8), torch.randn(3, 8)
     assert torch.equal(PackedWeight().linear(x, weight), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [CPU_CHUNK_TOKENS, CPU_CHUNK_TOKENS + 1, 3 * CPU_CHUNK_TOKENS - 5])
+def test_token_chunks_give_the_whole_result_in_even_chunks(dtype, rows):
+    """A long prefill's MLP runs in chunks on the CPU: the same bits as one call, chunks within one row of each
+    other in size (no one-row sliver, which may take another GEMM kernel)."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = ReplicatedLinear(96, 200).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    sizes = []
+
+    def mlp_like(part):
+        sizes.append(part.size(0))
+        return layer(part).relu()  # exact element-wise work: a vectorised exp's bits may depend on the position
+
+    with torch.inference_mode():
+        assert torch.equal(in_token_chunks(mlp_like, x), layer(x).relu())
+    assert sum(sizes) == rows and max(sizes) <= CPU_CHUNK_TOKENS and max(sizes) - min(sizes) <= 1
+    assert len(sizes) == -(-rows // CPU_CHUNK_TOKENS)

@@ -1,4 +1,4 @@
-"""bfloat16 matmuls on the CPU with the weight packed once for oneDNN.
+"""bfloat16 matmuls on the CPU with the weight packed once for oneDNN; long prefills in token chunks.
 
 F.linear in bfloat16 on the CPU reorders the weight into oneDNN's blocked layout on every call, one more pass over
 the weight; packing it once makes a decode step's GEMMs 1.4x (batch 32) to 3x (batch 1) faster, with bit-identical
@@ -38,3 +38,17 @@ class PackedWeight:
         if key != self._key:
             self._packed, self._key = torch.ops.mkldnn._reorder_linear_weight(weight.detach()), key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+
+
+CPU_CHUNK_TOKENS = 512
+
+
+def in_token_chunks(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a token-wise fn ([tokens, ...] in and out), run over chunks of about CPU_CHUNK_TOKENS tokens on the
+    CPU. A long prefill's MLP activations ([tokens, 2 x intermediate], ~100 MB at 5k tokens) are fresh mappings
+    from the allocator in every layer, page-faulted in on first touch; chunks reuse warm memory (the demo model's
+    MLP at 4,936 tokens: 280 -> 185 ms). Chunks of equal size, never a sliver: a GEMM's rows do not depend on the
+    other rows, but a one-row GEMM may take another kernel."""
+    if x.device.type != "cpu" or x.size(0) <= CPU_CHUNK_TOKENS:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.tensor_split(-(-x.size(0) // CPU_CHUNK_TOKENS))])

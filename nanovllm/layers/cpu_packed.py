@@ -43,12 +43,17 @@ class PackedWeight:
 CPU_CHUNK_TOKENS = 512
 
 
-def in_token_chunks(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x) for a token-wise fn ([tokens, ...] in and out), run over chunks of about CPU_CHUNK_TOKENS tokens on the
-    CPU. A long prefill's MLP activations ([tokens, 2 x intermediate], ~100 MB at 5k tokens) are fresh mappings
-    from the allocator in every layer, page-faulted in on first touch; chunks reuse warm memory (the demo model's
-    MLP at 4,936 tokens: 280 -> 185 ms). Chunks of equal size, never a sliver: a GEMM's rows do not depend on the
-    other rows, but a one-row GEMM may take another kernel."""
-    if x.device.type != "cpu" or x.size(0) <= CPU_CHUNK_TOKENS:
-        return fn(x)
-    return torch.cat([fn(part) for part in x.tensor_split(-(-x.size(0) // CPU_CHUNK_TOKENS))])
+def in_token_chunks(fn, *xs: torch.Tensor):
+    """fn(*xs) for a token-wise fn ([tokens, ...] tensors in, one or a tuple of them out), run over chunks of about
+    CPU_CHUNK_TOKENS tokens on the CPU. A long prefill's activations (the MLP's [tokens, 2 x intermediate] is
+    ~100 MB at 5k tokens) are fresh mappings from the allocator in every layer, page-faulted in on first touch;
+    chunks reuse warm memory (the demo model's MLP at 4,936 tokens: 280 -> 185 ms). Chunks of equal size, never a
+    sliver: a GEMM's rows do not depend on the other rows, but a one-row GEMM may take another kernel."""
+    num_tokens = xs[0].size(0)
+    if xs[0].device.type != "cpu" or num_tokens <= CPU_CHUNK_TOKENS:
+        return fn(*xs)
+    parts = [x.tensor_split(-(-num_tokens // CPU_CHUNK_TOKENS)) for x in xs]
+    outs = [fn(*chunk) for chunk in zip(*parts)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*outs))
+    return torch.cat(outs)

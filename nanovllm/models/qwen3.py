@@ -75,9 +75,6 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return in_token_chunks(self._forward, x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
@@ -97,6 +94,10 @@ class Qwen3DecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
+        return in_token_chunks(self._norm_and_mlp, hidden_states, residual)
+
+    def _norm_and_mlp(self, hidden_states: torch.Tensor,
+                      residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 

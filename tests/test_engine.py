@@ -95,6 +95,13 @@ def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference, overlap):
     assert multiprocessing.active_children() == []
 
 
+def test_tensor_parallel_2_on_cpu_long_prefill(qwen3_path, hf_reference):
+    # over 512 tokens in one step: every rank runs the MLP in the same token chunks, an all-reduce per chunk
+    with LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16) as llm:
+        run_and_compare(llm, qwen3_path, random_prompts([600, 300], seed=7), hf_reference)
+    assert multiprocessing.active_children() == []
+
+
 def test_eos_stops_and_is_reported(qwen3_path, hf_reference, tmp_path):
     prompt = random_prompts([10], seed=7)[0]
     first = hf_reference(qwen3_path, prompt, 24)

@@ -10,6 +10,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from nanovllm.utils.math import cdiv
+
 
 @functools.cache
 def packing_works() -> bool:
@@ -44,15 +46,13 @@ CPU_CHUNK_TOKENS = 512
 
 
 def in_token_chunks(fn, *xs: torch.Tensor):
-    """fn(*xs) for a token-wise fn ([tokens, ...] tensors in, one or a tuple of them out), run over chunks of about
-    CPU_CHUNK_TOKENS tokens on the CPU. A long prefill's activations (the MLP's [tokens, 2 x intermediate] is
-    ~100 MB at 5k tokens) are fresh mappings from the allocator in every layer, page-faulted in on first touch;
-    chunks reuse warm memory (the demo model's MLP at 4,936 tokens: 280 -> 185 ms). Chunks of equal size, never a
-    sliver: a GEMM's rows do not depend on the other rows, but a one-row GEMM may take another kernel."""
+    """fn(*xs) for a token-wise fn ([tokens, ...] in, one or a tuple of such out), over equal chunks of at most
+    CPU_CHUNK_TOKENS tokens on the CPU: a long prefill's activations then reuse warm memory instead of fresh,
+    page-faulted mappings in every layer. A GEMM row does not depend on the other rows: the bits are the same."""
     num_tokens = xs[0].size(0)
     if xs[0].device.type != "cpu" or num_tokens <= CPU_CHUNK_TOKENS:
         return fn(*xs)
-    parts = [x.tensor_split(-(-num_tokens // CPU_CHUNK_TOKENS)) for x in xs]
+    parts = [x.tensor_split(cdiv(num_tokens, CPU_CHUNK_TOKENS)) for x in xs]
     outs = [fn(*chunk) for chunk in zip(*parts)]
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(column) for column in zip(*outs))

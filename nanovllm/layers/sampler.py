@@ -23,6 +23,7 @@ import torch
 
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.compile import compile_on_cuda
+from nanovllm.utils.math import cdiv
 
 TOP_K_OFF = 2**31 - 1  # a top_k no vocabulary reaches
 _MASK32 = 0xFFFFFFFF
@@ -420,7 +421,7 @@ def _upload(floats: list[np.ndarray], ints: list[np.ndarray],
     f, i = np.concatenate(floats), np.concatenate(ints)
     # the int64 part starts 8-byte aligned and at element >= 2: dynamo specialises storage offsets 0 and 1, so a
     # batch whose offset were 1 would compile a variant of its own
-    f_bytes = max(-(-f.nbytes // 8) * 8, 16)
+    f_bytes = max(cdiv(f.nbytes, 8) * 8, 16)
     host = torch.empty(f_bytes + i.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     buf = host.numpy()
     buf[:f.nbytes] = f.view(np.uint8)

@@ -8,6 +8,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from nanovllm.utils.math import cdiv
+
 # bits per element of each safetensors dtype (F4 / F6 pack several elements per byte)
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8,
               "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
@@ -79,7 +81,7 @@ def _entry_problem(entry) -> str | None:
     bits = DTYPE_BITS.get(entry["dtype"])
     if bits is not None and (offsets[1] - offsets[0]) * 8 != math.prod(shape) * bits:
         return (f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, but shape {shape} of "
-                f"{entry['dtype']} needs {-(-math.prod(shape) * bits // 8)}")
+                f"{entry['dtype']} needs {cdiv(math.prod(shape) * bits, 8)}")
     return None
 
 

@@ -1,3 +1,6 @@
+from nanovllm.utils.math import cdiv
+
+
 def packed_starts(sizes: list[int]) -> list[int]:
     """Where each of several int32 parts starts when packed into one buffer, and the buffer's length last.
 
@@ -7,5 +10,5 @@ def packed_starts(sizes: list[int]) -> list[int]:
     """
     starts = [0]
     for n in sizes:
-        starts.append(starts[-1] + -(-n // 4) * 4)
+        starts.append(starts[-1] + cdiv(n, 4) * 4)
     return starts

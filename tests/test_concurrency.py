@@ -69,3 +69,14 @@ def test_an_unreachable_engine_releases_everything(qwen3_path, tp):
     assert engine() is None and executor() is None
     assert all(not w.is_alive() for w in workers)
     assert multiprocessing.active_children() == []
+
+
+def test_an_exited_engine_lets_its_model_be_collected(qwen3_path):
+    """The engine freezes the collector's view of the heap after start-up (no full passes over the model while
+    it serves); exit() thaws it, so the model's layers, which sit in reference cycles (a weight's loader is a
+    method of its layer), can be collected."""
+    with LLM(qwen3_path, kvcache_block_size=16) as llm:
+        model = weakref.ref(llm.executor.runner.model.model.layers[0].mlp.down_proj)
+        assert gc.get_freeze_count() > 0
+    gc.collect()
+    assert model() is None

@@ -254,7 +254,6 @@ class Executor:
         if self.world_size > 1:
             stop_process_group(abort)
         self._stop_workers(grace=10.0)
-        gc.unfreeze()  # what LLMEngine froze may now be collected
         if self._on_cuda and not abort:
             gc.collect()  # anything the model or the cache is still tied to through a reference cycle
             torch.cuda.empty_cache()

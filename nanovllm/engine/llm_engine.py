@@ -24,6 +24,13 @@ class InFlight:
     tokens: SampledTokens
 
 
+def _release(executor: Executor):
+    """The engine's finaliser: what __init__ froze may be collected again (the model sits in reference cycles),
+    then the executor frees the device."""
+    gc.unfreeze()
+    executor.shutdown()
+
+
 class LLMEngine:
     """Requests in, steps out (`add_request`, `step`): queues requests with the Scheduler and runs its steps on
     the Executor's ranks; `LLM` builds generate/chat/stream on it. Calls from several threads are served one after
@@ -35,7 +42,7 @@ class LLMEngine:
         self.config = config
         self.executor = Executor(config)
         # released when the engine is collected or the interpreter exits; holds the executor, not the engine
-        self._finalizer = weakref.finalize(self, self.executor.shutdown)
+        self._finalizer = weakref.finalize(self, _release, self.executor)
         try:
             config.num_kvcache_blocks = self.executor.num_kvcache_blocks
             self.tokenizer = load_tokenizer(config.model)
@@ -55,7 +62,8 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/step, to refuse re-entrant calls
         # the model, its compiled code and the tokenizer live as long as the engine: keep them out of the
-        # collector's full passes, each of which would otherwise stall the step loop for a long walk
+        # collector's full passes, each of which would otherwise stall the step loop for a long walk (_release
+        # unfreezes)
         gc.collect()
         gc.freeze()
 

@@ -172,6 +172,17 @@ def test_all_greedy_is_argmax():
                        logits.argmax(-1))
 
 
+def test_greedy_takes_the_first_of_equal_maxima_in_bfloat16():
+    """argmax's rule (transformers' greedy) where bfloat16 logits tie at the top, which 8 mantissa bits make
+    common: 1.001 and 1.002 both round to 1.0."""
+    logits = torch.zeros(4, 1000)
+    logits[0, [3, 700]] = 2.0
+    logits[1, [999, 5]] = 1.0
+    logits[3, 10], logits[3, 11] = 1.001, 1.002
+    tokens = sample(logits.to(torch.bfloat16), tensors_for([SamplingParams(temperature=0)] * 4)).token_ids
+    assert tokens.tolist() == [3, 5, 0, 10]
+
+
 # ---- seeds ----------------------------------------------------------------------------------------------------
 
 def other_rows(count: int, vocab: int, seed: int) -> tuple[list[SamplingParams], torch.Tensor]:

@@ -48,7 +48,7 @@ CPU_CHUNK_TOKENS = 512
 def in_token_chunks(fn, *xs: torch.Tensor):
     """fn(*xs) for a token-wise fn ([tokens, ...] in, one or a tuple of such out), over equal chunks of at most
     CPU_CHUNK_TOKENS tokens on the CPU: a long prefill's activations then reuse warm memory instead of fresh,
-    page-faulted mappings in every layer. A GEMM row does not depend on the other rows: the bits are the same."""
+    page-faulted mappings in every layer. Per token the same arithmetic: a GEMM's rows do not depend on each other."""
     num_tokens = xs[0].size(0)
     if xs[0].device.type != "cpu" or num_tokens <= CPU_CHUNK_TOKENS:
         return fn(*xs)

@@ -108,3 +108,30 @@ def test_backend_prefill_equals_textbook(num_heads, num_kv_heads, q_lens, k_lens
     expect = textbook_prefill(*case, SCALE)
     torch.testing.assert_close(TorchBackend().prefill(*case, SCALE), expect)
     torch.testing.assert_close(reference_prefill(*case, SCALE), expect)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["every-token", "with-padding"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_store_kvcache_on_cpu_writes_each_token_to_its_slot(padded, fp8):
+    """Every token lands in its slot and nothing else changes; slot -1 (a padded token) is skipped. Covers both
+    CPU paths: index_copy_ when every token is stored, the masked one when some are padding."""
+    from nanovllm.layers.kv_quant import KVScales, quantize_fp8
+    torch.manual_seed(0)
+    num_blocks, block, kv_heads, dim, tokens = 6, 16, 2, 8, 11
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, dim).to(dtype)
+    k, v = torch.randn(tokens, kv_heads, dim).bfloat16(), torch.randn(tokens, kv_heads, dim).bfloat16()
+    slots = torch.randperm(num_blocks * block)[:tokens].int()
+    if padded:
+        slots[[2, 7]] = -1
+    scales = KVScales(torch.full((kv_heads,), 0.5), torch.full((kv_heads,), 2.0)) if fp8 else None
+    expect_k, expect_v = k_cache.clone().flatten(0, 1), v_cache.clone().flatten(0, 1)
+    stored_k = quantize_fp8(k, scales.k) if fp8 else k
+    stored_v = quantize_fp8(v, scales.v) if fp8 else v
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expect_k[slot], expect_v[slot] = stored_k[t], stored_v[t]
+    TorchBackend().store_kvcache(k, v, k_cache, v_cache, slots, scales)
+    assert torch.equal(k_cache.flatten(0, 1).view(torch.uint8), expect_k.view(torch.uint8))
+    assert torch.equal(v_cache.flatten(0, 1).view(torch.uint8), expect_v.view(torch.uint8))

@@ -2,6 +2,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
+from numbers import Integral
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -12,6 +13,7 @@ from nanovllm.utils.loader import check_weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellings
 LOAD_FORMATS = ("auto", "dummy")
 
 
@@ -36,6 +38,7 @@ class Config:
     async_scheduling: bool = True
     mixed_steps: bool = True
     kv_cache_dtype: str = "auto"
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (-1: the vocabulary)
     # derived in __post_init__
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos: tuple[int, ...] = ()
@@ -70,16 +73,19 @@ class Config:
     def _check_numbers(self):
         positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
                     "kvcache_block_size")
-        for name in positive + ("num_kvcache_blocks", "seed"):
+        for name in positive + ("num_kvcache_blocks", "seed", "max_logprobs"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, Integral):
                 raise TypeError(f"{name} must be an int, got {value!r}")
+            setattr(self, name, int(value))  # numpy's ints too
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         bs = self.kvcache_block_size
         if bs < 16 or bs & (bs - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {bs}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (computed) or >= 1, got {self.num_kvcache_blocks}")
         u = self.gpu_memory_utilization
@@ -197,6 +203,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device:
         if isinstance(model_dtype, str):
             model_dtype = DTYPES.get(model_dtype)
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    name = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES) + list(DTYPE_ALIASES)}, got {dtype!r}")
+    return DTYPES[name]

@@ -73,8 +73,9 @@ class LLM(LLMEngine):
 
     def _requests(self, prompts, sampling_params) -> list[Request]:
         self.executor.check_open()
-        return self.requests.build(prompts, self.default_sampling_params() if sampling_params is None
-                                   else sampling_params)
+        if sampling_params is None:
+            return self.requests.build(prompts, self.default_sampling_params(), defaults=True)
+        return self.requests.build(prompts, sampling_params)
 
     def _enqueue_all(self, requests: list[Request]) -> list[list[Sequence]]:
         """n sequences per request: the first prefills the prompt, the others share its blocks."""

@@ -1,5 +1,6 @@
 import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 # vLLM raises temperatures in (0, 0.01) to 0.01: dividing logits by less overflows float32 to inf
 MIN_TEMPERATURE = 1e-2
@@ -38,10 +39,10 @@ class SamplingParams:
                      "repetition_penalty"):
             setattr(self, name, _number(name, getattr(self, name)))
         for name in ("max_tokens", "top_k", "min_tokens", "n"):
-            _integer(name, getattr(self, name))
+            setattr(self, name, _integer(name, getattr(self, name)))
         for name in ("seed", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                _integer(name, getattr(self, name))
+                setattr(self, name, _integer(name, getattr(self, name)))
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -78,14 +79,17 @@ class SamplingParams:
 
 
 def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A float from any real number (numpy's too), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     return float(value)
 
 
-def _integer(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+def _integer(name: str, value) -> int:
+    """An int from any integral number (numpy's too), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
 
 
 def _check(ok: bool, name: str, value, allowed: str):
@@ -108,8 +112,9 @@ def _stop_strings(stop) -> list[str]:
 def _stop_token_ids(ids) -> list[int]:
     if ids is None:
         return []
-    if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+    if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
         raise TypeError(f"stop_token_ids must be a list of int, got {ids!r}")
+    ids = [int(i) for i in ids]
     if any(i < 0 for i in ids):
         raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(ids)!r}")
     return list(dict.fromkeys(ids))  # vLLM drops repeats, keeping the order

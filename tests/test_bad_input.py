@@ -36,6 +36,10 @@ def expected(llm):
     ([[1], [2]], [GREEDY], ValueError, "2 entries but there are 3 prompts"),
     ([[1]], "greedy", TypeError, "sampling_params must be SamplingParams"),
     (["hello"], GREEDY, ValueError, "no tokenizer"),
+    ([[1]], SamplingParams(max_tokens=2, stop="w"), ValueError, "stop strings ['w'] need the text, but model folder"),
+    ([[1]], SamplingParams(max_tokens=2, logprobs=21), ValueError, "logprobs=21 is more than this engine returns: "
+                                                                   "at most 20"),
+    ([[1]], SamplingParams(max_tokens=2, prompt_logprobs=513), ValueError, "prompt_logprobs=513 is more than"),
 ])
 def test_bad_requests_raise_and_engine_survives(llm, expected, prompts, sp, error, words):
     with pytest.raises(error, match=re.escape(words)):
@@ -54,6 +58,34 @@ def test_numpy_token_ids_are_accepted(llm, expected):
     import numpy as np
     assert llm.generate([np.array([1, 2, 3])], GREEDY, use_tqdm=False) == \
         llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+
+
+def test_numpy_scalars_are_numbers(qwen3_path):
+    """numpy's ints and floats count as ints and numbers (stored as Python's), bools still do not."""
+    import numpy as np
+    sp = SamplingParams(temperature=np.float32(0.5), top_k=np.int32(3), max_tokens=np.int64(5),
+                        stop_token_ids=[np.int64(7)], seed=np.uint8(9), logprobs=np.int16(2))
+    assert sp == SamplingParams(temperature=0.5, top_k=3, max_tokens=5, stop_token_ids=[7], seed=9, logprobs=2)
+    assert [type(v) for v in (sp.temperature, sp.top_k, sp.max_tokens, sp.stop_token_ids[0], sp.seed)] == \
+        [float, int, int, int, int]
+    with pytest.raises(TypeError, match="max_tokens must be an int, got bool"):
+        SamplingParams(max_tokens=np.bool_(True))
+    with LLM(qwen3_path, max_model_len=np.int64(64), kvcache_block_size=16, dtype="float") as engine:
+        assert engine.config.max_model_len == 64 and type(engine.config.max_model_len) is int
+        assert engine.generate([[1, 2]], SamplingParams(max_tokens=np.int64(3)), use_tqdm=False)[0]["token_ids"]
+
+
+def test_max_logprobs_sets_the_cap(qwen3_path):
+    with LLM(qwen3_path, kvcache_block_size=16, max_model_len=64, max_logprobs=-1) as engine:
+        out = engine.generate([[1, 2]], SamplingParams(max_tokens=1, logprobs=512), use_tqdm=False)[0]
+        assert len(out["logprobs"][0]) == 512  # the whole vocabulary
+        with pytest.raises(ValueError, match="logprobs=513 is more than this engine returns: at most 512"):
+            engine.generate([[1, 2]], SamplingParams(max_tokens=1, logprobs=513), use_tqdm=False)
+    with LLM(qwen3_path, kvcache_block_size=16, max_model_len=64, max_logprobs=30) as engine:
+        assert len(engine.generate([[1, 2]], SamplingParams(max_tokens=1, prompt_logprobs=30),
+                                   use_tqdm=False)[0]["prompt_logprobs"][1]) >= 30
+        with pytest.raises(ValueError, match="at most 30"):
+            engine.generate([[1, 2]], SamplingParams(max_tokens=1, logprobs=31), use_tqdm=False)
 
 
 def test_fits_exactly_at_the_limits(llm):
@@ -149,6 +181,8 @@ def test_sampling_params_defaults_and_normalisation():
     (dict(attention_backend="cudnn"), ValueError, "attention_backend must be one of"),
     (dict(attention_backend="triton", device="cpu"), ValueError, "needs a CUDA device"),
     (dict(dtype="float64"), ValueError, "dtype must be 'auto' or one of"),
+    (dict(max_logprobs=-2), ValueError, "max_logprobs must be -1 \\(the whole vocabulary\\) or >= 0, got -2"),
+    (dict(max_logprobs=2.0), TypeError, "max_logprobs must be an int, got 2.0"),
     (dict(device="tpu"), ValueError, "device must be"),
     (dict(tensor_parallel_size=3), ValueError, "not divisible by tensor_parallel_size=3"),
     (dict(load_format="gguf"), ValueError, "load_format must be one of"),

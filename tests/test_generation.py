@@ -295,13 +295,14 @@ def spanning_stop(words: list[str]) -> tuple[str, int]:
     raise AssertionError(f"no stop string spans two words of {text!r}")
 
 
-@pytest.mark.parametrize("include, held, at_limit", [(False, False, False), (True, False, False),
-                                                     (False, True, False), (False, False, True)],
-                         ids=["cut", "included", "min_tokens", "at-max-tokens"])
-def test_stop_strings_spanning_tokens(word_llm, include, held, at_limit):
-    """The stop string completes with token j + 1 (at_limit: the last max_tokens allows, where "stop" still wins
-    over "length"). With min_tokens past it, it is not looked for there, nor found later in a window as wide as
-    the list's longer stop string."""
+@pytest.mark.parametrize("include, min_past, at_limit", [(False, None, False), (True, None, False), (False, 3, False),
+                                                         (False, 2, False), (False, 1, False), (False, None, True)],
+                         ids=["cut", "included", "min_tokens", "at-min_tokens", "past-min_tokens", "at-max-tokens"])
+def test_stop_strings_spanning_tokens(word_llm, include, min_past, at_limit):
+    """The stop string completes with token j + 1, the (j + 2)-th (at_limit: the last max_tokens allows, where
+    "stop" still wins over "length"). As in vLLM a stop string counts only once there are more than min_tokens
+    tokens: with min_tokens = j + min_past it is not looked for there when min_past >= 2 (nor found later in a
+    window as wide as the list's longer stop string), and cuts as usual when min_past = 1."""
     prompts = STREAM_PROMPTS
     full = word_llm.generate(prompts, greedy(16), use_tqdm=False)
     sps, expected = [], []
@@ -310,8 +311,9 @@ def test_stop_strings_spanning_tokens(word_llm, include, held, at_limit):
         assert words == [f"w{t}" for t in out["token_ids"]]
         stop, j = spanning_stop(words)
         end = out["text"].find(stop) + (len(stop) if include else 0)
+        held = min_past is not None and min_past >= 2
         sps.append(greedy(j + 2 if at_limit else 16, stop=["w999 w999", stop], include_stop_str_in_output=include,
-                          min_tokens=j + 3 if held else 0))
+                          min_tokens=0 if min_past is None else j + min_past))
         expected.append((out["text"], out["token_ids"], "length", None) if held else
                         (out["text"][:end], out["token_ids"][:j + 2], "stop", stop))
     outs = word_llm.generate(prompts, sps, use_tqdm=False)
@@ -350,6 +352,25 @@ def test_min_tokens_holds_eos_back(qwen3_path, hf_model, tmp_path):
     ref = hf_generate(model, prompt, 16, eos_token_id=eos, min_new_tokens=6)
     assert held["token_ids"] == ref and len(ref) > 6
     assert held["finish_reason"] == ("stop" if ref[-1] == eos else "length") and held["stop_reason"] is None
+
+
+@pytest.mark.parametrize("include", [False, True], ids=["left-out", "included"])
+def test_the_stop_token_that_ends_a_completion_is_not_in_its_text(word_llm, include):
+    """As in vLLM: token_ids end with the stop token, the text stops before its text (after it with
+    include_stop_str_in_output), in generate and in a stream."""
+    full = word_llm.generate(STREAM_PROMPTS, greedy(16), use_tqdm=False)
+    sps, expected = [], []
+    for out in full:
+        stop_id = out["token_ids"][4]
+        k = out["token_ids"].index(stop_id)
+        sps.append(greedy(16, stop_token_ids=[stop_id], include_stop_str_in_output=include))
+        words = out["text"].split(" ")
+        expected.append((out["token_ids"][:k + 1], " ".join(words[:k + 1 if include else k]), stop_id))
+    outs = word_llm.generate(STREAM_PROMPTS, sps, use_tqdm=False)
+    assert [(o["token_ids"], o["text"], o["stop_reason"]) for o in outs] == expected
+    events = list(word_llm.stream(STREAM_PROMPTS, sps))
+    assert ["".join(e["text"] for e in events if e["index"] == i) for i in range(len(outs))] == \
+        [o["text"] for o in outs]
 
 
 # ---- 6: n > 1 ---------------------------------------------------------------------------------------------------
@@ -474,7 +495,8 @@ def test_generation_config_supplies_the_defaults(qwen3_path, hf_model, tmp_path)
                                                                                                   1.0)
         outs = engine.generate(prompts, use_tqdm=False)
     assert ids_of(outs) == [ids[:ids.index(extra_eos) + 1] if extra_eos in ids else ids for ids in full]
-    assert outs[0]["finish_reason"] == "stop"
+    # the model's EOS (config.json's) reports no stop_reason; generation_config's other EOS ids are stop tokens
+    assert (outs[0]["finish_reason"], outs[0]["stop_reason"]) == ("stop", extra_eos)
 
     qwen3_like = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05,
                   "max_new_tokens": 9}
@@ -492,6 +514,22 @@ def test_generation_config_supplies_the_defaults(qwen3_path, hf_model, tmp_path)
     assert any(len(o["token_ids"]) == 9 for o in by_default)
     with LLM(qwen3_path, kvcache_block_size=BLOCK) as engine:
         assert engine.default_sampling_params() == SamplingParams()  # no generation settings: vLLM's defaults
+
+
+def test_a_default_max_tokens_past_max_model_len_is_cut_to_fit(qwen3_path, tmp_path):
+    """generation_config's max_new_tokens (Qwen3's folders say 2048+) meets a smaller max_model_len: the default
+    is cut to what fits; a max_tokens the caller chose is still refused."""
+    prompts = random_prompts([5, 30], seed=45)
+    folder = model_copy(qwen3_path, tmp_path / "long", generation={"temperature": 0.0, "max_new_tokens": 2048})
+    with LLM(folder, kvcache_block_size=BLOCK, max_model_len=40) as engine:
+        outs = engine.generate(prompts, use_tqdm=False)
+        spelled = engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=40 - len(p)) for p in prompts],
+                                  use_tqdm=False)
+        assert [(o["token_ids"], o["finish_reason"]) for o in outs] == \
+            [(o["token_ids"], o["finish_reason"]) for o in spelled]
+        assert all(len(o["token_ids"]) == 40 - len(p) or o["finish_reason"] == "stop" for o, p in zip(outs, prompts))
+        with pytest.raises(ValueError, match="exceeds max_model_len=40"):
+            engine.generate(prompts, SamplingParams(temperature=0, max_tokens=2048), use_tqdm=False)
 
 
 # ---- 10: bad values ---------------------------------------------------------------------------------------------

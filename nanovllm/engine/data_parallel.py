@@ -521,9 +521,9 @@ class DataParallelLLM:
     def _requests(self, prompts, sampling_params) -> list[Request]:
         """Tokenized and checked on the driver, with the engine's rules, so a bad request reaches no replica."""
         self._check_open()
-        if sampling_params is None:
-            sampling_params = self.default_sampling_params()
-        requests = self._requests_builder.build(prompts, sampling_params)
+        defaults = sampling_params is None
+        requests = self._requests_builder.build(prompts, self.default_sampling_params() if defaults
+                                                else sampling_params, defaults)
         for r in requests:
             if r.sampling_params.seed is None:
                 r.sampling_params = dataclasses.replace(r.sampling_params, seed=self._rng.getrandbits(62))

@@ -47,8 +47,8 @@ class LLMEngine:
             config.num_kvcache_blocks = self.executor.num_kvcache_blocks
             self.tokenizer = load_tokenizer(config.model)
             tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-            if isinstance(tokenizer_eos, int) and tokenizer_eos not in config.eos:
-                config.eos += (tokenizer_eos,)
+            if isinstance(tokenizer_eos, int):  # the primary EOS first (see Scheduler._finish_reason)
+                config.eos = (tokenizer_eos,) + tuple(t for t in config.eos if t != tokenizer_eos)
             self.requests = RequestBuilder(config, self.tokenizer)
             self.scheduler = Scheduler(config)
         except BaseException:

@@ -7,6 +7,16 @@ from tokenizers.decoders import DecodeStream
 from nanovllm.engine.sequence import Sequence
 
 
+def text_token_ids(seq: Sequence) -> list[int]:
+    """The completion tokens whose text the user sees: as in vLLM, the stop token (EOS or one of stop_token_ids)
+    that ended it is left out of the text, unless include_stop_str_in_output; token_ids keep it."""
+    ids = seq.completion_token_ids
+    if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str) \
+            and not seq.sampling_params.include_stop_str_in_output:
+        return ids[:-1]
+    return ids
+
+
 @dataclass(slots=True)
 class Completion:
     """One completion's text as its tokens arrive."""
@@ -53,14 +63,15 @@ class OutputProcessor:
         return stopped
 
     def _advance(self, c: Completion) -> bool:
-        sp, ids = c.seq.sampling_params, c.seq.completion_token_ids
+        sp, ids = c.seq.sampling_params, text_token_ids(c.seq)
         backend = self.tokenizer.backend_tokenizer
         while c.num_decoded < len(ids):
             chunk = c.decoder.step(backend, ids[c.num_decoded])
             c.num_decoded += 1
+            # as vLLM: a stop string counts from the token after min_tokens on
             if chunk:
                 c.text += chunk
-                if sp.stop and c.num_decoded >= sp.min_tokens and self._cut_at_stop(c, len(chunk)):
+                if sp.stop and c.num_decoded > sp.min_tokens and self._cut_at_stop(c, len(chunk)):
                     return True
         return False
 
@@ -83,7 +94,7 @@ class OutputProcessor:
             return c.text
         if self.tokenizer is None:
             return None
-        return self.tokenizer.decode(c.seq.completion_token_ids, skip_special_tokens=c.seq.sampling_params.skip_special_tokens)
+        return self.tokenizer.decode(text_token_ids(c.seq), skip_special_tokens=c.seq.sampling_params.skip_special_tokens)
 
     # ---- what the user sees ------------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Prompts and SamplingParams in, checked token-id requests out. Everything is checked before anything is
 queued, so a bad request leaves the engine untouched."""
+import dataclasses
 import os
 from dataclasses import dataclass
 from numbers import Integral
@@ -50,7 +51,9 @@ class RequestBuilder:
             prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
         return prompts
 
-    def build(self, prompts, sampling_params) -> list[Request]:
+    def build(self, prompts, sampling_params, defaults: bool = False) -> list[Request]:
+        """defaults: sampling_params are the model folder's defaults, not the caller's: a default max_tokens that
+        would run past max_model_len is cut to fit (a caller's own is refused)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -63,10 +66,14 @@ class RequestBuilder:
                                  f"{len(prompts)} prompts: give one SamplingParams or one per prompt")
         else:
             sampling_params = [sampling_params] * len(prompts)
-        return [self.one(prompt, sp) for prompt, sp in zip(prompts, sampling_params)]
+        return [self.one(prompt, sp, defaults) for prompt, sp in zip(prompts, sampling_params)]
 
-    def one(self, prompt, sampling_params: SamplingParams) -> Request:
+    def one(self, prompt, sampling_params: SamplingParams, defaults: bool = False) -> Request:
         token_ids = self.tokenize(prompt)
+        room = self.config.max_model_len - len(token_ids)
+        if defaults and isinstance(sampling_params, SamplingParams) and 1 <= room < sampling_params.max_tokens:
+            sampling_params = dataclasses.replace(sampling_params, max_tokens=room,
+                                                  min_tokens=min(sampling_params.min_tokens, room))
         self.check(token_ids, sampling_params)
         return Request(token_ids, sampling_params)
 
@@ -101,6 +108,14 @@ class RequestBuilder:
             raise ValueError(f"prompt length {n} + max_tokens {sp.max_tokens} = {n + sp.max_tokens} exceeds "
                              f"max_model_len={max_len}")
         vocab_size = self.config.hf_config.vocab_size
+        cap = vocab_size if self.config.max_logprobs == -1 else min(self.config.max_logprobs, vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(sp, name) or 0) > cap:
+                raise ValueError(f"{name}={getattr(sp, name)} is more than this engine returns: at most {cap} "
+                                 f"(LLM(max_logprobs=...), default 20, -1 for the whole vocabulary of {vocab_size})")
+        if sp.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings {sp.stop!r} need the text, but model folder {self.config.model!r} has "
+                             "no tokenizer: use stop_token_ids")
         for t in sp.stop_token_ids:
             if t >= vocab_size:
                 raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary: ids must be in "

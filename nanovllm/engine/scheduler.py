@@ -235,6 +235,8 @@ class Scheduler:
         sp = seq.sampling_params
         if index + 1 - seq.num_prompt_tokens > sp.min_tokens or not sp.min_tokens:
             if not sp.ignore_eos and token_id in self.eos:
+                if token_id != self.eos[0]:  # the model's other EOS ids act as stop tokens, as in vLLM
+                    seq.stop_reason = token_id
                 return "stop"
             if token_id in sp.stop_token_ids:
                 seq.stop_reason = token_id

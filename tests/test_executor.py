@@ -88,6 +88,7 @@ def test_worker_killed_during_start_up(qwen3_path, delay):
     if "built" in outcome:  # the start-up finished before the kill: nothing to test at this delay
         pytest.skip("start-up finished before the worker was killed")
     assert "tensor-parallel worker rank 1" in outcome["error"] and "exit code -9" in outcome["error"]
+    assert "__main__" not in outcome["error"]  # a killed worker had no import problem
     assert outcome["at"] - killed_at < 10
     assert multiprocessing.active_children() == []
     assert leftovers() <= before

@@ -230,6 +230,32 @@ def test_prompt_logprobs_equal_transformers(qwen3_path, hf_model, options):
             assert_entry(out["prompt_logprobs"][p], ref[p - 1], prompt[p], 3)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
+def test_prompt_logprobs_of_a_prompt_preempted_part_way(qwen3_path, hf_model, overlap):
+    """Preempted between two chunks of its prompt, a sequence scores the prompt again from its start: each entry
+    still belongs to its own position."""
+    prompts = random_prompts([30, 60], seed=46)
+    with LLM(qwen3_path, kvcache_block_size=BLOCK, num_kvcache_blocks=6, max_num_batched_tokens=8,
+             async_scheduling=overlap) as engine:
+        part_way = []
+        preempt = engine.scheduler.preempt
+
+        def watched(seq):
+            part_way.append(seq.num_cached_tokens < seq.num_prompt_tokens)
+            preempt(seq)
+
+        engine.scheduler.preempt = watched
+        outs = engine.generate(prompts, greedy(20, prompt_logprobs=1), use_tqdm=False)
+        assert any(part_way)
+        assert_pool_empty(engine)
+    model = hf_model(qwen3_path)
+    for prompt, out in zip(prompts, outs):
+        ref = hf_log_softmax(model, prompt)
+        assert len(out["prompt_logprobs"]) == len(prompt) and out["prompt_logprobs"][0] is None
+        for p in range(1, len(prompt)):
+            assert_entry(out["prompt_logprobs"][p], ref[p - 1], prompt[p], 1)
+
+
 # ---- 4: seeds ---------------------------------------------------------------------------------------------------
 
 SEEDED = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)

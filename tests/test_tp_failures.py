@@ -41,6 +41,24 @@ def assert_stopped(llm, match):
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
+def test_leaving_a_stream_early_keeps_the_ranks_in_step(qwen3_path, overlap):
+    """Breaking out of a stream, or an error in the caller's loop, ends it between steps: not a failure. Its
+    requests are dropped and the engine goes on, as with one rank."""
+    with tp2(qwen3_path, async_scheduling=overlap) as llm:
+        expected = [o["token_ids"] for o in llm.generate(PROMPTS, SP, use_tqdm=False)]
+        for i, _ in enumerate(llm.stream(PROMPTS, SP)):
+            if i == 3:
+                break
+        with pytest.raises(ValueError, match="the caller's own"):
+            for _ in llm.stream(PROMPTS, SP):
+                raise ValueError("the caller's own error")
+        assert [o["token_ids"] for o in llm.generate(PROMPTS, SP, use_tqdm=False)] == expected
+        assert llm.is_finished() and not llm.executor.broken
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_worker_killed_while_idle(qwen3_path):
     llm = tp2(qwen3_path)
     worker = llm.executor.worker_processes[0]

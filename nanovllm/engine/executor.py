@@ -152,6 +152,8 @@ class Executor:
         why = f"tensor-parallel worker rank {rank} failed during start-up (exit code {code})"
         if detail:
             return f"{why}: {detail}"
+        if code is not None and code < 0:  # a signal killed it (the OOM killer, a kill): no import went wrong
+            return f"{why}: killed by signal {-code}"
         if stage == "started":
             return f"{why}; {MAIN_GUARD_HINT}"
         return why
@@ -222,6 +224,8 @@ class Executor:
         refused with the reason. A single rank recovers and goes on."""
         try:
             yield
+        except GeneratorExit:
+            raise  # a stream left between steps (its step in flight is read back first): the ranks are in step
         except BaseException as e:
             if self.world_size == 1 or self.closed:
                 raise

@@ -185,9 +185,12 @@ class Scheduler:
         """Fill in a launched step's sampled tokens, publish completed blocks, finish sequences."""
         finished = []
         for row, entries in (result.prompt_logprobs or {}).items():
-            seq = booked.seqs[row]
-            seq.prompt_logprobs = (seq.prompt_logprobs or []) + entries
-            del seq.prompt_logprobs[seq.num_prompt_tokens:]  # a preempted sequence scores its prompt again
+            seq, scored = booked.seqs[row], booked.seqs[row].prompt_logprobs or []
+            if len(scored) >= seq.num_prompt_tokens:
+                continue  # scored in full before a preemption: its second prefill adds nothing
+            if entries and entries[0] is None:  # from the prompt's start: preempted part-way, it scores it again
+                scored = []
+            seq.prompt_logprobs = (scored + entries)[:seq.num_prompt_tokens]
         for seq, row in zip(booked.sampling, booked.rows):
             if seq.is_finished:  # it finished one step earlier: this token is surplus
                 continue

@@ -95,7 +95,9 @@ def test_worker_killed_during_start_up(qwen3_path, delay):
 
 
 def test_llm_is_a_context_manager(qwen3_path):
+    hook = sys.excepthook
     with LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16) as llm:
+        assert sys.excepthook is hook  # torch's "[rank0]:" traceback prefix stays out of the user's process
         workers = llm.executor.worker_processes
         assert [w.is_alive() for w in workers] == [True]
     assert [w.exitcode for w in workers] == [0]

@@ -8,6 +8,7 @@ never share a port or a name.
 import gc
 import os
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -36,8 +37,11 @@ def start_rank(config: Config, rank: int, device: torch.device, init_file: str |
     """Join the process group (under TP) and build this rank's model and cache."""
     if config.tensor_parallel_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        hook = sys.excepthook
         dist.init_process_group(backend, init_method=f"file://{init_file}",
                                 world_size=config.tensor_parallel_size, rank=rank)
+        if rank == 0:  # torch prefixes every later traceback with "[rank0]:", again for each engine: the user's
+            sys.excepthook = hook  # process is not a rank of theirs (workers keep the prefix)
     try:
         return ModelRunner(config, rank, device)
     except BaseException:

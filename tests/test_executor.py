@@ -94,6 +94,27 @@ def test_worker_killed_during_start_up(qwen3_path, delay):
     assert leftovers() <= before
 
 
+def test_rank_0_killed_leaves_nothing_behind(qwen3_path, tmp_path):
+    """SIGKILL gives rank 0 no chance to clean up: its workers notice the closed pipe, exit and remove the
+    rendezvous file."""
+    before = leftovers()
+    done, _ = run_script(tmp_path, f"""
+        import os, signal
+        from nanovllm import LLM
+        if __name__ == "__main__":
+            llm = LLM({qwen3_path!r}, tensor_parallel_size=2, kvcache_block_size=16)
+            print(llm.executor.worker_processes[0].pid, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert done.returncode == -signal.SIGKILL
+    worker = int(done.stdout.split()[-1])
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() < deadline and (os.path.exists(f"/proc/{worker}") or leftovers() - before):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{worker}")
+    assert leftovers() <= before
+
+
 def test_llm_is_a_context_manager(qwen3_path):
     hook = sys.excepthook
     with LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16) as llm:

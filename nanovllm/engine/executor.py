@@ -11,7 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
 
 import torch
@@ -85,7 +85,10 @@ def worker_main(config: Config, rank: int, init_file: str, conn: Connection, num
     while True:
         try:
             method, args = conn.recv()
-        except EOFError:  # rank 0 is gone
+        except EOFError:  # rank 0 is gone, maybe killed before it could remove the rendezvous file
+            if rank == 1:
+                with suppress(FileNotFoundError):
+                    os.unlink(init_file)
             break
         if method == "release":
             runner.release()

@@ -1,4 +1,4 @@
-"""Throughput benchmark, nano-vllm's workload by default.
+r"""Throughput benchmark, nano-vllm's workload by default.
 
     python bench.py                      # dummy Qwen3-0.6B weights, 256 sequences (needs a GPU to be quick)
     python bench.py --size 8B            # dummy Qwen3-8B
@@ -9,7 +9,7 @@
 
     # decode throughput at fixed batch sizes: N prompts of --max-input-len tokens, --max-output-len new tokens each
     python bench.py --device cpu --model demo --dtype bfloat16 --enforce-eager --temperature 0 \
-        --decode-batch 1 64 --max-input-len 128 --max-output-len 32
+        --decode-batch 1 64 --max-input-len 150 --max-output-len 32
 
 Without --model the weights are random ("dummy") on the real architecture, so a fresh machine benchmarks
 without any download; throughput does not depend on the weights' values.
@@ -86,6 +86,16 @@ def parse_args():
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling for every request (0 = off)")
     p.add_argument("--no-mixed-steps", action="store_true", help="nano-vllm's prefill-first steps")
     args = p.parse_args()
+    for name in ("num_seqs", "max_input_len", "max_output_len", "min_len", "max_num_seqs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_input_len + args.max_output_len > args.max_model_len:
+        p.error(f"--max-input-len {args.max_input_len} + --max-output-len {args.max_output_len} exceeds "
+                f"--max-model-len {args.max_model_len}")
+    try:  # the sampling settings every request gets
+        SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
     if args.data_parallel_size > 1 and (args.profile or args.phases or args.decode_batch):
         p.error("--profile, --phases and --decode-batch time one engine in this process: use --data-parallel-size 1")
     if args.decode_batch and min(args.decode_batch) < 1:
@@ -211,26 +221,32 @@ def timed_generate(llm, work: Workload, profile: StepProfile | None) -> float:
 def main():
     args = parse_args()
     if args.model == "demo":
-        from nanovllm import demo_model_path
-        args.model = demo_model_path()
+        from nanovllm.demo import DemoModelError, demo_model_path
+        try:
+            args.model = demo_model_path()
+        except DemoModelError as e:
+            raise SystemExit(f"bench.py: error: {e}")
     path = args.model or dummy_model_folder(args.size)
     max_num_seqs = max(args.max_num_seqs, *(args.decode_batch or [1]))
     t = time.perf_counter()
-    llm = LLM(path, load_format="auto" if args.model else "dummy", max_model_len=args.max_model_len,
-              tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
-              enforce_eager=args.enforce_eager, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
-              async_scheduling=not args.no_async_scheduling, num_kvcache_blocks=args.num_kvcache_blocks,
-              kvcache_block_size=args.kvcache_block_size, kv_cache_dtype=args.kv_cache_dtype,
-              mixed_steps=not args.no_mixed_steps, data_parallel_size=args.data_parallel_size)
+    try:
+        llm = LLM(path, load_format="auto" if args.model else "dummy", max_model_len=args.max_model_len,
+                  tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
+                  enforce_eager=args.enforce_eager, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
+                  async_scheduling=not args.no_async_scheduling, num_kvcache_blocks=args.num_kvcache_blocks,
+                  kvcache_block_size=args.kvcache_block_size, kv_cache_dtype=args.kv_cache_dtype,
+                  mixed_steps=not args.no_mixed_steps, data_parallel_size=args.data_parallel_size)
+    except (ValueError, TypeError) as e:  # an option only the engine can check (the folder, device, dtype...)
+        raise SystemExit(f"bench.py: error: {e}")
     if args.data_parallel_size > 1:
         on_cpu = False
-        print(f"LLM() ready in {time.perf_counter() - t:.1f}s ({args.data_parallel_size} replicas: {llm.replicas})")
+        print(f"{args.data_parallel_size} replicas ready in {time.perf_counter() - t:.1f}s: {llm.replicas}")
     else:
         on_cpu = llm.config.device.type == "cpu"
-        print(f"LLM() ready in {time.perf_counter() - t:.1f}s (attention backend: "
-              f"{llm.executor.runner.attn_backend.name}, KV blocks: {llm.config.num_kvcache_blocks}, device: "
-              f"{llm.config.device}, dtype: {llm.config.torch_dtype}, torch threads: {torch.get_num_threads()})")
+        print(f"attention backend: {llm.executor.runner.attn_backend.name}, KV blocks: "
+              f"{llm.config.num_kvcache_blocks}, device: {llm.config.device}, dtype: {llm.config.torch_dtype}, "
+              f"torch threads: {torch.get_num_threads()}")
     llm.generate([[1, 2, 3, 4]] * args.data_parallel_size, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     if args.decode_batch:
         decode_tps = {}

@@ -44,15 +44,21 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def build(args) -> LLM:
+    """The engine, or a one-line error (as argparse gives) for what only the engine can check: the model
+    folder's contents, the dtype, the demo model's packages."""
+    from nanovllm.demo import DemoModelError, demo_model_path
+    try:
+        return LLM(args.model or demo_model_path(), enforce_eager=True, tensor_parallel_size=1, dtype=args.dtype)
+    except (ValueError, TypeError, DemoModelError) as e:
+        raise SystemExit(f"example.py: error: {e}")
+
+
 def main() -> None:
     args = parse_args()
-    if args.model is None:
-        from nanovllm.demo import demo_model_path
-
-        args.model = demo_model_path()
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
     sampling_params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    with LLM(args.model, enforce_eager=True, tensor_parallel_size=1, dtype=args.dtype) as llm:
+    with build(args) as llm:
         if args.stream:
             tokenizer = llm.tokenizer
             for conversation in conversations:

@@ -1,4 +1,5 @@
-"""164 HumanEval-sized code tasks as chat prompts: a Python signature and docstring to complete, ~150 tokens each.
+"""168 HumanEval-sized code tasks as chat prompts (HumanEval has 164, the count the README's job uses): a Python
+signature and docstring to complete, ~150 tokens each.
 
 No dataset ships with this repository, so the tasks are generated: 21 task families, each instantiated with eight
 parameter values. The doctest examples are computed by a reference implementation, so they are correct.
@@ -198,10 +199,13 @@ def task_source(family: Family, p: int) -> str:
     return "\n".join(lines)
 
 
+TASKS = [(f, p) for i in range(8) for f in FAMILIES for p in f.params[i:i + 1]]  # families interleaved
+NUM_TASKS = len(TASKS)
+
+
 def code_task_messages(num_prompts: int = 164) -> list[list[dict[str, str]]]:
-    """Chat messages (one user turn each) for the first num_prompts tasks, families interleaved."""
-    tasks = [(f, p) for i in range(8) for f in FAMILIES for p in f.params[i:i + 1]]
-    if not 1 <= num_prompts <= len(tasks):
-        raise ValueError(f"num_prompts must be in 1..{len(tasks)}, got {num_prompts}")
+    """Chat messages (one user turn each) for the first num_prompts tasks."""
+    if not 1 <= num_prompts <= NUM_TASKS:
+        raise ValueError(f"num_prompts must be in 1..{NUM_TASKS}, got {num_prompts}")
     return [[{"role": "user", "content": f"{INSTRUCTION}\n\n```python\n{task_source(f, p)}\n```"}]
-            for f, p in tasks[:num_prompts]]
+            for f, p in TASKS[:num_prompts]]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from code_prompts import code_task_messages  # noqa: E402
+from code_prompts import NUM_TASKS, code_task_messages  # noqa: E402
 
 ENGINES = ("nanovllm", "transformers")
 
@@ -60,6 +60,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.max_tokens < 1:
         p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not 1 <= args.num_prompts <= NUM_TASKS:
+        p.error(f"--num-prompts must be in 1..{NUM_TASKS} (the code tasks there are), got {args.num_prompts}")
+    if args.model != "demo" and not os.path.isdir(os.path.expanduser(args.model)):
+        p.error(f"--model must be 'demo' or a local model folder, {args.model!r} is not a directory")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:

@@ -42,7 +42,14 @@ def parse_args():
     p.add_argument("--noise-floor", action="store_true",
                    help="also run the bf16-KV engine on one prompt at a time: how far greedy runs drift apart "
                         "from batch-shape rounding alone")
-    return p.parse_args()
+    args = p.parse_args()
+    if not 1 <= args.num_prompts <= len(PROMPTS):
+        p.error(f"--num-prompts must be in 1..{len(PROMPTS)} (the prompts this script has), got {args.num_prompts}")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.fixed_scale is not None and not args.fixed_scale > 0:
+        p.error(f"--fixed-scale must be > 0, got {args.fixed_scale}")
+    return args
 
 
 def chat_token_ids(llm: LLM, text: str) -> list[int]:

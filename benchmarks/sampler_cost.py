@@ -32,6 +32,10 @@ def main():
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--vocab", type=int, default=151936)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("this measures the sampler on a CUDA GPU; torch sees none")
+    if args.rows < 1 or args.vocab < 2:
+        p.error(f"--rows must be >= 1 and --vocab >= 2, got {args.rows} and {args.vocab}")
     device = torch.device("cuda")
     logits = torch.randn(args.rows, args.vocab, device=device).to(torch.bfloat16)
     counts = torch.zeros(args.rows, args.vocab, dtype=torch.int32, device=device)

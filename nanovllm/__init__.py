@@ -1,7 +1,14 @@
 """nanovllm: a small, fast offline LLM inference engine (a nano-vllm clone) that also runs on the CPU."""
+from importlib.metadata import PackageNotFoundError, version
+
 from nanovllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "demo_model_path"]
+
+try:
+    __version__ = version("nanovllm")  # pyproject.toml's, when installed
+except PackageNotFoundError:
+    __version__ = "unknown"
 
 
 def __getattr__(name: str):

@@ -113,6 +113,17 @@ class TestTwoReplicas:
         with pytest.raises(ValueError, match="chat template"):  # this tokenizer has none, as one engine says
             llm.chat([conversation])
 
+    def test_a_call_from_inside_its_own_stream_is_refused(self, llm):
+        """As one engine: a generate inside the stream loop raises at once, where waiting would never end."""
+        sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        expected = llm.generate([[1, 2, 3]], sp, use_tqdm=False)
+        stream = llm.stream([[4, 5, 6], [7, 8]], sp)
+        next(stream)
+        with pytest.raises(RuntimeError, match="already busy in this thread"):
+            llm.generate([[1, 2, 3]], sp, use_tqdm=False)
+        stream.close()
+        assert llm.generate([[1, 2, 3]], sp, use_tqdm=False)[0]["token_ids"] == expected[0]["token_ids"]
+
     def test_bad_requests_are_refused_on_the_driver(self, llm):
         with pytest.raises(ValueError, match=r"token id 512 is out of range: it must be in \[0, vocab_size=512\)"):
             llm.generate([[1, 2], [3, 512, -1]], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -184,13 +195,33 @@ class TestTwoReplicas:
         assert llm.actors == []
 
 
+def test_an_engine_nobody_refers_to_frees_its_replicas(cluster, qwen3_path):
+    """Dropped without exit(), a DataParallelLLM's finaliser frees its actors and placement groups: the next one
+    finds the cluster's CPUs free (it would otherwise wait for them, then fail)."""
+    import gc
+    from ray.util import placement_group_table
+    llm = LLM(qwen3_path, data_parallel_size=2, **OPTIONS)
+    groups = [r.placement_group.id.hex() for r in llm._replicas]
+    del llm
+    gc.collect()
+    table = placement_group_table()
+    assert [table[g]["state"] for g in groups] == ["REMOVED", "REMOVED"]
+    with LLM(qwen3_path, data_parallel_size=2, **OPTIONS) as again:
+        assert len(again.replicas) == 2
+
+
 def test_ray_data_processor(cluster, qwen3_with_tokenizer):
     from nanovllm.ray_data import build_processor
     prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(3 + i)) for i in range(20)]
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_num_seq'\] for LLM\(\)"):
         build_processor(qwen3_with_tokenizer, max_num_seq=4)  # on the driver, before any actor
-    process = build_processor(qwen3_with_tokenizer, sampling_params=sp, concurrency=2, batch_size=6, **OPTIONS)
+    with pytest.raises(ValueError, match="one completion per row: n must be 1, got 2"):
+        build_processor(qwen3_with_tokenizer, sampling_params=dict(temperature=1.0, n=2))
+    with pytest.warns(RuntimeWarning, match="take all 2 CPUs of the Ray cluster"):
+        build_processor(qwen3_with_tokenizer, sampling_params=sp, concurrency=2, **OPTIONS)
+    process = build_processor(qwen3_with_tokenizer, sampling_params=sp, concurrency=2, batch_size=6, num_cpus=0.5,
+                              **OPTIONS)
     ds = ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(prompts)])
     rows = sorted(process(ds).take_all(), key=lambda row: row["id"])
     expected = single_engine(qwen3_with_tokenizer, prompts, sp)

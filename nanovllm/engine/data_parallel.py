@@ -13,6 +13,7 @@ import random
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
+from nanovllm.engine.exclusive import OneCallAtATime
 from nanovllm.engine.requests import Request, RequestBuilder, load_tokenizer
 from nanovllm.sampling_params import SamplingParams
 
@@ -176,6 +178,14 @@ class _Job:
     cost: int
 
 
+def connect_ray(ray):
+    """Join the cluster that RAY_ADDRESS names, or start a local one (not whichever cluster last ran here)."""
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto")
+    else:  # Ray finds the GPUs itself; torch's count makes sure they are the ones torch can use
+        ray.init(address="local", num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else None)
+
+
 class _RaySession:
     """Connects this process to Ray for all DataParallelLLMs: joins the cluster that RAY_ADDRESS names, or starts
     a local one; the last user to leave disconnects (which stops a local cluster) only if it connected."""
@@ -188,10 +198,7 @@ class _RaySession:
     def acquire(self, ray):
         with self._lock:
             if not ray.is_initialized():
-                if os.environ.get("RAY_ADDRESS"):
-                    ray.init(address="auto")
-                else:  # Ray finds the GPUs itself; torch's count makes sure they are the ones torch can use
-                    ray.init(address="local", num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else None)
+                connect_ray(ray)
                 self._connected_here = True
             self._users += 1
 
@@ -206,6 +213,23 @@ class _RaySession:
 RAY_SESSION = _RaySession()
 
 
+def _release(ray, replicas: list["_Replica"]):
+    """A DataParallelLLM's finaliser (exit(), or the engine collected): end the live replicas' engines and actors,
+    free their placement groups, leave Ray. Ray shut down under it by the user leaves nothing to free."""
+    from ray.util import remove_placement_group
+    try:
+        if ray.is_initialized():
+            live = [r for r in replicas if r.actor is not None]
+            exits = [r.actor.exit.remote() for r in live]
+            ray.wait(exits, num_returns=len(exits), timeout=30)  # let the engines free their GPUs and workers
+            for r in live:
+                ray.kill(r.actor)
+                r.actor = r.started = None
+                remove_placement_group(r.placement_group)
+    finally:
+        RAY_SESSION.release(ray)
+
+
 class DataParallelLLM:
     """`data_parallel_size` engine replicas on a Ray cluster; `generate` works as on one engine."""
 
@@ -217,7 +241,7 @@ class DataParallelLLM:
         # seeds for requests without one, drawn here as one engine would: a request then samples the same tokens
         # whichever replica runs it, also when it runs again after a replica died
         self._rng = random.Random(self._config.seed)
-        self._lock = threading.Lock()  # calls from several threads run one at a time
+        self._one_call = OneCallAtATime()
         # workers on other nodes, or in another working directory, need the path as the driver sees it
         self._model = os.path.abspath(os.fspath(model))
         self._options = options
@@ -228,6 +252,8 @@ class DataParallelLLM:
         except BaseException:
             RAY_SESSION.release(ray)
             raise
+        # released at exit() or when the engine is collected; holds the replicas, not the engine
+        self._finalizer = weakref.finalize(self, _release, ray, self._replicas)
         self._closed = False
 
     # ---- replicas ----------------------------------------------------------------------------------------
@@ -329,7 +355,8 @@ class DataParallelLLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
         requests = self._requests(prompts, sampling_params)
-        with self._lock:
+        with self._one_call():
+            self._check_open()
             return self._run("generate", requests, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -351,7 +378,8 @@ class DataParallelLLM:
     def _stream(self, requests: list[Request]) -> Iterator[dict]:
         ray = self._ray
         sent: dict[tuple[int, int], list] = {}  # (index, completion) -> [tokens sent, chars sent, finished]
-        with self._lock:
+        with self._one_call():
+            self._check_open()
             for r in self._replicas:
                 r.restarts = 0
             live = self._live()
@@ -534,20 +562,16 @@ class DataParallelLLM:
     def _check_open(self):
         if self._closed:
             raise RuntimeError("this LLM has been shut down with exit(); create a new one")
+        if not self._ray.is_initialized():
+            raise RuntimeError("Ray was shut down under this data-parallel LLM (ray.shutdown()), and its replicas "
+                               "with it: create a new LLM")
 
     def exit(self):
         """End the replicas' engines and actors and free their placement groups. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        ray = self._ray
-        live = self._live()
-        exits = [r.actor.exit.remote() for r in live]
-        ray.wait(exits, num_returns=len(exits), timeout=30)  # let the engines free their GPUs and workers
-        for r in live:
-            ray.kill(r.actor)
-            self._retire(r)
-        RAY_SESSION.release(ray)
+        self._finalizer()
 
     def __enter__(self) -> "DataParallelLLM":
         return self

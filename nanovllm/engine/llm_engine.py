@@ -1,7 +1,6 @@
 import gc
 import random
 import sys
-import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ from itertools import count
 from time import perf_counter
 
 from nanovllm.config import Config
+from nanovllm.engine.exclusive import OneCallAtATime
 from nanovllm.engine.executor import Executor
 from nanovllm.engine.readback import SampledTokens
 from nanovllm.engine.requests import RequestBuilder, load_tokenizer
@@ -59,8 +59,7 @@ class LLMEngine:
               f"blocks of {config.kvcache_block_size} tokens)", file=sys.stderr)
         self._seq_ids = count()
         self._rng = random.Random(config.seed)  # seeds for requests that bring none
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # the thread inside generate/step, to refuse re-entrant calls
+        self._one_call = OneCallAtATime()
         # the model, its compiled code and the tokenizer live as long as the engine: keep them out of the
         # collector's full passes, each of which would otherwise stall the step loop for a long walk (_release
         # unfreezes)
@@ -79,16 +78,9 @@ class LLMEngine:
 
     @contextmanager
     def _exclusive(self):
-        if self._owner == threading.get_ident():
-            raise RuntimeError("this LLM is already busy in this thread (generate or step called from inside "
-                               "its own generate/stream loop); finish or close that loop first")
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                self.executor.check_open()
-                yield
-            finally:
-                self._owner = None
+        with self._one_call():
+            self.executor.check_open()
+            yield
 
     # ---- requests ----------------------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class Config:
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (-1: the vocabulary)
     # derived in __post_init__
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
-    eos: tuple[int, ...] = ()
+    eos: tuple[int, ...] = ()  # the engine puts the tokenizer's own (the primary EOS) first
     torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
     generation_defaults: dict = field(default_factory=dict)  # SamplingParams fields the model folder sets
 

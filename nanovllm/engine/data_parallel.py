@@ -213,10 +213,16 @@ class _RaySession:
 RAY_SESSION = _RaySession()
 
 
+def _retire(replica: "_Replica"):
+    """Forget a replica's (killed or dead) actor and free its placement group."""
+    from ray.util import remove_placement_group
+    replica.actor = replica.started = None
+    remove_placement_group(replica.placement_group)
+
+
 def _release(ray, replicas: list["_Replica"]):
     """A DataParallelLLM's finaliser (exit(), or the engine collected): end the live replicas' engines and actors,
     free their placement groups, leave Ray. Ray shut down under it by the user leaves nothing to free."""
-    from ray.util import remove_placement_group
     try:
         if ray.is_initialized():
             live = [r for r in replicas if r.actor is not None]
@@ -224,8 +230,7 @@ def _release(ray, replicas: list["_Replica"]):
             ray.wait(exits, num_returns=len(exits), timeout=30)  # let the engines free their GPUs and workers
             for r in live:
                 ray.kill(r.actor)
-                r.actor = r.started = None
-                remove_placement_group(r.placement_group)
+                _retire(r)
     finally:
         RAY_SESSION.release(ray)
 
@@ -517,12 +522,7 @@ class DataParallelLLM:
             replica.restarts += 1
             self._spawn(replica)
         else:
-            self._retire(replica)
-
-    def _retire(self, replica: _Replica):
-        from ray.util import remove_placement_group
-        replica.actor = replica.started = None
-        remove_placement_group(replica.placement_group)
+            _retire(replica)
 
     def _check_starts(self):
         """Note the replacements that are up; kill one that is not up in time (its node is gone and there is no

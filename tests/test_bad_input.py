@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 
@@ -72,6 +73,7 @@ def test_numpy_scalars_are_numbers(qwen3_path):
         SamplingParams(max_tokens=np.bool_(True))
     with LLM(qwen3_path, max_model_len=np.int64(64), kvcache_block_size=16, dtype="float") as engine:
         assert engine.config.max_model_len == 64 and type(engine.config.max_model_len) is int
+        assert engine.config.torch_dtype == torch.float32  # "float" is vLLM's spelling of float32, "half" of float16
         assert engine.generate([[1, 2]], SamplingParams(max_tokens=np.int64(3)), use_tqdm=False)[0]["token_ids"]
 
 
@@ -228,3 +230,15 @@ def test_generate_after_exit_is_refused(qwen3_path):
     engine.exit()
     with pytest.raises(RuntimeError, match="shut down"):
         engine.generate([[1]], GREEDY, use_tqdm=False)
+
+
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    import nanovllm
+    assert nanovllm.__version__ == version("nanovllm")
+
+
+def test_dtype_half_is_float16(qwen3_path):
+    from nanovllm.config import Config
+    assert Config(qwen3_path, dtype="half", device="cpu").torch_dtype == torch.float16

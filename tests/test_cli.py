@@ -17,6 +17,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      "kvcache_block_size must be a power of two >= 16, got 100"),
     ("example.py", ["--model", "."], "has no config.json"),
     ("benchmarks/cpu_vs_transformers.py", ["--num-prompts", "200"], "--num-prompts must be in 1..168"),
+    ("benchmarks/cpu_vs_transformers.py", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
 ])
 def test_bad_flags_give_one_error_line(script, args, words, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

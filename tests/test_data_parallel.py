@@ -309,6 +309,32 @@ def test_ray_only_when_asked_and_a_local_cluster_of_its_own(qwen3_path):
     assert result["parallel"] == result["single"]
 
 
+RAY_SHUT_DOWN_UNDER_IT = """
+import sys
+import ray
+from nanovllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], kvcache_block_size=16, data_parallel_size=2)
+ray.shutdown()
+try:
+    llm.generate([[1, 2]], SamplingParams(max_tokens=2), use_tqdm=False)
+except RuntimeError as e:
+    print(e)
+llm.exit()
+print("exited")
+"""
+
+
+def test_ray_shut_down_under_the_engine(qwen3_path):
+    """The user's ray.shutdown() takes the replicas with it: calls then say so, and exit() stays quiet."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", RAY_SHUT_DOWN_UNDER_IT, qwen3_path], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-2:] == [
+        "Ray was shut down under this data-parallel LLM (ray.shutdown()), and its replicas with it: create a new LLM",
+        "exited"]
+
+
 def _engine_options() -> list[str]:
     from nanovllm.config import Config
     return Config.options()

@@ -12,6 +12,10 @@ Two kinds of tests live here:
   backends against TorchBackend in bf16, including shuffled block tables, cached prefixes, chunked prefill,
   GQA, long split-KV contexts and decode under CUDA graph capture.
 
+The layers' fused element-wise kernels (RMSNorm, rotary embedding, SiLU-and-mul) and the sampler's (race, greedy,
+penalties, thresholds) are checked against the PyTorch functions they replace (the CPU path, or `fn.reference`):
+in the interpreter here, on CUDA in tests/test_sampler.py and the end of this file.
+
 fp8 KV cache cases convert a case's caches to float8 e4m3 with per-KV-head scales and compare the kernels with
 TorchBackend given the same scales. The interpreter loads and stores float8, but its float32 -> float8 conversion
 rounds half up and lets a mantissa carry corrupt the exponent (1.99 -> 1.0, Triton 3.6), so its checks feed the
@@ -28,8 +32,12 @@ import traceback
 import pytest
 import torch
 
+from nanovllm import SamplingParams
+from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.backends.torch_sdpa import TorchBackend
 from nanovllm.layers.kv_quant import KVScales, fp8_round_trip, quantize_fp8
+from nanovllm.layers.layernorm import RMSNorm, add_rms_norm, rms_norm
+from nanovllm.layers.rotary_embedding import RotaryEmbedding, norm_rope, rope
 from nanovllm.utils.context import Context
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -263,6 +271,133 @@ def _check_decode_fp8():
         assert_matches_torch("decode", case, out, kv_scales=scales)
 
 
+# ---- the layers' fused element-wise ops (nanovllm.kernels.fused) against their PyTorch functions
+
+
+def norm_case(num_tokens: int, hidden: int, dtype: torch.dtype, device, seed=0):
+    """(x, residual, weight): x and residual are row-strided views (columns of wider tensors), the weight is
+    around 1 like a trained norm's."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden + 8, generator=gen).to(device=device, dtype=dtype)[:, :hidden]
+    residual = torch.randn(num_tokens, hidden + 8, generator=gen).to(device=device, dtype=dtype)[:, 8:]
+    weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(device=device, dtype=dtype)
+    return x, residual, weight
+
+
+def rope_case(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+              positions_dtype=torch.int64, max_position=64, seed=0):
+    """(positions, q, k, q_norm, k_norm, rotary), q and k views of one fused qkv tensor as in Qwen3Attention."""
+    gen = torch.Generator().manual_seed(seed)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen).to(device=device, dtype=dtype)
+    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(max_position, (num_tokens,), generator=gen).to(device=device, dtype=positions_dtype)
+    norms = [RMSNorm(head_dim).to(device=device, dtype=dtype) for _ in range(2)]
+    for norm in norms:
+        norm.weight.copy_(1 + 0.5 * torch.randn(head_dim, generator=gen))
+    rotary = RotaryEmbedding(head_dim, max_position, 10000.0, dtype).to(device)
+    return positions, q, k, norms[0], norms[1], rotary
+
+
+def gate_up_case(num_tokens: int, size: int, dtype: torch.dtype, device, seed=0) -> torch.Tensor:
+    """[num_tokens, 2 * size] = [gate | up], a row-strided view."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tokens, 2 * size + 8, generator=gen).to(device=device, dtype=dtype)[:, :2 * size]
+
+
+def assert_fused_close(outs, expects, atol: float, rtol: float):
+    """A kernel's output tensors are new, contiguous and close to the reference's."""
+    outs, expects = (outs, expects) if isinstance(outs, tuple) else ((outs,), (expects,))
+    assert len(outs) == len(expects)
+    for out, expect in zip(outs, expects):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, expect, atol=atol, rtol=rtol)
+
+
+def _check_fused_norms():
+    from nanovllm.kernels import fused
+    for num_tokens, hidden in ((5, 96), (1, 64)):  # 96: masked to a 128-wide block; a single token
+        x, residual, weight = norm_case(num_tokens, hidden, torch.float32, "cpu")
+        assert_fused_close(fused.rms_norm(x, weight, 1e-6), rms_norm(x, weight, 1e-6), 1e-5, 1e-5)
+        assert_fused_close(fused.add_rms_norm(x, residual, weight, 1e-6), add_rms_norm(x, residual, weight, 1e-6),
+                           1e-5, 1e-5)
+
+
+def _check_fused_rope():
+    from nanovllm.kernels import fused
+    # GQA with head counts masked to powers of two, head_dim 40 (halves of 20 masked to 32), one token
+    for num_tokens, num_heads, num_kv_heads, head_dim, positions_dtype in ((6, 4, 2, 32, torch.int64),
+                                                                           (3, 3, 1, 40, torch.int32),
+                                                                           (1, 2, 2, 64, torch.int32)):
+        positions, q, k, q_norm, k_norm, rotary = rope_case(num_tokens, num_heads, num_kv_heads, head_dim,
+                                                            torch.float32, "cpu", positions_dtype)
+        cos, sin = rotary.cos_cache, rotary.sin_cache
+        assert_fused_close(fused.rope(positions, q, k, cos, sin), rotary(positions, q, k), 1e-5, 1e-5)
+        assert_fused_close(fused.norm_rope(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin),
+                           norm_rope(positions, q, k, q_norm, k_norm, rotary), 1e-5, 1e-5)
+
+
+def _check_fused_silu_and_mul():
+    from nanovllm.kernels import fused
+    for num_tokens, size in ((4, 96), (1, 1500)):  # 1500: two 1024-wide column blocks, the second masked
+        x = gate_up_case(num_tokens, size, torch.float32, "cpu")
+        assert_fused_close(fused.silu_and_mul(x), silu_and_mul(x), 1e-5, 1e-5)
+
+
+def _sampler_case(params, vocab, seed, scale=3.0):
+    """Logits [len(params), vocab] float32 and the CPU's SamplingTensors for those rows."""
+    from nanovllm.layers.sampler import sampling_tensors
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(params), vocab, generator=gen) * scale
+    t = sampling_tensors(params, [seed + i for i in range(len(params))], [3 * i for i in range(len(params))], "cpu")
+    return logits, t
+
+
+def _check_sampler_race_and_greedy():
+    """Vocabularies past one 2048-token block; a tie across blocks goes to the first index, as argmax's."""
+    from nanovllm.kernels.sampling import greedy, race
+    from nanovllm.layers.sampler import _greedy, _race
+    for vocab in (300, 5000):
+        params = [SamplingParams(temperature=t) for t in (0.7, 0, 1.3, 0.05, 1.0, 0)]
+        logits, t = _sampler_case(params, vocab, seed=vocab)
+        logits[1, [100, vocab - 7]] = 50.0  # greedy row 1: the same maximum in two blocks
+        assert torch.equal(race(logits, t.temperatures, t.noise_keys), _race.reference(logits, t.temperatures,
+                                                                                          t.noise_keys))
+        assert torch.equal(greedy(logits), _greedy.reference(logits))
+        assert greedy(logits)[1].item() == 100
+
+
+def _check_sampler_penalties():
+    from nanovllm.kernels.sampling import apply_penalties
+    from nanovllm.layers.sampler import _apply_penalties
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 2500, generator=gen) * 3
+    counts = torch.randint(0, 3, (3, 2500), generator=gen, dtype=torch.int32)
+    mask = torch.rand(3, 2500, generator=gen) < 0.3
+    rep, pres, freq = torch.tensor([1.3, 1.0, 0.8]), torch.tensor([0.5, 0.0, -0.2]), torch.tensor([0.1, 0.3, 0.0])
+    torch.testing.assert_close(apply_penalties(logits, counts, mask, rep, pres, freq),
+                               _apply_penalties.reference(logits, counts, mask, rep, pres, freq), atol=1e-6, rtol=1e-6)
+
+
+def _check_sampler_thresholds():
+    """top-k, top-p and min-p alone and together, flat and peaked rows; unfiltered and greedy rows keep `other`."""
+    from nanovllm.kernels.sampling import draw_by_thresholds
+    from nanovllm.layers.sampler import _draw_by_thresholds, _top_k_thresholds
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.8),
+              SamplingParams(temperature=1.0, min_p=0.05), SamplingParams(temperature=0.6, top_k=20, top_p=0.95),
+              SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.1), SamplingParams(temperature=0.8),
+              SamplingParams(temperature=0, top_p=0.5), SamplingParams(temperature=1.5, top_p=0.3, min_p=0.2)]
+    for vocab, scale in ((300, 3.0), (5000, 1.0), (5000, 8.0)):
+        logits, t = _sampler_case(params, vocab, seed=vocab + int(scale), scale=scale)
+        other = torch.arange(100, 100 + len(params))
+        args = (logits, t.temperatures, _top_k_thresholds(logits, t), t.top_k, t.top_p_complement, t.min_p,
+                t.noise_keys, other)
+        out = draw_by_thresholds(*args)
+        assert torch.equal(out, _draw_by_thresholds.reference(*args)), (out, _draw_by_thresholds.reference(*args))
+        assert out[5].item() == 105 and out[6].item() == 106
+
+
 INTERPRETER_CHECKS = {
     "store_kvcache": _check_store_kvcache,
     "prefill_varlen": _check_prefill_varlen,
@@ -273,6 +408,12 @@ INTERPRETER_CHECKS = {
     "store_kvcache_fp8": _check_store_kvcache_fp8,
     "prefill_fp8": _check_prefill_fp8,
     "decode_fp8": _check_decode_fp8,
+    "fused_norms": _check_fused_norms,
+    "fused_rope": _check_fused_rope,
+    "fused_silu_and_mul": _check_fused_silu_and_mul,
+    "sampler_race_and_greedy": _check_sampler_race_and_greedy,
+    "sampler_penalties": _check_sampler_penalties,
+    "sampler_thresholds": _check_sampler_thresholds,
 }
 
 
@@ -625,3 +766,123 @@ def test_triton_fp8_decode_cuda(block_size, num_heads, num_kv_heads, head_dim, l
     case = decode_case(DECODE_LENS[lens], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
     assert_backend_matches_torch(backend, "decode", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
                                  scales)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU tests of the layers' fused element-wise kernels against their PyTorch functions
+
+
+def assert_within_one_bf16_step(out: torch.Tensor, expect: torch.Tensor):
+    """Equal but for neighbouring bf16 values (the kernel sums the squares in another order than torch)."""
+    def ordered(t):  # bit patterns as integers in the order of their values (+0 and -0 both 0)
+        bits = t.view(torch.int16).int()
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    assert out.dtype == expect.dtype == torch.bfloat16 and out.is_contiguous()
+    assert (ordered(out) - ordered(expect)).abs().max().item() <= 1
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens, hidden", [(1, 896), (300, 1024), (77, 4096), (5, 96)])
+def test_fused_norms_cuda(dtype, num_tokens, hidden):
+    x, residual, weight = norm_case(num_tokens, hidden, dtype, "cuda")
+    outs = (rms_norm(x, weight, 1e-6),) + add_rms_norm(x, residual, weight, 1e-6)
+    expects = (rms_norm.reference(x, weight, 1e-6),) + add_rms_norm.reference(x, residual, weight, 1e-6)
+    assert torch.equal(outs[2], expects[2])  # the residual sum: one rounding in both
+    for out, expect in zip(outs[:2], expects[:2]):
+        if dtype == torch.bfloat16:
+            assert_within_one_bf16_step(out, expect)
+        else:
+            assert_fused_close(out, expect, 1e-5, 1e-5)
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(16, 8, 128), (14, 2, 64), (6, 2, 40)])
+def test_fused_rope_cuda(dtype, num_heads, num_kv_heads, head_dim):
+    """Like inductor, the kernels round to bf16 once where the eager ops round every product: the expected values
+    are the reference's in float32 from the same inputs, the norm rounded to the model dtype as rms_norm does."""
+    atol, norm_atol, rtol = (1e-2, 2e-2, 1e-2) if dtype == torch.bfloat16 else (1e-5, 1e-5, 1e-5)
+    for num_tokens, positions_dtype in ((1, torch.int32), (300, torch.int64), (45, torch.int32)):
+        positions, q, k, q_norm, k_norm, rotary = rope_case(num_tokens, num_heads, num_kv_heads, head_dim, dtype,
+                                                            "cuda", positions_dtype, max_position=4096)
+        cos, sin = rotary.cos_cache.float(), rotary.sin_cache.float()
+        expect = rope.reference(positions, q.float(), k.float(), cos, sin)
+        assert_fused_close(rotary(positions, q, k), tuple(e.to(dtype) for e in expect), atol, rtol)
+        q_normed = rms_norm.reference(q, q_norm.weight, q_norm.eps)
+        k_normed = rms_norm.reference(k, k_norm.weight, k_norm.eps)
+        expect = rope.reference(positions, q_normed.float(), k_normed.float(), cos, sin)
+        # a 1-step flip of a normed value (sum order) moves an output by up to 1.6e-2 where |value| < 4
+        assert_fused_close(norm_rope(positions, q, k, q_norm, k_norm, rotary), tuple(e.to(dtype) for e in expect),
+                           norm_atol, rtol)
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens, size", [(1, 3072), (300, 9728), (7, 1500), (5, 96)])
+def test_fused_silu_and_mul_cuda(dtype, num_tokens, size):
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    x = gate_up_case(num_tokens, size, dtype, "cuda")
+    assert_fused_close(silu_and_mul(x), silu_and_mul.reference(x.float()).to(dtype), tol, tol)
+
+
+def fused_layer_calls(num_tokens: int, positions_offset: int) -> dict:
+    """Each fused op through its layer function as a call without arguments, the bf16 inputs made beforehand;
+    positions sit at an offset in a larger int32 buffer like a step's packed inputs."""
+    x, residual, weight = norm_case(num_tokens, 1024, torch.bfloat16, "cuda")
+    positions, q, k, q_norm, k_norm, rotary = rope_case(num_tokens, 16, 8, 128, torch.bfloat16, "cuda",
+                                                        torch.int32, max_position=4096)
+    packed = torch.zeros(positions_offset + num_tokens, dtype=torch.int32, device="cuda")
+    packed[positions_offset:] = positions
+    positions = packed[positions_offset:]
+    gate_up = gate_up_case(num_tokens, 3072, torch.bfloat16, "cuda")
+    return {
+        "rms_norm": lambda: rms_norm(x, weight, 1e-6),
+        "add_rms_norm": lambda: add_rms_norm(x, residual, weight, 1e-6),
+        "rope": lambda: rotary(positions, q, k),
+        "norm_rope": lambda: norm_rope(positions, q, k, q_norm, k_norm, rotary),
+        "silu_and_mul": lambda: silu_and_mul(gate_up),
+    }
+
+
+@cuda
+@needs_cuda
+@needs_triton
+def test_fused_kernels_compile_once_for_every_token_count_cuda():
+    """The token count is only the kernels' grid: once compiled at one size, other sizes (1, 16, a CUDA graph's
+    32) and positions at other offsets compile nothing, and the captured graph computes what eager calls do."""
+    from triton import knobs
+    jitted = []
+
+    def record(**kw):
+        jitted.append(kw["fn"].name if "fn" in kw else "?")
+        return None
+
+    for call in fused_layer_calls(7, positions_offset=0).values():
+        call()
+    torch.cuda.synchronize()
+    knobs.runtime.jit_cache_hook = record
+    try:
+        for num_tokens, offset in ((1, 4), (16, 3)):
+            for call in fused_layer_calls(num_tokens, offset).values():
+                call()
+        calls = fused_layer_calls(32, positions_offset=32)
+        eager = {name: call() for name, call in calls.items()}
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = {name: call() for name, call in calls.items()}
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.jit_cache_hook = None
+    assert jitted == []
+    for name, out in eager.items():
+        outs, graph_outs = (out, captured[name]) if isinstance(out, tuple) else ((out,), (captured[name],))
+        assert all(torch.equal(a, b) for a, b in zip(outs, graph_outs)), name

@@ -29,8 +29,6 @@ class CUDAGraphRunner:
 
     @torch.inference_mode()
     def __init__(self, model, config: Config, device: torch.device):
-        # the static buffers are inference tensors like every step's inputs: torch.compile guards on that, so
-        # buffers made outside inference mode would compile a second variant of each fused op
         self.model = model
         self.batch_sizes = graph_batch_sizes(config.max_num_seqs)
         max_bs = self.batch_sizes[-1]
@@ -38,7 +36,7 @@ class CUDAGraphRunner:
         hidden = config.hf_config.hidden_size
         kw = dict(device=device)
         # token ids and positions packed in one int32 buffer like an eager step's (see packed_starts), so
-        # capture reuses the compiled graphs of eager steps (int64 or offset-0 positions would compile new ones)
+        # capture reuses the kernels compiled for eager steps (int64 positions would compile new ones)
         ids_at, positions_at, end = packed_starts([max_bs, max_bs])
         packed = torch.zeros(end, dtype=torch.int32, **kw)
         self.input_ids, self.positions = packed[ids_at:ids_at + max_bs], packed[positions_at:positions_at + max_bs]

@@ -20,7 +20,6 @@ from nanovllm.layers.backends import create_backend
 from nanovllm.layers.sampler import sample, sampling_tensors, warm_up_sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.compile import compiling_on
 from nanovllm.utils.context import Context, forward_context
 from nanovllm.utils.loader import init_dummy_weights, load_model
 from nanovllm.utils.math import cdiv
@@ -79,7 +78,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(config, self.num_kvcache_blocks, device)
         for i, layer in enumerate(self.layers):
             layer.set_cache(self.kv_cache[0, i], self.kv_cache[1, i], kv_scales[i])
-        if self.on_cuda or compiling_on(device):
+        if self.on_cuda:  # nothing compiles on the CPU
             self.warmup_compiled_paths()
             if rank == 0:
                 warm_up_sampler(config.hf_config.vocab_size, config.torch_dtype, device)
@@ -144,7 +143,7 @@ class ModelRunner:
         table = [0] * cdiv(num_tokens, self.block_size) if in_block_0 else []
         return Row(-1, SeqState([0] * num_tokens, table, cached, WARMUP, num_tokens), scheduled, 0)
 
-    @torch.inference_mode()  # every step's inputs are inference tensors: compiled ops guard on it
+    @torch.inference_mode()
     def _run_rows(self, rows: list[Row], kind: StepKind) -> StepOutput | None:
         """Run a step's rows and sample (rank 0; other ranks return None)."""
         input_ids, positions, ctx, logits_indices = self.prepare(rows, kind)

@@ -2,10 +2,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.compile import compile_on_cuda
+from nanovllm.utils.kernels import triton_on_cuda
 
 
-@compile_on_cuda
+@triton_on_cuda("fused", "silu_and_mul")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up

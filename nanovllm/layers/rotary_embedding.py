@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
-from nanovllm.utils.compile import compile_on_cuda
+from nanovllm.utils.kernels import triton_on_cuda
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -12,19 +12,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
-@compile_on_cuda
+@triton_on_cuda("fused", "rope")
 def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
          sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos_cache[positions], sin_cache[positions]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
-@compile_on_cuda
+@triton_on_cuda("fused", "norm_rope")
 def _norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
                k_weight: torch.Tensor, eps: float, cos_cache: torch.Tensor,
                sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
-    return rope.eager(positions, q, k, cos_cache, sin_cache)
+    q, k = rms_norm.reference(q, q_weight, eps), rms_norm.reference(k, k_weight, eps)
+    return rope.reference(positions, q, k, cos_cache, sin_cache)
 
 
 class RotaryEmbedding(nn.Module):
@@ -45,6 +45,6 @@ class RotaryEmbedding(nn.Module):
 
 def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
               rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-    """rotary(q_norm(q), k_norm(k)) in one compiled region (one kernel, not six): Qwen3's per-head q/k norm."""
+    """rotary(q_norm(q), k_norm(k)) in one kernel, not six: Qwen3's per-head q/k norm."""
     return _norm_rope(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
                       rotary.sin_cache)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.compile import compile_on_cuda
+from nanovllm.utils.kernels import triton_on_cuda
 from nanovllm.utils.math import cdiv
 
 TOP_K_OFF = 2**31 - 1  # a top_k no vocabulary reaches
@@ -83,16 +83,15 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     if t.any_plain:
         tokens = _race(logits, t.temperatures, t.noise_keys)  # greedy rows get the argmax here too
     elif t.any_greedy:
-        # argmax's ids (the first of equal maxima); on the CPU max over bfloat16 is ~1.8x faster than argmax over
-        # a float32 copy, and argmax over bfloat16 slower still
-        tokens = logits.max(-1).indices
+        tokens = _greedy(logits)
     if t.any_filtered:
-        if tokens is None:  # every row is filtered; a fresh tensor, as a view of ids would change dynamo's guards
+        if tokens is None:  # every row is filtered
             tokens = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)
         if t.by_thresholds:
-            tokens = _draw_by_thresholds(logits, t, tokens)
+            tokens = _draw_by_thresholds(logits, t.temperatures, _top_k_thresholds(logits, t), t.top_k,
+                                         t.top_p_complement, t.min_p, t.noise_keys, tokens)
         else:
-            if t.max_top_k is not None:  # at least 2: a dimension of size 1 would make dynamo compile again
+            if t.max_top_k is not None:  # at least 2, as the thresholds' top-k width (a few eager ops on [B, k])
                 values, ids = logits.topk(min(max(t.max_top_k, 2), logits.size(1)), -1)
             else:
                 values, ids = logits.sort(-1, descending=True)
@@ -113,7 +112,8 @@ def processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     out = logits / torch.where(temperatures > 0, temperatures, 1.0)
     if t.any_filtered:
         rows = _filtered_rows(t.temperatures, t.top_k, t.top_p_complement, t.min_p)
-        out = torch.where(rows.unsqueeze(1), _threshold_filter(logits, t), out)
+        kept = _threshold_filter(logits, t.temperatures, _top_k_thresholds(logits, t), t.top_p_complement, t.min_p)
+        out = torch.where(rows.unsqueeze(1), kept, out)
     return out
 
 
@@ -136,28 +136,28 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
 
 
 def warm_up_sampler(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile, before serving, every variant a step could otherwise compile mid-way: the race, the filtered
-    draws (from top-k candidates, and by thresholds off the CPU) and the penalties, on the model's logits dtype
-    and, after penalties, on float32."""
-    with torch.inference_mode():  # as serving samples: compiled graphs guard on it
+    """Compile, before serving, every kernel variant a step could otherwise compile mid-way: the race, the greedy
+    argmax, the filtered draw and the penalties, on the model's logits dtype and, after penalties, on float32."""
+    with torch.inference_mode():
         _warm_up(vocab_size, dtype, device)
 
 
 def _warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    rows = 2  # a batch of one runs eagerly
+    rows = 2
     logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
     counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
     mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
-    for kwargs in (dict(), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
-                   dict(repetition_penalty=1.5, top_k=2), dict(repetition_penalty=1.5, top_p=0.5)):
-        params = [SamplingParams(temperature=1.0, **kwargs)] * rows
+    for kwargs in (dict(), dict(temperature=0), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
+                   dict(repetition_penalty=1.5, temperature=0), dict(repetition_penalty=1.5, top_k=2),
+                   dict(repetition_penalty=1.5, top_p=0.5)):
+        params = [SamplingParams(**{"temperature": 1.0, **kwargs})] * rows
         sample(logits, sampling_tensors(params, [0] * rows, [0] * rows, device, output_counts=counts,
                                         prompt_mask=mask))
 
 
-# ---- the device functions (compiled on CUDA) ------------------------------------------------------------------
+# ---- the device functions (Triton kernels on CUDA) ----------------------------------------------------------------
 
-@compile_on_cuda
+@triton_on_cuda("sampling", "apply_penalties")
 def _apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
                      repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """vLLM's penalties: repetition on tokens of the prompt or the output (divide positive logits, multiply
@@ -169,12 +169,12 @@ def _apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_m
     return logits - frequency.unsqueeze(1) * output_counts - presence.unsqueeze(1) * generated
 
 
-@compile_on_cuda
+@triton_on_cuda("sampling", "race")
 def _race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
     """Greedy where temperature == 0, else a draw from softmax(logits / temperature) over the whole vocabulary.
 
     The Gumbel-max trick: argmax_i(logits_i / T + G_i) with G_i i.i.d. Gumbel picks i with probability
-    softmax(logits / T)_i; no softmax, no cumulative sum, and compiled both argmaxes are one pass."""
+    softmax(logits / T)_i; no softmax, no cumulative sum, and the kernel makes both argmaxes one pass."""
     logits = logits.float()
     t = temperatures.unsqueeze(1)
     vocab = torch.arange(logits.size(1), device=logits.device)
@@ -182,11 +182,17 @@ def _race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Te
     return torch.where(temperatures > 0, scores.argmax(-1), logits.argmax(-1))
 
 
+@triton_on_cuda("sampling", "greedy")
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax. On the CPU max over bfloat16 is ~1.8x faster than argmax over a float32 copy, and
+    argmax over bfloat16 slower still; max's index is the first of equal maxima there."""
+    return logits.max(-1).indices
+
+
 # Rows with top-k / top-p / min-p draw among candidates: values [B, C] are their logits sorted in descending
 # order (the top max_k, or all) and ids their token ids. HF's warpers apply in order: / temperature, top-k,
 # top-p, min-p; a token outside the top C has probability 0 already.
 
-@compile_on_cuda
 def _scale_and_top_k(values: torch.Tensor, temperatures: torch.Tensor,
                      top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidates' logits / temperature, -inf past each row's top_k, and their softmax."""
@@ -199,7 +205,7 @@ def _scale_and_top_k(values: torch.Tensor, temperatures: torch.Tensor,
 
 def _tail_mass(probs: torch.Tensor) -> torch.Tensor:
     """Mass of each candidate and all less likely ones, summed from the least likely up as HF does, so that the
-    top-p cut falls where HF's does. Eager: inductor's scan kernels are not robust for every width up to V."""
+    top-p cut falls where HF's does."""
     return probs.flip(-1).cumsum(-1).flip(-1)
 
 
@@ -213,7 +219,6 @@ def _top_p_and_min_p(scaled: torch.Tensor, tail_mass: torch.Tensor, top_p_comple
     return scaled.masked_fill(probs < min_p.unsqueeze(1) * probs[:, :1], float("-inf"))
 
 
-@compile_on_cuda
 def _draw_filtered(scaled: torch.Tensor, tail_mass: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor,
                    noise_keys: torch.Tensor, top_k: torch.Tensor, top_p_complement: torch.Tensor,
                    min_p: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -223,80 +228,58 @@ def _draw_filtered(scaled: torch.Tensor, tail_mass: torch.Tensor, ids: torch.Ten
     return torch.where(_filtered_rows(temperatures, top_k, top_p_complement, min_p), choice, other)
 
 
-# Filtered rows when some have no top_k: top-k, top-p and min-p as thresholds on each row's logits over the whole
-# vocabulary, no sort (a full sort of 152k logits per row cost ~80 ms per 256-row step on an H200). The top-p cut
-# is found by bisection over the logits' order: 33 masked sums, each one pass over [B, V].
+# Filtered rows off the CPU: top-k, top-p and min-p as thresholds on each row's logits over the whole vocabulary,
+# no sort (a full sort of 152k logits per row cost ~80 ms per 256-row step on an H200). The top-p cut is found by
+# bisection over the logits' order: 33 masked sums, each one pass over the row (one kernel on CUDA).
 
 _BISECTION_STEPS = 33  # the keys below span 2**32 + 1 values
 _BELOW_EVERY_KEY = -2**31 - 1
 
 
-def _draw_by_thresholds(logits: torch.Tensor, t: SamplingTensors, other: torch.Tensor) -> torch.Tensor:
-    """A draw on every filtered row from _threshold_filter's logits; other rows keep other."""
-    vocab = torch.arange(logits.size(1), device=logits.device)
-    return _draw_kept(_threshold_filter(logits, t), vocab, t.temperatures, t.noise_keys, t.top_k,
-                      t.top_p_complement, t.min_p, other)
-
-
-def _threshold_filter(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """[B, V] float32: HF's warpers (temperature, top-k, top-p, min-p) on every row, -inf where dropped.
-    A tie at a cut keeps every tied token, where a sort would keep an arbitrary part of them."""
+def _top_k_thresholds(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """[B] each top-k row's k-th largest logit (ties included, as HF's TopK), -inf for the other rows."""
     kth = torch.full((logits.size(0),), float("-inf"), dtype=logits.dtype, device=logits.device)
-    if t.top_k_width is not None:  # each top-k row's k-th largest logit (ties included, as HF's TopK)
+    if t.top_k_width is not None:
         width = min(max(t.top_k_width, 2), logits.size(1))
         values = logits.topk(width, -1).values
         kth = torch.where(t.top_k < TOP_K_OFF, values.gather(1, (t.top_k.clamp(max=width) - 1).unsqueeze(1))
                           .squeeze(1), kth)
-    scaled, probs, keys, lo, hi = _threshold_scale(logits, t.temperatures, kth)
-    top_key = hi
-    for _ in range(_BISECTION_STEPS):
-        lo, hi = _bisect_top_p(probs, keys, lo, hi, t.top_p_complement)
-    return _apply_thresholds(scaled, keys, lo, top_key, t.top_p_complement, t.min_p)
+    return kth
 
 
-@compile_on_cuda
-def _threshold_scale(logits: torch.Tensor, temperatures: torch.Tensor, kth: torch.Tensor):
-    """logits / temperature with -inf below each row's k-th value, their softmax, order keys (int32 bit patterns
-    ordered as the floats), and the bisection's start: below every key, and the largest key."""
+@triton_on_cuda("sampling", "draw_by_thresholds")
+def _draw_by_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, kth: torch.Tensor, top_k: torch.Tensor,
+                        top_p_complement: torch.Tensor, min_p: torch.Tensor, noise_keys: torch.Tensor,
+                        other: torch.Tensor) -> torch.Tensor:
+    """A draw on every filtered row from _threshold_filter's logits; other rows keep other."""
+    kept = _threshold_filter(logits, temperatures, kth, top_p_complement, min_p)
+    choice = (kept + _gumbel(noise_keys.unsqueeze(1), torch.arange(logits.size(1), device=logits.device))).argmax(-1)
+    return torch.where(_filtered_rows(temperatures, top_k, top_p_complement, min_p), choice, other)
+
+
+def _threshold_filter(logits: torch.Tensor, temperatures: torch.Tensor, kth: torch.Tensor,
+                      top_p_complement: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32: HF's warpers (temperature, top-k, top-p, min-p) on every row, -inf where dropped.
+    A tie at a cut keeps every tied token, where a sort would keep an arbitrary part of them."""
     t = temperatures.unsqueeze(1)
     t = torch.where(t > 0, t, 1.0)
     scaled = logits.float() / t
     scaled = scaled.masked_fill(scaled < kth.float().unsqueeze(1) / t, float("-inf"))
     bits = scaled.view(torch.int32)
-    keys = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    hi = keys.amax(-1).long()
-    return scaled, scaled.softmax(-1), keys, torch.full_like(hi, _BELOW_EVERY_KEY), hi
-
-
-@compile_on_cuda
-def _bisect_top_p(probs: torch.Tensor, keys: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                  top_p_complement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One halving of [lo, hi] towards the largest key whose tokens at or below it hold at most 1 - top_p of the
-    mass (HF drops exactly those: the mass summed from the least likely up stays <= 1 - top_p)."""
-    mid = (lo + hi + 1).div(2, rounding_mode="floor")
-    below = torch.where(keys <= mid.unsqueeze(1), probs, 0.0).sum(-1)
-    fits = below <= top_p_complement
-    return torch.where(fits, mid, lo), torch.where(fits, hi, mid - 1)
-
-
-@compile_on_cuda
-def _apply_thresholds(scaled: torch.Tensor, keys: torch.Tensor, cut: torch.Tensor, top_key: torch.Tensor,
-                      top_p_complement: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop keys at or below the top-p cut (never the likeliest), then min-p on the renormalised rest."""
-    cut = torch.where(top_p_complement > 0, cut, _BELOW_EVERY_KEY)
-    kept = (keys > cut.unsqueeze(1)) | (keys == top_key.unsqueeze(1))
-    scaled = scaled.masked_fill(~kept, float("-inf"))
+    keys = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 bit patterns ordered as the floats
+    probs, top_key = scaled.softmax(-1), keys.amax(-1).long()
+    lo, hi = torch.full_like(top_key, _BELOW_EVERY_KEY), top_key
+    for _ in range(_BISECTION_STEPS):
+        # halve [lo, hi] towards the largest key whose tokens at or below it hold at most 1 - top_p of the mass
+        # (HF drops exactly those: the mass summed from the least likely up stays <= 1 - top_p)
+        mid = (lo + hi + 1).div(2, rounding_mode="floor")
+        fits = torch.where(keys <= mid.unsqueeze(1), probs, 0.0).sum(-1) <= top_p_complement
+        lo, hi = torch.where(fits, mid, lo), torch.where(fits, hi, mid - 1)
+    # drop keys at or below the top-p cut (never the likeliest), then min-p on the renormalised rest
+    cut = torch.where(top_p_complement > 0, lo, _BELOW_EVERY_KEY)
+    scaled = scaled.masked_fill((keys <= cut.unsqueeze(1)) & (keys != top_key.unsqueeze(1)), float("-inf"))
     probs = scaled.softmax(-1)
     return scaled.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), float("-inf"))
-
-
-@compile_on_cuda
-def _draw_kept(kept: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor,
-               top_k: torch.Tensor, top_p_complement: torch.Tensor, min_p: torch.Tensor,
-               other: torch.Tensor) -> torch.Tensor:
-    """Gumbel-max over each filtered row's kept logits (-inf where dropped) at token ids `ids`."""
-    choice = (kept + _gumbel(noise_keys.unsqueeze(1), ids)).argmax(-1)
-    return torch.where(_filtered_rows(temperatures, top_k, top_p_complement, min_p), choice, other)
 
 
 def _filtered_rows(temperatures: torch.Tensor, top_k: torch.Tensor, top_p_complement: torch.Tensor,
@@ -417,25 +400,20 @@ def _bans(params: Sequence[SamplingParams], positions: Sequence[int],
 
 def _upload(floats: list[np.ndarray], ints: list[np.ndarray],
             device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Rows of float32 and of int64 values, in one host buffer and one copy; back as views on the device."""
-    f, i = np.concatenate(floats), np.concatenate(ints)
-    # the int64 part starts 8-byte aligned and at element >= 2: dynamo specialises storage offsets 0 and 1, so a
-    # batch whose offset were 1 would compile a variant of its own
-    f_bytes = max(cdiv(f.nbytes, 8) * 8, 16)
-    host = torch.empty(f_bytes + i.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    """Rows of float32 and of int64 values, in one host buffer and one copy; back as views on the device, each
+    starting 16-byte aligned: Triton compiles a variant of a kernel for each alignment of its pointers."""
+    arrays, offsets, size = floats + ints, [], 0
+    for array in arrays:
+        offsets.append(size)
+        size += cdiv(array.nbytes, 16) * 16
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
     buf = host.numpy()
-    buf[:f.nbytes] = f.view(np.uint8)
-    buf[f_bytes:] = i.view(np.uint8)
+    for array, offset in zip(arrays, offsets):
+        buf[offset:offset + array.nbytes] = array.view(np.uint8)
     dev = host.to(device, non_blocking=True)
-    return _views(dev[:f.nbytes].view(torch.float32), floats), _views(dev[f_bytes:].view(torch.int64), ints)
-
-
-def _views(flat: torch.Tensor, rows: list[np.ndarray]) -> list[torch.Tensor]:
-    views, start = [], 0
-    for row in rows:
-        views.append(flat[start:start + len(row)])
-        start += len(row)
-    return views
+    views = [dev[offset:offset + array.nbytes].view(torch.float32 if array.dtype == np.float32 else torch.int64)
+             for array, offset in zip(arrays, offsets)]
+    return views[:len(floats)], views[len(floats):]
 
 
 # ---- per-sequence token counts for the penalties --------------------------------------------------------------

@@ -16,7 +16,8 @@ import triton.language as tl
 from nanovllm.layers.sampler import (_BELOW_EVERY_KEY, _BISECTION_STEPS, _MUL1, _MUL2, _STEP, TOP_K_OFF)
 
 _C_MUL1, _C_MUL2, _C_STEP = tl.constexpr(_MUL1), tl.constexpr(_MUL2), tl.constexpr(_STEP)
-_C_BELOW, _C_STEPS, _C_TOP_K_OFF = tl.constexpr(_BELOW_EVERY_KEY), tl.constexpr(_BISECTION_STEPS), tl.constexpr(TOP_K_OFF)
+_C_BELOW, _C_STEPS = tl.constexpr(_BELOW_EVERY_KEY), tl.constexpr(_BISECTION_STEPS)
+_C_TOP_K_OFF = tl.constexpr(TOP_K_OFF)
 _BLOCK = 2048  # tokens per loop step
 _NUM_WARPS = 8
 
@@ -70,6 +71,7 @@ def _race_kernel(logits_ptr, temps_ptr, keys_ptr, out_ptr, stride_row, V,
 
 def race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
     """Greedy where temperature == 0, else the Gumbel-max draw from softmax(logits / temperature)."""
+    assert logits.stride(1) == 1
     out = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)
     _race_kernel[(logits.size(0),)](logits, temperatures, noise_keys, out, logits.stride(0), logits.size(1),
                                     SAMPLE=True, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
@@ -78,6 +80,7 @@ def race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Ten
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (the first of equal maxima)."""
+    assert logits.stride(1) == 1
     out = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)
     _race_kernel[(logits.size(0),)](logits, logits, logits, out, logits.stride(0), logits.size(1),
                                     SAMPLE=False, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
@@ -181,6 +184,7 @@ def draw_by_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, kth: to
                        other: torch.Tensor) -> torch.Tensor:
     """A draw on each filtered row after top-k (logits below kth dropped), top-p and min-p; other rows keep
     other."""
+    assert logits.stride(1) == 1
     out = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)
     _thresholds_kernel[(logits.size(0),)](logits, temperatures, kth, top_k, top_p_complement, min_p, noise_keys,
                                           other, out, logits.stride(0), logits.size(1), BLOCK=_BLOCK,

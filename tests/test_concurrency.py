@@ -80,3 +80,16 @@ def test_an_exited_engine_lets_its_model_be_collected(qwen3_path):
         assert gc.get_freeze_count() > 0
     gc.collect()
     assert model() is None
+
+
+def test_an_engine_exit_keeps_the_heap_frozen_for_the_others(qwen3_path):
+    """gc.freeze is process-wide: one engine's exit lets its own model be collected and freezes the heap again for
+    an engine still serving (it used to leave the survivor's model to the collector's full passes)."""
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(qwen3_path, kvcache_block_size=16) as serving:
+        expected = serving.generate([[1, 2, 3]], sp, use_tqdm=False)
+        with LLM(qwen3_path, kvcache_block_size=16) as leaving:
+            model = weakref.ref(leaving.executor.runner.model.model.layers[0].mlp.down_proj)
+        assert model() is None  # collected before the heap froze again
+        assert gc.get_freeze_count() > 0
+        assert serving.generate([[1, 2, 3]], sp, use_tqdm=False) == expected

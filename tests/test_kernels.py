@@ -805,7 +805,7 @@ def test_fused_norms_cuda(dtype, num_tokens, hidden):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(16, 8, 128), (14, 2, 64), (6, 2, 40)])
 def test_fused_rope_cuda(dtype, num_heads, num_kv_heads, head_dim):
-    """Like inductor, the kernels round to bf16 once where the eager ops round every product: the expected values
+    """The kernels round to bf16 once where the eager ops round every product: the expected values
     are the reference's in float32 from the same inputs, the norm rounded to the model dtype as rms_norm does."""
     atol, norm_atol, rtol = (1e-2, 2e-2, 1e-2) if dtype == torch.bfloat16 else (1e-5, 1e-5, 1e-5)
     for num_tokens, positions_dtype in ((1, torch.int32), (300, torch.int64), (45, torch.int32)):

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
 from time import perf_counter
+from typing import Callable
 
 from nanovllm.config import Config
 from nanovllm.engine.exclusive import OneCallAtATime
@@ -24,11 +25,42 @@ class InFlight:
     tokens: SampledTokens
 
 
-def _release(executor: Executor):
-    """The engine's finaliser: what __init__ froze may be collected again (the model sits in reference cycles),
-    then the executor frees the device."""
-    gc.unfreeze()
-    executor.shutdown()
+class FrozenHeap:
+    """gc.freeze() for as long as any engine of the process serves: the collector's full passes then skip the
+    models and tokenizers, which would otherwise stall a step loop for a long walk. The frozen set is
+    process-wide, so an engine's release thaws it (its model sits in reference cycles and must be collectable)
+    and freezes it again while other engines still serve."""
+
+    def __init__(self):
+        self.serving = 0
+
+    def freeze(self):
+        gc.collect()
+        gc.freeze()
+        self.serving += 1
+
+    def release(self, free: Callable[[], None]):
+        """One engine's release: thaw, let free() drop its model (a collection can reach it now), then freeze
+        again for the engines still serving."""
+        self.serving -= 1
+        gc.unfreeze()
+        try:
+            free()
+        finally:
+            if self.serving:
+                gc.collect()
+                gc.freeze()
+
+
+FROZEN_HEAP = FrozenHeap()
+
+
+def _release(executor: Executor, froze: list[bool]):
+    """The engine's finaliser: the executor frees the device and the model, which may be collected again."""
+    if froze:
+        FROZEN_HEAP.release(executor.shutdown)
+    else:
+        executor.shutdown()
 
 
 class LLMEngine:
@@ -42,7 +74,8 @@ class LLMEngine:
         self.config = config
         self.executor = Executor(config)
         # released when the engine is collected or the interpreter exits; holds the executor, not the engine
-        self._finalizer = weakref.finalize(self, _release, self.executor)
+        self._froze: list[bool] = []  # [True] once start-up froze the heap
+        self._finalizer = weakref.finalize(self, _release, self.executor, self._froze)
         try:
             config.num_kvcache_blocks = self.executor.num_kvcache_blocks
             self.tokenizer = load_tokenizer(config.model)
@@ -60,11 +93,8 @@ class LLMEngine:
         self._seq_ids = count()
         self._rng = random.Random(config.seed)  # seeds for requests that bring none
         self._one_call = OneCallAtATime()
-        # the model, its compiled code and the tokenizer live as long as the engine: keep them out of the
-        # collector's full passes, each of which would otherwise stall the step loop for a long walk (_release
-        # unfreezes)
-        gc.collect()
-        gc.freeze()
+        FROZEN_HEAP.freeze()  # the model and the tokenizer live as long as the engine
+        self._froze.append(True)
 
     def exit(self):
         """Release the model, the KV cache, worker processes and the process group. Safe to call twice."""

@@ -91,8 +91,8 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
             tokens = _draw_by_thresholds(logits, t.temperatures, _top_k_thresholds(logits, t), t.top_k,
                                          t.top_p_complement, t.min_p, t.noise_keys, tokens)
         else:
-            if t.max_top_k is not None:  # at least 2, as the thresholds' top-k width (a few eager ops on [B, k])
-                values, ids = logits.topk(min(max(t.max_top_k, 2), logits.size(1)), -1)
+            if t.max_top_k is not None:  # a few PyTorch ops on [B, max_top_k] after the topk
+                values, ids = logits.topk(min(t.max_top_k, logits.size(1)), -1)
             else:
                 values, ids = logits.sort(-1, descending=True)
             scaled, probs = _scale_and_top_k(values, t.temperatures, t.top_k)
@@ -228,9 +228,10 @@ def _draw_filtered(scaled: torch.Tensor, tail_mass: torch.Tensor, ids: torch.Ten
     return torch.where(_filtered_rows(temperatures, top_k, top_p_complement, min_p), choice, other)
 
 
-# Filtered rows off the CPU: top-k, top-p and min-p as thresholds on each row's logits over the whole vocabulary,
-# no sort (a full sort of 152k logits per row cost ~80 ms per 256-row step on an H200). The top-p cut is found by
-# bisection over the logits' order: 33 masked sums, each one pass over the row (one kernel on CUDA).
+# Filtered rows off the CPU when some have no top_k: top-k, top-p and min-p as thresholds on each row's logits
+# over the whole vocabulary, no sort (a full sort of 152k logits per row cost ~80 ms per 256-row step on an H200).
+# The top-p cut is found by bisection over the logits' order: 33 masked sums, each one pass over the row (one
+# kernel on CUDA).
 
 _BISECTION_STEPS = 33  # the keys below span 2**32 + 1 values
 _BELOW_EVERY_KEY = -2**31 - 1
@@ -240,7 +241,7 @@ def _top_k_thresholds(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """[B] each top-k row's k-th largest logit (ties included, as HF's TopK), -inf for the other rows."""
     kth = torch.full((logits.size(0),), float("-inf"), dtype=logits.dtype, device=logits.device)
     if t.top_k_width is not None:
-        width = min(max(t.top_k_width, 2), logits.size(1))
+        width = min(t.top_k_width, logits.size(1))
         values = logits.topk(width, -1).values
         kth = torch.where(t.top_k < TOP_K_OFF, values.gather(1, (t.top_k.clamp(max=width) - 1).unsqueeze(1))
                           .squeeze(1), kth)

@@ -6,7 +6,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
 from time import perf_counter
-from typing import Callable
 
 from nanovllm.config import Config
 from nanovllm.engine.exclusive import OneCallAtATime
@@ -32,35 +31,30 @@ class FrozenHeap:
     and freezes it again while other engines still serve."""
 
     def __init__(self):
-        self.serving = 0
+        self._serving: set[Executor] = set()  # the executors of the engines whose start-up froze the heap
 
-    def freeze(self):
+    def freeze(self, executor: Executor):
         gc.collect()
         gc.freeze()
-        self.serving += 1
+        self._serving.add(executor)
 
-    def release(self, free: Callable[[], None]):
-        """One engine's release: thaw, let free() drop its model (a collection can reach it now), then freeze
-        again for the engines still serving."""
-        self.serving -= 1
+    def release(self, executor: Executor):
+        """An engine's finaliser: thaw, let the executor free the device and drop the model (a collection can
+        reach it now), then freeze again for the engines still serving."""
+        if executor not in self._serving:  # start-up failed before the freeze
+            executor.shutdown()
+            return
+        self._serving.discard(executor)
         gc.unfreeze()
         try:
-            free()
+            executor.shutdown()
         finally:
-            if self.serving:
+            if self._serving:
                 gc.collect()
                 gc.freeze()
 
 
 FROZEN_HEAP = FrozenHeap()
-
-
-def _release(executor: Executor, froze: list[bool]):
-    """The engine's finaliser: the executor frees the device and the model, which may be collected again."""
-    if froze:
-        FROZEN_HEAP.release(executor.shutdown)
-    else:
-        executor.shutdown()
 
 
 class LLMEngine:
@@ -74,8 +68,7 @@ class LLMEngine:
         self.config = config
         self.executor = Executor(config)
         # released when the engine is collected or the interpreter exits; holds the executor, not the engine
-        self._froze: list[bool] = []  # [True] once start-up froze the heap
-        self._finalizer = weakref.finalize(self, _release, self.executor, self._froze)
+        self._finalizer = weakref.finalize(self, FROZEN_HEAP.release, self.executor)
         try:
             config.num_kvcache_blocks = self.executor.num_kvcache_blocks
             self.tokenizer = load_tokenizer(config.model)
@@ -93,8 +86,7 @@ class LLMEngine:
         self._seq_ids = count()
         self._rng = random.Random(config.seed)  # seeds for requests that bring none
         self._one_call = OneCallAtATime()
-        FROZEN_HEAP.freeze()  # the model and the tokenizer live as long as the engine
-        self._froze.append(True)
+        FROZEN_HEAP.freeze(self.executor)  # the model and the tokenizer live as long as the engine
 
     def exit(self):
         """Release the model, the KV cache, worker processes and the process group. Safe to call twice."""

@@ -338,6 +338,49 @@ def _check_fused_rope():
                            norm_rope(positions, q, k, q_norm, k_norm, rotary), 1e-5, 1e-5)
 
 
+def rope_store_case(num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, fp8=False):
+    """rope_case plus v (a view of the same qkv-like tensor's tail), caches with room to spare and slots with
+    some -1 (padding)."""
+    positions, q, k, q_norm, k_norm, rotary = rope_case(num_tokens, num_heads, num_kv_heads, head_dim, dtype,
+                                                        device, max_position=4096 if device == "cuda" else 64)
+    _, v, k_cache, v_cache, slots = store_case(num_tokens, 2 * num_tokens + block_size, block_size, num_kv_heads,
+                                               head_dim, dtype, device, seed=1)
+    scales = None
+    if fp8:
+        scales = fp8_scales(num_kv_heads, device)
+        k_cache, v_cache = quantize_fp8(k_cache, scales.k), quantize_fp8(v_cache, scales.v)
+    return positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, slots, scales
+
+
+def assert_rope_store_matches(case):
+    """The fused kernel's q, k equal the rope kernels' (checked against PyTorch on their own); its cache holds
+    what the PyTorch store writes for the k it returned (and the v given), byte for byte, and nothing else."""
+    from nanovllm.kernels import fused
+    from nanovllm.layers.backends.torch_sdpa import store_kvcache as torch_store
+    positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, slots, scales = case
+    cos, sin = rotary.cos_cache, rotary.sin_cache
+    scale_args = (scales.k, scales.v) if scales is not None else (None, None)
+    for weights in ((q_norm.weight, k_norm.weight), (None, None)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = fused.rope_store(positions, q, k, v, *weights, q_norm.eps, cos, sin, kc, vc, slots, *scale_args)
+        if weights[0] is None:
+            expect = fused.rope(positions, q, k, cos, sin)
+        else:
+            expect = fused.norm_rope(positions, q, k, *weights, q_norm.eps, cos, sin)
+        assert_fused_close(out, expect, 0, 0)
+        expect_k, expect_v = k_cache.clone(), v_cache.clone()
+        torch_store(out[1], v, expect_k, expect_v, slots, scales)
+        for got, want in ((kc, expect_k), (vc, expect_v)):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def _check_fused_rope_store():
+    # float32 only: the interpreter's float32 -> float8 rounding is off (module docstring); fp8 runs on CUDA
+    for num_tokens, num_heads, num_kv_heads, head_dim, block_size in ((7, 4, 2, 32, 4), (3, 3, 3, 40, 16)):
+        assert_rope_store_matches(rope_store_case(num_tokens, num_heads, num_kv_heads, head_dim, block_size,
+                                                  torch.float32, "cpu"))
+
+
 def _check_fused_silu_and_mul():
     from nanovllm.kernels import fused
     for num_tokens, size in ((4, 96), (1, 1500)):  # 1500: two 1024-wide column blocks, the second masked
@@ -410,6 +453,7 @@ INTERPRETER_CHECKS = {
     "decode_fp8": _check_decode_fp8,
     "fused_norms": _check_fused_norms,
     "fused_rope": _check_fused_rope,
+    "fused_rope_store": _check_fused_rope_store,
     "fused_silu_and_mul": _check_fused_silu_and_mul,
     "sampler_race_and_greedy": _check_sampler_race_and_greedy,
     "sampler_penalties": _check_sampler_penalties,
@@ -820,6 +864,19 @@ def test_fused_rope_cuda(dtype, num_heads, num_kv_heads, head_dim):
         # a 1-step flip of a normed value (sum order) moves an output by up to 1.6e-2 where |value| < 4
         assert_fused_close(norm_rope(positions, q, k, q_norm, k_norm, rotary), tuple(e.to(dtype) for e in expect),
                            norm_atol, rtol)
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype, fp8", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(16, 8, 128), (14, 2, 64), (6, 2, 40)])
+def test_fused_rope_store_cuda(dtype, fp8, num_heads, num_kv_heads, head_dim):
+    """q, k as the rope/norm_rope kernels give them (tested above against PyTorch), and the cache bytes the
+    PyTorch store writes for them, fp8 rounding included."""
+    for num_tokens, block_size in ((1, 16), (300, 256), (45, 16)):
+        case = rope_store_case(num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype, "cuda", fp8)
+        assert_rope_store_matches(case)
 
 
 @cuda

@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.store_kvcache import quantize_fp8
+from nanovllm.layers.kv_quant import FP8_DTYPE
+
 
 # ---- shared pieces -------------------------------------------------------------------------------------------
 
@@ -103,7 +106,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 def _rotate_heads(x_ptr, stride_h, w_ptr, out_ptr, cos, sin, eps, NUM_HEADS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
                   NORM: tl.constexpr):
-    """One token's [NUM_HEADS, HEAD_DIM] heads, normalised (NORM) and rotated, into out's contiguous row."""
+    """One token's [NUM_HEADS, HEAD_DIM] heads, normalised (NORM) and rotated, into out's contiguous row.
+    Returns the two rotated halves as stored ([BLOCK_HEADS, BLOCK_HALF] each, in out's dtype)."""
     half: tl.constexpr = HEAD_DIM // 2
     offs_h = tl.arange(0, BLOCK_HEADS)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -118,19 +122,42 @@ def _rotate_heads(x_ptr, stride_h, w_ptr, out_ptr, cos, sin, eps, NUM_HEADS: tl.
         w2 = tl.load(w_ptr + half + offs_d, mask=offs_d < half, other=0.0).to(tl.float32)
         x1 = _weigh(x1, rstd, w1, x_ptr.dtype.element_ty).to(dtype).to(tl.float32)
         x2 = _weigh(x2, rstd, w2, x_ptr.dtype.element_ty).to(dtype).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(dtype)
+    y2 = (x2 * cos + x1 * sin).to(dtype)
     out1_ptrs = out_ptr + offs_h * HEAD_DIM + offs_d
-    tl.store(out1_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(out1_ptrs + half, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    tl.store(out1_ptrs, y1, mask=mask)
+    tl.store(out1_ptrs + half, y2, mask=mask)
+    return y1, y2
+
+
+@triton.jit
+def _store_half_rows(cache_ptr, base, stride_ch, scale_ptr, x1, x2, NUM_HEADS: tl.constexpr,
+                     HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, FP8: tl.constexpr):
+    """One token's heads, given as halves [BLOCK_HEADS, BLOCK_HALF], into its cache slot at `base`; an fp8
+    cache gets them quantised with its per-head scales, as store_kvcache does."""
+    offs_h = tl.arange(0, BLOCK_HEADS)[:, None]
+    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (offs_h < NUM_HEADS) & (offs_d < HALF)
+    ptrs = cache_ptr + base + offs_h * stride_ch + offs_d
+    if FP8:
+        scale = tl.load(scale_ptr + offs_h + offs_d * 0, mask=mask, other=1.0)  # [BLOCK_HEADS, BLOCK_HALF]
+        x1, x2 = quantize_fp8(x1, scale), quantize_fp8(x2, scale)
+    dtype = cache_ptr.dtype.element_ty
+    tl.store(ptrs, x1.to(dtype), mask=mask)
+    tl.store(ptrs + HALF, x2.to(dtype), mask=mask)
 
 
 # positions is a slice of the step's packed inputs: not specialised on its alignment, so any offset is fine
 @triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
 def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                  eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
+                 v_ptr, stride_vt, stride_vh, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr,
+                 v_scale_ptr, stride_cb, stride_cs, stride_ch,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 NORM: tl.constexpr):
-    """Grid (num_tokens, 2): program (t, 0) does token t's q heads, (t, 1) its k heads."""
+                 NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
+    """Grid (num_tokens, 2): program (t, 0) does token t's q heads, (t, 1) its k heads and, with STORE, writes
+    the rotated k and the v heads to the token's cache slot (none for slot -1, a padded token)."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -141,13 +168,29 @@ def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_pt
         _rotate_heads(q_ptr + t * stride_qt, stride_qh, q_weight_ptr, q_out_ptr + t * (NUM_Q_HEADS * HEAD_DIM),
                       cos, sin, eps, NUM_Q_HEADS, HEAD_DIM, BLOCK_Q_HEADS, BLOCK_HALF, NORM)
     else:
-        _rotate_heads(k_ptr + t * stride_kt, stride_kh, k_weight_ptr, k_out_ptr + t * (NUM_K_HEADS * HEAD_DIM),
-                      cos, sin, eps, NUM_K_HEADS, HEAD_DIM, BLOCK_K_HEADS, BLOCK_HALF, NORM)
+        k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, k_weight_ptr,
+                               k_out_ptr + t * (NUM_K_HEADS * HEAD_DIM), cos, sin, eps, NUM_K_HEADS, HEAD_DIM,
+                               BLOCK_K_HEADS, BLOCK_HALF, NORM)
+        if STORE:
+            slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+            if slot >= 0:
+                half: tl.constexpr = HEAD_DIM // 2
+                base = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+                _store_half_rows(k_cache_ptr, base, stride_ch, k_scale_ptr, k1, k2, NUM_K_HEADS, half,
+                                 BLOCK_K_HEADS, BLOCK_HALF, FP8)
+                offs_h = tl.arange(0, BLOCK_K_HEADS)[:, None]
+                mask = (offs_h < NUM_K_HEADS) & (offs_d[None, :] < half)
+                v1_ptrs = v_ptr + t * stride_vt + offs_h * stride_vh + offs_d[None, :]
+                v1 = tl.load(v1_ptrs, mask=mask, other=0.0)
+                v2 = tl.load(v1_ptrs + half, mask=mask, other=0.0)
+                _store_half_rows(v_cache_ptr, base, stride_ch, v_scale_ptr, v1, v2, NUM_K_HEADS, half,
+                                 BLOCK_K_HEADS, BLOCK_HALF, FP8)
 
 
 def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, eps: float, cos_cache: torch.Tensor,
-                 sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 k_weight: torch.Tensor | None, eps: float, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                 store: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """store: (v, k_cache, v_cache, slot_mapping, k_scale, v_scale) to write k and v to the cache too."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.size(1)
     assert head_dim % 2 == 0 and k.shape == (num_tokens, num_k_heads, head_dim) and q.dtype == k.dtype
@@ -157,16 +200,35 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
     out_dtype = _result_dtype(q, cos_cache, *((q_weight, k_weight) if norm else ()))
     q_out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=out_dtype, device=k.device)
+    if store is not None:
+        v, k_cache, v_cache, slot_mapping, k_scale, v_scale = store
+        fp8 = _check_cache(k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        cache_args = (v, v.stride(0), v.stride(1), k_cache, v_cache, slot_mapping, k_scale if fp8 else q,
+                      v_scale if fp8 else q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+        block_size = k_cache.size(1)
+    else:  # dummy pointers and strides, never read
+        fp8, cache_args, block_size = False, (k, 0, 0, k, k, positions, q, q, 0, 0, 0), 1
     block_half = triton.next_power_of_2(head_dim // 2)
     block_q_heads, block_k_heads = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_k_heads)
     _rope_kernel[(num_tokens, 2)](
         positions, q, k, q_weight if norm else q, k_weight if norm else k, cos_cache, sin_cache, q_out, k_out, eps,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), sin_cache.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), sin_cache.stride(0), *cache_args,
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, BLOCK_Q_HEADS=block_q_heads,
-        BLOCK_K_HEADS=block_k_heads, BLOCK_HALF=block_half, NORM=norm,
-        num_warps=_num_warps(2 * block_q_heads * block_half),
+        BLOCK_K_HEADS=block_k_heads, BLOCK_HALF=block_half, NORM=norm, STORE=store is not None,
+        BLOCK_SIZE=block_size, FP8=fp8, num_warps=_num_warps(2 * block_q_heads * block_half),
     )
     return q_out, k_out
+
+
+def _check_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """The shapes store_kvcache accepts; whether the cache is fp8."""
+    assert v.shape == k.shape and v.stride(2) == 1 and slot_mapping.numel() == k.size(0)
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
+    fp8 = k_cache.dtype == FP8_DTYPE
+    assert fp8 == (k_scale is not None and v_scale is not None)
+    return fp8
 
 
 def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
@@ -183,6 +245,20 @@ def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weigh
     assert q_weight.shape == (q.size(2),) and k_weight.shape == (k.size(2),)
     assert q_weight.is_contiguous() and k_weight.is_contiguous()
     return _launch_rope(positions, q, k, q_weight, k_weight, eps, cos_cache, sin_cache)
+
+
+def rope_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, cos_cache: torch.Tensor,
+               sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_rope (weights given) or rope, and the rotated k and v written to the paged cache as store_kvcache
+    writes them: v: [num_tokens, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
+    head_dim]; slot_mapping: [num_tokens] (-1: not stored); k_scale, v_scale: an fp8 cache's per-head scales."""
+    if q_weight is not None:
+        assert q_weight.shape == (q.size(2),) and k_weight.shape == (k.size(2),)
+        assert q_weight.is_contiguous() and k_weight.is_contiguous()
+    return _launch_rope(positions, q, k, q_weight, k_weight, eps, cos_cache, sin_cache,
+                        (v, k_cache, v_cache, slot_mapping, k_scale, v_scale))
 
 
 # ---- SiLU-and-mul --------------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from nanovllm.layers.backends.torch_sdpa import store_kvcache
+from nanovllm.layers.kv_quant import KVScales
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.utils.kernels import triton_on_cuda
 
@@ -27,6 +31,20 @@ def _norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weig
     return rope.reference(positions, q, k, cos_cache, sin_cache)
 
 
+@triton_on_cuda("fused", "rope_store")
+def _rope_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, cos_cache: torch.Tensor,
+                sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm and) rope, then the rotated k and v written to their cache slots: one kernel on CUDA."""
+    if q_weight is None:
+        q, k = rope.reference(positions, q, k, cos_cache, sin_cache)
+    else:
+        q, k = _norm_rope.reference(positions, q, k, q_weight, k_weight, eps, cos_cache, sin_cache)
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping, None if k_scale is None else KVScales(k_scale, v_scale))
+    return q, k
+
+
 class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_position: int, base: float, dtype: torch.dtype):
@@ -48,3 +66,29 @@ def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm:
     """rotary(q_norm(q), k_norm(k)) in one kernel, not six: Qwen3's per-head q/k norm."""
     return _norm_rope(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
                       rotary.sin_cache)
+
+
+@dataclass(slots=True)
+class QKRotation:
+    """What turns a layer's projected q and k into the attended ones: Qwen3's per-head RMSNorm (norms set) and
+    the rotary embedding at `positions`. The attention layer applies it, so that a backend can rotate k and
+    write it to the KV cache in one pass (`rotate_and_store`)."""
+    positions: torch.Tensor
+    rotary: RotaryEmbedding
+    q_norm: RMSNorm | None = None
+    k_norm: RMSNorm | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_norm is None:
+            return self.rotary(self.positions, q, k)
+        return norm_rope(self.positions, q, k, self.q_norm, self.k_norm, self.rotary)
+
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         kv_scales: KVScales | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated (q, k), with k and v written to the cache slots as TorchBackend.store_kvcache would."""
+        norm = self.q_norm is not None
+        return _rope_store(self.positions, q, k, v, self.q_norm.weight if norm else None,
+                           self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0,
+                           self.rotary.cos_cache, self.rotary.sin_cache, k_cache, v_cache, slot_mapping,
+                           *((kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)))

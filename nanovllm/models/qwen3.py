@@ -14,7 +14,7 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.config import head_dim_of
-from nanovllm.layers.rotary_embedding import RotaryEmbedding, norm_rope
+from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding
 from nanovllm.utils.parallel import tp_size
 
 
@@ -56,11 +56,10 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # per-head RMSNorm of q and k, fused with the rotation
-            q, k = norm_rope(positions, q, k, self.q_norm, self.k_norm, self.rotary_emb)
-        else:
-            q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v)
+        # per-head RMSNorm of q and k (Qwen3) and the rotary embedding: applied by the attention layer, which
+        # can fuse them with the KV cache store
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else ()
+        o = self.attn(q, k, v, QKRotation(positions, self.rotary_emb, *norms))
         return self.o_proj(o.flatten(1, -1))
 
 

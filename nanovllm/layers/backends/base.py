@@ -10,6 +10,9 @@ and the same per-step metadata (`nanovllm.utils.context.Context`). A token's cac
 An fp8 cache (`kv_scales` set) holds float8 e4m3 values with one scale per KV head (see
 `nanovllm.layers.kv_quant`); without a cache read, prefill attends to the new keys as the cache would return them.
 
+The attention layer hands a backend q and k before their rotation (`rotate_and_store`), so a backend whose store
+is a kernel can rotate k and write it to the cache in one pass; the default rotates, then stores.
+
 Prefill is causal and bottom-right aligned: a sequence with `k` keys of which the last `q` are new lets its
 i-th new token see keys `0 .. k - q + i`. Keys come from the cache when `block_tables` is set (cached prefix or
 chunked prefill), else from the new tokens' own k/v.
@@ -33,6 +36,15 @@ class AttentionBackend(ABC):
     def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor, kv_scales: KVScales | None = None) -> None:
         """k, v: [num_tokens, num_kv_heads, head_dim]; writes token t to slot slot_mapping[t] unless it is -1."""
+
+    def rotate_and_store(self, rotation, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         kv_scales: KVScales | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """rotation(q, k) (a `QKRotation`), then the rotated k and v stored; returns the rotated (q, k).
+        Backends whose store is a Triton kernel override this to do both in one kernel."""
+        q, k = rotation(q, k)
+        self.store_kvcache(k, v, k_cache, v_cache, slot_mapping, kv_scales)
+        return q, k
 
     @abstractmethod
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -40,6 +40,10 @@ class FlashAttnBackend(AttentionBackend):
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)
 
+    def rotate_and_store(self, rotation, q, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
+        # the rotary kernel writes k and v to the cache too (PyTorch ops then the store off CUDA)
+        return rotation.rotate_and_store(q, k, v, k_cache, v_cache, slot_mapping, kv_scales)
+
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
         if ctx.block_tables is not None:  # cached prefix or chunked prefill: every key is already in the cache
             k, v = k_cache, v_cache

@@ -157,25 +157,31 @@ def grouped_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out
 
 
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, kv_scales: KVScales | None = None) -> None:
+    """Writes token t's k, v to slot slot_mapping[t] (not when it is -1), quantised for an fp8 cache."""
+    if kv_scales is not None:
+        k, v = quantize_fp8(k, kv_scales.k), quantize_fp8(v, kv_scales.v)
+    k_slots, v_slots = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    slots = slot_mapping.long()
+    # the CPU has no padded tokens (those are CUDA graphs'): index_copy_ is ~3x faster than a masked
+    # assignment there; elsewhere the mask keeps the step free of host syncs
+    if slots.device.type == "cpu" and (slots.numel() == 0 or int(slots.min()) >= 0):
+        if k_slots.element_size() == 1:  # index_copy_ has no float8 kernel on the CPU: copy the bytes
+            k_slots, v_slots, k, v = (t.view(torch.uint8) for t in (k_slots, v_slots, k, v))
+        k_slots.index_copy_(0, slots, k)
+        v_slots.index_copy_(0, slots, v)
+        return
+    keep = slots >= 0
+    k_slots[slots[keep]] = k[keep]
+    v_slots[slots[keep]] = v[keep]
+
+
 class TorchBackend(AttentionBackend):
     name = "torch"
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping, kv_scales: KVScales | None = None):
-        if kv_scales is not None:
-            k, v = quantize_fp8(k, kv_scales.k), quantize_fp8(v, kv_scales.v)
-        k_slots, v_slots = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-        slots = slot_mapping.long()
-        # the CPU has no padded tokens (those are CUDA graphs'): index_copy_ is ~3x faster than a masked
-        # assignment there; elsewhere the mask keeps the step free of host syncs
-        if slots.device.type == "cpu" and (slots.numel() == 0 or int(slots.min()) >= 0):
-            if k_slots.element_size() == 1:  # index_copy_ has no float8 kernel on the CPU: copy the bytes
-                k_slots, v_slots, k, v = (t.view(torch.uint8) for t in (k_slots, v_slots, k, v))
-            k_slots.index_copy_(0, slots, k)
-            v_slots.index_copy_(0, slots, v)
-            return
-        keep = slots >= 0
-        k_slots[slots[keep]] = k[keep]
-        v_slots[slots[keep]] = v[keep]
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping, kv_scales)
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
         return reference_prefill(q, k, v, k_cache, v_cache, ctx, scale, kv_scales)

@@ -28,6 +28,10 @@ class TritonBackend(AttentionBackend):
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping, kv_scales: KVScales | None = None):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping, *_scales(kv_scales))
 
+    def rotate_and_store(self, rotation, q, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
+        # the rotary kernel writes k and v to the cache too (PyTorch ops then the store off CUDA)
+        return rotation.rotate_and_store(q, k, v, k_cache, v_cache, slot_mapping, kv_scales)
+
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
         return prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
                                  ctx.block_tables, scale, None, *_scales(kv_scales))

@@ -37,7 +37,7 @@ from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.backends.torch_sdpa import TorchBackend
 from nanovllm.layers.kv_quant import KVScales, fp8_round_trip, quantize_fp8
 from nanovllm.layers.layernorm import RMSNorm, add_rms_norm, rms_norm
-from nanovllm.layers.rotary_embedding import RotaryEmbedding, norm_rope, rope
+from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, norm_rope, rope
 from nanovllm.utils.context import Context
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -892,7 +892,7 @@ def test_fused_silu_and_mul_cuda(dtype, num_tokens, size):
 
 def fused_layer_calls(num_tokens: int, positions_offset: int) -> dict:
     """Each fused op through its layer function as a call without arguments, the bf16 inputs made beforehand;
-    positions sit at an offset in a larger int32 buffer like a step's packed inputs."""
+    positions and slots sit at an offset in a larger int32 buffer like a step's packed inputs."""
     x, residual, weight = norm_case(num_tokens, 1024, torch.bfloat16, "cuda")
     positions, q, k, q_norm, k_norm, rotary = rope_case(num_tokens, 16, 8, 128, torch.bfloat16, "cuda",
                                                         torch.int32, max_position=4096)
@@ -900,12 +900,18 @@ def fused_layer_calls(num_tokens: int, positions_offset: int) -> dict:
     packed[positions_offset:] = positions
     positions = packed[positions_offset:]
     gate_up = gate_up_case(num_tokens, 3072, torch.bfloat16, "cuda")
+    k_cache, v_cache = (torch.zeros(num_tokens // 16 + 1, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+                        for _ in range(2))
+    packed_slots = torch.full((positions_offset + num_tokens,), -1, dtype=torch.int32, device="cuda")
+    packed_slots[positions_offset:] = torch.arange(num_tokens, device="cuda")
+    rotation = QKRotation(positions, rotary, q_norm, k_norm)
     return {
         "rms_norm": lambda: rms_norm(x, weight, 1e-6),
         "add_rms_norm": lambda: add_rms_norm(x, residual, weight, 1e-6),
         "rope": lambda: rotary(positions, q, k),
         "norm_rope": lambda: norm_rope(positions, q, k, q_norm, k_norm, rotary),
         "silu_and_mul": lambda: silu_and_mul(gate_up),
+        "rope_store": lambda: rotation.rotate_and_store(q, k, k, k_cache, v_cache, packed_slots[positions_offset:]),
     }
 
 

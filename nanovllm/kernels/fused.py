@@ -147,8 +147,9 @@ def _store_half_rows(cache_ptr, base, stride_ch, scale_ptr, x1, x2, NUM_HEADS: t
     tl.store(ptrs + HALF, x2.to(dtype), mask=mask)
 
 
-# positions is a slice of the step's packed inputs: not specialised on its alignment, so any offset is fine
-@triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
+# positions and slot_mapping are slices of the step's packed inputs: not specialised on their alignment, so any
+# offset is fine (the unused slot_mapping of a plain rotation is a dummy pointer as misaligned as positions)
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr", "slot_mapping_ptr"])
 def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                  eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
                  v_ptr, stride_vt, stride_vh, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr,

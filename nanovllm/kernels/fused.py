@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.store_kvcache import quantize_fp8
-from nanovllm.layers.kv_quant import FP8_DTYPE
+from nanovllm.kernels.store_kvcache import check_store_args, quantize_fp8
 
 
 # ---- shared pieces -------------------------------------------------------------------------------------------
@@ -203,7 +202,7 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
     k_out = torch.empty(k.shape, dtype=out_dtype, device=k.device)
     if store is not None:
         v, k_cache, v_cache, slot_mapping, k_scale, v_scale = store
-        fp8 = _check_cache(k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        fp8 = check_store_args(k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         cache_args = (v, v.stride(0), v.stride(1), k_cache, v_cache, slot_mapping, k_scale if fp8 else q,
                       v_scale if fp8 else q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
         block_size = k_cache.size(1)
@@ -219,17 +218,6 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
         BLOCK_SIZE=block_size, FP8=fp8, num_warps=_num_warps(2 * block_q_heads * block_half),
     )
     return q_out, k_out
-
-
-def _check_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
-    """The shapes store_kvcache accepts; whether the cache is fp8."""
-    assert v.shape == k.shape and v.stride(2) == 1 and slot_mapping.numel() == k.size(0)
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
-    assert k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
-    fp8 = k_cache.dtype == FP8_DTYPE
-    assert fp8 == (k_scale is not None and v_scale is not None)
-    return fp8
 
 
 def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,

@@ -51,18 +51,26 @@ def _store_kvcache_kernel(
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
+def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Asserts the shapes a kernel writing k, v to the cache needs (shared by the rotary kernel's fused store);
+    returns whether the cache is fp8."""
+    assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
+    assert slot_mapping.numel() == k.size(0)
+    fp8 = k_cache.dtype == FP8_DTYPE
+    assert fp8 == (k_scale is not None and v_scale is not None)
+    return fp8
+
+
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                   v_scale: torch.Tensor | None = None) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] (any token/head strides, unit last stride). An fp8 cache
     needs k_scale, v_scale: float32 [num_kv_heads]."""
     num_tokens, num_kv_heads, head_dim = k.shape
-    assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
-    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and k_cache.stride(3) == 1
-    assert slot_mapping.numel() == num_tokens
-    fp8 = k_cache.dtype == FP8_DTYPE
-    assert fp8 == (k_scale is not None and v_scale is not None)
+    fp8 = check_store_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if num_tokens == 0:
         return
     row = num_kv_heads * head_dim

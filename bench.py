@@ -67,6 +67,9 @@ def parse_args():
                    help="engine replicas on Ray; the workload grows with them (N x --num-seqs sequences)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--custom-all-reduce", action="store_true",
+                   help="tensor parallel: decode-sized all-reduces over symmetric memory (disable_custom_all_reduce="
+                        "False) instead of NCCL")
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--device", default="auto")
@@ -236,7 +239,8 @@ def main():
                   max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=args.dtype,
                   async_scheduling=not args.no_async_scheduling, num_kvcache_blocks=args.num_kvcache_blocks,
                   kvcache_block_size=args.kvcache_block_size, kv_cache_dtype=args.kv_cache_dtype,
-                  mixed_steps=not args.no_mixed_steps, data_parallel_size=args.data_parallel_size)
+                  mixed_steps=not args.no_mixed_steps, data_parallel_size=args.data_parallel_size,
+                  disable_custom_all_reduce=not args.custom_all_reduce)
     except (ValueError, TypeError) as e:  # an option only the engine can check (the folder, device, dtype...)
         raise SystemExit(f"bench.py: error: {e}")
     if args.data_parallel_size > 1:

@@ -27,6 +27,7 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    disable_custom_all_reduce: bool = True  # vLLM's option, other default: False sums over symmetric memory
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     device: str = "auto"
@@ -91,7 +92,8 @@ class Config:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
-        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps"):
+        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps",
+                     "disable_custom_all_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in BACKENDS:

@@ -190,6 +190,7 @@ def test_sampling_params_defaults_and_normalisation():
     (dict(load_format="gguf"), ValueError, "load_format must be one of"),
     (dict(max_model_len=64, num_kvcache_blocks=-1, kvcache_block_size=16, enforce_eager="no"), TypeError,
      "enforce_eager must be a bool"),
+    (dict(disable_custom_all_reduce=1), TypeError, "disable_custom_all_reduce must be a bool, got 1"),
 ])
 def test_bad_options_raise(qwen3_path, options, error, words):
     with pytest.raises(error, match=words):

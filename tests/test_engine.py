@@ -89,6 +89,7 @@ def test_preemption_is_token_exact(qwen3_path, hf_reference, caching):
 def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference, overlap):
     with LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16, max_num_batched_tokens=40,
              async_scheduling=overlap) as llm:
+        assert llm.executor.runner.all_reduce.describe() == "all-reduce gloo"  # symmetric memory is CUDA's
         prompts = random_prompts([1, 12, 45, 90], seed=6)
         run_and_compare(llm, qwen3_path, prompts, hf_reference)
         run_and_compare(llm, qwen3_path, prompts, hf_reference)  # again, through the prefix cache

@@ -1,16 +1,21 @@
-"""Tensor parallelism over NCCL on two GPUs (skipped with fewer): TP=2 against TP=1, and a clean exit.
+"""Tensor parallelism on two GPUs (skipped with fewer): TP=2 against TP=1, the all-reduce over symmetric memory against
+NCCL, a clean exit.
 
 On NVLink machines the environment must not turn on NVLink SHARP/multicast (NCCL_NVLS_ENABLE=0); the tests set it
 for the processes they start.
 """
 import glob
 import importlib.util
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import assert_agree_by_logprob_rule, generate_twice, make_model, random_prompts
 from nanovllm import LLM, SamplingParams
@@ -75,3 +80,122 @@ def test_tp2_exits_cleanly_and_twice(qwen3_path):
     assert multiprocessing.active_children() == []
     assert set(glob.glob("/dev/shm/*")) <= shm_before
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "nanovllm-dist-*"))) <= files_before
+
+
+def _all_reduce_rank(rank: int, init_file: str, out_dir: str):
+    """One rank of test_symm_mem_all_reduce_equals_nccl: every case's result next to NCCL's, saved for the parent."""
+    from nanovllm.utils.parallel import create_all_reduce
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", world_size=2, rank=rank, device_id=device)
+    gen = torch.Generator(device=device).manual_seed(100 + rank)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+
+    results = {}
+    try:
+        # 512 x 256 elements: bf16 messages of up to 128 KiB take the one-shot kernel, larger ones the two-shot
+        reducers = {dtype: create_all_reduce(2, device, dtype, max_tokens=512, hidden_size=256, custom=True)
+                    for dtype in (torch.bfloat16, torch.float32, torch.float16)}
+        results["types"] = {str(k): type(v).__name__ for k, v in reducers.items()}
+        results["nccl type"] = type(create_all_reduce(2, device, torch.bfloat16, 64, 256, custom=False)).__name__
+        for dtype, ar in reducers.items():
+            cases = {"one row": randn(1, 256, dtype=dtype), "7 rows": randn(7, 256, dtype=dtype),
+                     "256 rows": randn(256, 256, dtype=dtype), "300 rows": randn(300, 256, dtype=dtype),
+                     "capacity": randn(512, 256, dtype=dtype), "past capacity": randn(513, 256, dtype=dtype),
+                     "unaligned view": randn(8 * 256 + 1, dtype=dtype)[1:].view(8, 256),
+                     "unaligned 400 rows": randn(400 * 256 + 1, dtype=dtype)[1:].view(400, 256)}
+            for name, x in cases.items():
+                want = x.clone()
+                dist.all_reduce(want)
+                got = ar(x)
+                results[f"{dtype} {name}"] = (torch.equal(got, want), got.shape == want.shape, got.dtype == dtype)
+        # captured in a CUDA graph: a one-shot and a two-shot all-reduce that depend on each other, on new inputs
+        ar = reducers[torch.bfloat16]
+        small, large = randn(16, 256), randn(384, 256)
+
+        def step():
+            return ar(ar(large) * 0.5 + ar(small).sum())
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = step()
+        replays = []
+        for _ in range(4):
+            small.copy_(randn(16, 256))
+            large.copy_(randn(384, 256))
+            graph.replay()
+            a, b = large.clone(), small.clone()
+            dist.all_reduce(a)
+            dist.all_reduce(b)
+            want = a * 0.5 + b.sum()
+            dist.all_reduce(want)
+            replays.append(torch.equal(y, want))
+        results["graph replays"] = replays
+    finally:
+        torch.cuda.synchronize()
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_symm_mem_all_reduce_equals_nccl(tmp_path):
+    """The all-reduce over symmetric memory (one-shot and two-shot kernels) gives NCCL's bits (two ranks: one
+    rounding of a + b), also on views that are not 16-byte aligned and inside a replayed CUDA graph; past its
+    buffer and for float16 it is NCCL's."""
+    if not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("the two GPUs cannot address each other's memory: the engine uses NCCL alone")
+    torch.multiprocessing.spawn(_all_reduce_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert results["types"] == {"torch.bfloat16": "SymmMemAllReduce", "torch.float32": "SymmMemAllReduce",
+                                    "torch.float16": "AllReduce"}
+        assert results["nccl type"] == "AllReduce"
+        cases = {k: v for k, v in results.items() if k.startswith("torch.")}
+        assert len(cases) == 24
+        assert all(all(checks) for checks in cases.values()), cases
+        assert results["graph replays"] == [True] * 4
+
+
+ENGINES_SCRIPT = """
+import json, sys
+from nanovllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    path, prompts, out = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    results = []
+    for disable in (False, True, False):
+        with LLM(path, tensor_parallel_size=2, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16,
+                 num_kvcache_blocks=256, disable_custom_all_reduce=disable) as llm:
+            reducer = llm.executor.runner.all_reduce
+            tokens = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+            results.append([type(reducer).__name__, reducer.describe(), tokens])
+    json.dump(results, open(out, "w"))
+"""
+
+
+def test_tp2_symm_mem_all_reduce_engines_in_one_process(qwen3_path, tmp_path):
+    """In a fresh process, a TP=2 engine with disable_custom_all_reduce=False sums its layers over symmetric memory
+    and gives the same tokens as one with every all-reduce through NCCL (the default); a later engine of that
+    process asking for it falls back to NCCL and says why (torch sets symmetric memory up once per process), with
+    the same tokens again."""
+    if not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("the two GPUs cannot address each other's memory: the engine uses NCCL alone")
+    script, prompts, out = tmp_path / "engines.py", tmp_path / "prompts.json", tmp_path / "out.json"
+    script.write_text(ENGINES_SCRIPT)
+    prompts.write_text(json.dumps(PROMPTS))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, str(script), qwen3_path, str(prompts), str(out)], env=env, check=True,
+                   timeout=600)
+    (kind1, _, tokens1), (kind2, why2, tokens2), (kind3, why3, tokens3) = json.loads(out.read_text())
+    assert (kind1, kind2, kind3) == ("SymmMemAllReduce", "AllReduce", "AllReduce")
+    assert "disable_custom_all_reduce=True" in why2 and "earlier engine in this process" in why3
+    assert tokens1 == tokens2 == tokens3
+

@@ -80,9 +80,12 @@ class LLMEngine:
         except BaseException:
             self.exit()
             raise
-        split = ", ".join(f"{name} {t:.1f} s" for name, t in self.executor.runner.start_up_seconds.items())
+        runner = self.executor.runner
+        split = ", ".join(f"{name} {t:.1f} s" for name, t in runner.start_up_seconds.items())
+        tp = f"; tensor parallel {config.tensor_parallel_size}, {runner.all_reduce.describe()}" \
+            if runner.all_reduce else ""
         print(f"nanovllm: LLM() ready in {perf_counter() - start:.1f} s ({split}; {config.num_kvcache_blocks} KV "
-              f"blocks of {config.kvcache_block_size} tokens)", file=sys.stderr)
+              f"blocks of {config.kvcache_block_size} tokens{tp})", file=sys.stderr)
         self._seq_ids = count()
         self._rng = random.Random(config.seed)  # seeds for requests that bring none
         self._one_call = OneCallAtATime()

@@ -24,7 +24,7 @@ from nanovllm.utils.context import Context, forward_context
 from nanovllm.utils.loader import init_dummy_weights, load_model
 from nanovllm.utils.math import cdiv
 from nanovllm.utils.packing import packed_starts
-from nanovllm.utils.parallel import tensor_parallel
+from nanovllm.utils.parallel import create_all_reduce, tensor_parallel
 
 WARMUP = SamplingParams(temperature=0.0, max_tokens=1)
 
@@ -59,7 +59,11 @@ class ModelRunner:
         self.attn_backend = create_backend(config.attention_backend, device, config.kv_cache_dtype)
         self.attn_backend.check_config(self.block_size, head_dim_of(config.hf_config), config.torch_dtype,
                                        config.kv_cache_dtype)
-        with default_dtype_and_device(config.torch_dtype, device), tensor_parallel(rank, self.world_size):
+        self.all_reduce = create_all_reduce(self.world_size, device, config.torch_dtype,
+                                            config.max_num_batched_tokens, config.hf_config.hidden_size,
+                                            custom=not config.disable_custom_all_reduce)
+        with (default_dtype_and_device(config.torch_dtype, device),
+              tensor_parallel(rank, self.world_size, self.all_reduce)):
             self.model = Qwen3ForCausalLM(config.hf_config, config.torch_dtype)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed + rank)
@@ -96,7 +100,7 @@ class ModelRunner:
             self.graphs.release()
         for layer in getattr(self, "layers", ()):
             layer.set_cache(None, None)
-        self.graphs = self.model = self.kv_cache = self.last_sampled = self.layers = None
+        self.graphs = self.model = self.kv_cache = self.last_sampled = self.layers = self.all_reduce = None
         if self.on_cuda and wait:
             torch.cuda.synchronize(self.device)
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from nanovllm.layers.cpu_packed import PackedWeight
 from nanovllm.layers.linear import divide
-from nanovllm.utils.parallel import all_reduce, tp_rank, tp_size
+from nanovllm.utils.parallel import tp_all_reduce, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -15,6 +15,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp_rank = tp_rank()
         self.tp_size = tp_size()
+        self.all_reduce = tp_all_reduce()
         self.num_embeddings = num_embeddings
         self.num_embeddings_per_partition = divide(num_embeddings, self.tp_size)
         self.vocab_start_idx = self.num_embeddings_per_partition * self.tp_rank
@@ -33,7 +34,7 @@ class VocabParallelEmbedding(nn.Module):
         mask = (x >= self.vocab_start_idx) & (x < self.vocab_end_idx)
         y = F.embedding(mask * (x - self.vocab_start_idx), self.weight)
         y = mask.unsqueeze(1) * y
-        return all_reduce(y, self.tp_size)
+        return self.all_reduce(y)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.cpu_packed import PackedWeight
-from nanovllm.utils.parallel import all_reduce, tp_rank, tp_size
+from nanovllm.utils.parallel import tp_all_reduce, tp_rank, tp_size
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -97,8 +97,9 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__(divide(input_size, tp_size()), output_size, bias, 1)
+        self.all_reduce = tp_all_reduce()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the bias is added once, on rank 0, so the all-reduce sums it exactly once
         y = self.packed.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        return all_reduce(y, self.tp_size)
+        return self.all_reduce(y) if self.all_reduce is not None else y

@@ -124,3 +124,27 @@ def test_llm_is_a_context_manager(qwen3_path):
     assert [w.exitcode for w in workers] == [0]
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate([[1, 2]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_reading_a_step_back_stops_waiting_when_a_peer_is_gone():
+    """Rank 0 polls its step's event under TP and raises the watch's reason instead of waiting forever."""
+    from nanovllm.engine.readback import wait_watching
+
+    class NeverDone:  # a step whose collectives wait for a rank that died
+        def query(self):
+            return False
+
+    class Done:
+        def query(self):
+            return True
+
+    polls = []
+
+    def watch():
+        polls.append(1)
+        return "tensor-parallel worker rank 1 exited (exit code -9)" if len(polls) == 3 else None
+
+    with pytest.raises(RuntimeError, match=r"^tensor-parallel worker rank 1 exited \(exit code -9\)$"):
+        wait_watching(NeverDone(), watch)
+    assert len(polls) == 3
+    wait_watching(Done(), lambda: pytest.fail("a finished step needs no peer check"))

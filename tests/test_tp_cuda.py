@@ -199,3 +199,54 @@ def test_tp2_symm_mem_all_reduce_engines_in_one_process(qwen3_path, tmp_path):
     assert "disable_custom_all_reduce=True" in why2 and "earlier engine in this process" in why3
     assert tokens1 == tokens2 == tokens3
 
+
+KILL_SCRIPT = """
+import json, os, signal, sys, time
+from nanovllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    path, prompts, out = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+    llm = LLM(path, tensor_parallel_size=2, dtype="bfloat16", attention_backend="triton", kvcache_block_size=16,
+              num_kvcache_blocks=256, async_scheduling=False, disable_custom_all_reduce=False)
+    kind = type(llm.executor.runner.all_reduce).__name__
+    worker, runner, calls, killed = llm.executor.worker_processes[0], llm.executor.runner, [], []
+    launch = runner.launch
+
+    def launch_and_kill(step):  # the worker dies after it was sent the third step, before rank 0 runs it
+        calls.append(step)
+        if len(calls) == 3:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join()
+            killed.append(time.perf_counter())
+        return launch(step)
+
+    runner.launch = launch_and_kill
+    error = None
+    try:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)
+    except RuntimeError as e:
+        error = str(e)
+    seconds = time.perf_counter() - killed[0]
+    llm.exit()
+    json.dump(dict(kind=kind, error=error, seconds=seconds), open(out, "w"))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="seen timing out on two H200s (no output; where rank 0 then waits is not yet "
+                                       "known): why disable_custom_all_reduce defaults to True")
+def test_worker_killed_mid_step_is_reported_within_seconds(qwen3_path, tmp_path):
+    """A worker that dies while rank 0's step waits in the all-reduce over symmetric memory (whose barriers never
+    time out) is reported to the caller within seconds, exit() returns and the process ends."""
+    if not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("the two GPUs cannot address each other's memory: the engine uses NCCL alone")
+    script, prompts, out = tmp_path / "kill.py", tmp_path / "prompts.json", tmp_path / "out.json"
+    script.write_text(KILL_SCRIPT)
+    prompts.write_text(json.dumps(PROMPTS))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, str(script), qwen3_path, str(prompts), str(out)], env=env, check=True,
+                   timeout=150)
+    result = json.loads(out.read_text())
+    assert result["kind"] == "SymmMemAllReduce"
+    assert "worker rank 1 exited (exit code -9)" in result["error"]
+    assert result["seconds"] < 10

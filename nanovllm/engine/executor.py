@@ -115,6 +115,7 @@ class Executor:
             self.runner = self._build_rank_0(config)
             if self.world_size > 1:
                 self._await_workers("built")
+                self.runner.watch_peers(self.dead_worker)
         except BaseException:
             self.shutdown(abort=True)
             raise

@@ -1,5 +1,6 @@
 """One rank's model: built once (weights, KV cache, warm-up, CUDA graphs), then each step uploads its inputs,
 runs the model (eagerly or by graph replay) and samples. Process management lives in executor.py."""
+from collections.abc import Callable
 from contextlib import contextmanager
 from time import perf_counter
 
@@ -24,7 +25,7 @@ from nanovllm.utils.context import Context, forward_context
 from nanovllm.utils.loader import init_dummy_weights, load_model
 from nanovllm.utils.math import cdiv
 from nanovllm.utils.packing import packed_starts
-from nanovllm.utils.parallel import create_all_reduce, tensor_parallel
+from nanovllm.utils.parallel import SymmMemAllReduce, abandon, create_all_reduce, tensor_parallel
 
 WARMUP = SamplingParams(temperature=0.0, max_tokens=1)
 
@@ -56,6 +57,7 @@ class ModelRunner:
         self.rows_of_last_step: dict[int, int] = {}  # seq_id -> its row in last_sampled
         self.last_sampled: torch.Tensor | None = None
         self.graphs = None  # decode runs eagerly until the graphs are captured, the warm-up steps included
+        self.peers_gone: Callable[[], str | None] | None = None  # rank 0 under TP: see watch_peers
         self.attn_backend = create_backend(config.attention_backend, device, config.kv_cache_dtype)
         self.attn_backend.check_config(self.block_size, head_dim_of(config.hf_config), config.torch_dtype,
                                        config.kv_cache_dtype)
@@ -92,10 +94,20 @@ class ModelRunner:
         self.start_up_seconds = {"weights": weights - start, "warm-up and compile": warm - weights,
                                  "graph capture": perf_counter() - warm}
 
+    def watch_peers(self, peers_gone: Callable[[], str | None]):
+        """Rank 0 under TP: reading a step's tokens back checks `peers_gone` (why a peer is gone, or None) while it
+        waits, and raises instead of waiting forever for collectives a dead rank never joins."""
+        self.peers_gone = peers_gone
+
     def release(self, wait: bool = True):
         """Drop graphs, cache and weights now rather than at the next garbage collection: a later engine in this
         process sizes its KV cache from the memory that is free. wait=False: another rank may be stuck in a
         collective, so do not wait for the device."""
+        if not wait and isinstance(self.all_reduce, SymmMemAllReduce):
+            # a kernel may wait forever for a dead peer, and freeing symmetric memory (or a graph's pool) waits
+            # for the device: keep all of it until the process exits, when torch skips the free
+            abandon(self.graphs, self.model, self.kv_cache, self.all_reduce)
+            self.graphs = None
         if self.graphs is not None:
             self.graphs.release()
         for layer in getattr(self, "layers", ()):
@@ -249,7 +261,7 @@ class ModelRunner:
                 self.last_sampled = torch.empty(len(rows), dtype=torch.int64, device=self.device)
             dist.broadcast(self.last_sampled, 0)
         self.rows_of_last_step = {row.seq_id: i for i, row in enumerate(rows)}
-        return SampledTokens(output) if self.rank == 0 else None
+        return SampledTokens(output, self.peers_gone) if self.rank == 0 else None
 
     def run(self, step: ScheduledStep) -> StepResult | None:
         sampled = self.launch(step)

@@ -1,5 +1,7 @@
 """What a step sends back: its sampled ids, logprobs and prompt logprobs, copied to the host behind the sampler
 so that reading one step's results waits for that step alone."""
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +36,20 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)
 
 
+PEER_POLL_SECONDS = 1e-4
+
+
 class SampledTokens:
     """A step's sampled ids (and logprobs) on their way to the host: copies queued right behind the sampler and an
-    event, so reading waits for this step alone, not for the steps launched after it."""
+    event, so reading waits for this step alone, not for the steps launched after it.
 
-    def __init__(self, output: StepOutput):
+    watch (tensor parallelism): says why a peer rank is gone, or None. The wait then polls the event and raises
+    RuntimeError with that reason within a poll of the peer's death: the step's collectives can never finish, and
+    a blocking wait would never return."""
+
+    def __init__(self, output: StepOutput, watch: Callable[[], str | None] | None = None):
         self._output = output
+        self._watch = watch
         out = output.sampler
         self._ids = _host_copy(out.token_ids)
         self._logprobs = None if out.logprobs is None else [_host_copy(t) for t in _fields(out.logprobs)]
@@ -52,7 +62,10 @@ class SampledTokens:
 
     def tolist(self) -> list[int]:
         if self._ready is not None:
-            self._ready.synchronize()
+            if self._watch is None:
+                self._ready.synchronize()
+            else:
+                wait_watching(self._ready, self._watch)
         return self._ids.tolist()
 
     def result(self) -> StepResult:
@@ -74,6 +87,15 @@ class SampledTokens:
                         entries.append(_entry(p.targets[j - p.offset], chosen[j], top_ids[j][:n], top_lps[j][:n]))
                 prompt[i] = entries
         return StepResult(ids, logprobs, prompt)
+
+
+def wait_watching(event: torch.cuda.Event, watch: Callable[[], str | None]):
+    """Wait for `event`, checking between polls that no peer is gone."""
+    while not event.query():
+        why = watch()
+        if why is not None:
+            raise RuntimeError(why)
+        time.sleep(PEER_POLL_SECONDS)
 
 
 def _fields(lp: TokenLogprobs) -> list[torch.Tensor]:

@@ -92,6 +92,17 @@ class SymmMemAllReduce(AllReduce):
 _SYMM_MEM_GROUP: list = []
 
 
+# what an aborted engine's rank left behind on the device (see abandon)
+_ABANDONED: list = []
+
+
+def abandon(*objects):
+    """Keep `objects` alive until the process exits. A kernel of torch's symmetric-memory all-reduce whose peer
+    died waits for it forever (its barriers have no timeout), and freeing symmetric memory first waits for the
+    device: an aborted engine's graphs, weights, cache and buffers stay allocated instead of hanging the caller."""
+    _ABANDONED.append(objects)
+
+
 def create_all_reduce(world_size: int, device: torch.device, dtype: torch.dtype, max_tokens: int, hidden_size: int,
                       custom: bool) -> AllReduce | None:
     """The group's all-reduce: over symmetric memory where asked for and every rank can use it, else

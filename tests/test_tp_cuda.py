@@ -162,6 +162,19 @@ def test_symm_mem_all_reduce_equals_nccl(tmp_path):
         assert results["graph replays"] == [True] * 4
 
 
+def run_in_fresh_process(script_text: str, model_path: str, tmp_path, timeout: float):
+    """Run a script as `python script model prompts.json out.json` in a new process (torch's symmetric memory can
+    be set up once per process) and return what it wrote to out.json."""
+    script, prompts, out = tmp_path / "script.py", tmp_path / "prompts.json", tmp_path / "out.json"
+    script.write_text(script_text)
+    prompts.write_text(json.dumps(PROMPTS))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, str(script), model_path, str(prompts), str(out)], env=env, check=True,
+                   timeout=timeout)
+    return json.loads(out.read_text())
+
+
 ENGINES_SCRIPT = """
 import json, sys
 from nanovllm import LLM, SamplingParams
@@ -187,14 +200,8 @@ def test_tp2_symm_mem_all_reduce_engines_in_one_process(qwen3_path, tmp_path):
     the same tokens again."""
     if not torch.cuda.can_device_access_peer(0, 1):
         pytest.skip("the two GPUs cannot address each other's memory: the engine uses NCCL alone")
-    script, prompts, out = tmp_path / "engines.py", tmp_path / "prompts.json", tmp_path / "out.json"
-    script.write_text(ENGINES_SCRIPT)
-    prompts.write_text(json.dumps(PROMPTS))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    subprocess.run([sys.executable, str(script), qwen3_path, str(prompts), str(out)], env=env, check=True,
-                   timeout=600)
-    (kind1, _, tokens1), (kind2, why2, tokens2), (kind3, why3, tokens3) = json.loads(out.read_text())
+    (kind1, _, tokens1), (kind2, why2, tokens2), (kind3, why3, tokens3) = run_in_fresh_process(
+        ENGINES_SCRIPT, qwen3_path, tmp_path, timeout=600)
     assert (kind1, kind2, kind3) == ("SymmMemAllReduce", "AllReduce", "AllReduce")
     assert "disable_custom_all_reduce=True" in why2 and "earlier engine in this process" in why3
     assert tokens1 == tokens2 == tokens3
@@ -239,14 +246,7 @@ def test_worker_killed_mid_step_is_reported_within_seconds(qwen3_path, tmp_path)
     time out) is reported to the caller within seconds, exit() returns and the process ends."""
     if not torch.cuda.can_device_access_peer(0, 1):
         pytest.skip("the two GPUs cannot address each other's memory: the engine uses NCCL alone")
-    script, prompts, out = tmp_path / "kill.py", tmp_path / "prompts.json", tmp_path / "out.json"
-    script.write_text(KILL_SCRIPT)
-    prompts.write_text(json.dumps(PROMPTS))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    subprocess.run([sys.executable, str(script), qwen3_path, str(prompts), str(out)], env=env, check=True,
-                   timeout=150)
-    result = json.loads(out.read_text())
+    result = run_in_fresh_process(KILL_SCRIPT, qwen3_path, tmp_path, timeout=150)
     assert result["kind"] == "SymmMemAllReduce"
     assert "worker rank 1 exited (exit code -9)" in result["error"]
     assert result["seconds"] < 10

@@ -21,7 +21,7 @@ import torch.distributed as dist
 # 16 MiB (a decode step's messages), NCCL past that (prefill chunks).
 ONE_SHOT_MAX_BYTES = 128 << 10
 SYMM_MEM_MAX_BYTES = 16 << 20
-ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # what torch's symmetric-memory kernels are built for
+SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)  # what torch's symmetric-memory kernels are built for
 
 
 class AllReduce:
@@ -82,8 +82,10 @@ class SymmMemAllReduce(AllReduce):
 
     def describe(self) -> str:
         size = self.buffer.element_size()
-        return (f"all-reduce over symmetric memory (one-shot up to {self.one_shot_max * size >> 10} KiB, two-shot up "
-                f"to {self.capacity * size >> 10} KiB), {dist.get_backend()} above")
+        kernels = f"one-shot up to {min(self.one_shot_max, self.capacity) * size >> 10} KiB"
+        if self.capacity > self.one_shot_max:
+            kernels += f", two-shot up to {self.capacity * size >> 10} KiB"
+        return f"all-reduce over symmetric memory ({kernels}), {dist.get_backend()} above"
 
 
 # torch numbers the store keys of a symmetric-memory rendezvous with a per-process counter, so a process can only
@@ -105,9 +107,8 @@ def abandon(*objects):
 
 def create_all_reduce(world_size: int, device: torch.device, dtype: torch.dtype, max_tokens: int, hidden_size: int,
                       custom: bool) -> AllReduce | None:
-    """The group's all-reduce: over symmetric memory where asked for and every rank can use it, else
-    torch.distributed.
-    Collective: every rank of the group calls it at the same point of its start-up."""
+    """The group's all-reduce: over symmetric memory where asked for and every rank can use it, else through
+    torch.distributed. Collective: every rank of the group calls it at the same point of its start-up."""
     if world_size == 1:
         return None
     if device.type != "cuda":
@@ -122,7 +123,7 @@ def create_all_reduce(world_size: int, device: torch.device, dtype: torch.dtype,
 def _why_not_custom(device: torch.device, dtype: torch.dtype, world_size: int, custom: bool) -> str:
     if not custom:
         return "disable_custom_all_reduce=True"
-    if dtype not in ONE_SHOT_DTYPES:
+    if dtype not in SYMM_MEM_DTYPES:
         return f"torch's kernel has no {dtype}"
     if _SYMM_MEM_GROUP and _SYMM_MEM_GROUP[0] is not dist.group.WORLD:
         return "an earlier engine in this process set up symmetric memory, which torch can do once per process"

@@ -36,7 +36,7 @@ def prefill(bm: BlockManager, seq: Sequence, num_tokens: int | None = None):
 
 
 def refs(bm: BlockManager) -> list[int]:
-    return [b.ref_count for b in bm.blocks]
+    return bm.ref_counts()
 
 
 def fresh(num_blocks: int) -> list[int]:

@@ -57,7 +57,7 @@ def num_cached_after_allocate(bm: BlockManager, token_ids: list[int]) -> int:
 
 
 def refs(sched: Scheduler) -> list[int]:
-    return [b.ref_count for b in sched.block_manager.blocks]
+    return sched.block_manager.ref_counts()
 
 
 # ---- prefill admission ---------------------------------------------------------------------------------

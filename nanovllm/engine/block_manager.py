@@ -52,21 +52,33 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks are handed out never-used first, in id order, then freed ones in the order they were freed. A
+        # never-used block gets its Block when first handed out: a small model on a large GPU has millions of
+        # blocks (16M took 14 s to make up front), most never used.
+        self._num_blocks = num_blocks
+        self.blocks: list[Block] = []  # blocks[i] exists once block i has been handed out
+        self.free_block_ids: deque[int] = deque()  # freed blocks, oldest first
         self.hash_to_block_id: dict[int, int] = {}
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.used_block_ids: set[int] = set()
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return self._num_blocks
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return self._num_blocks - len(self.blocks) + len(self.free_block_ids)
+
+    def ref_counts(self) -> list[int]:
+        """Each block's reference count, by block id."""
+        return [b.ref_count for b in self.blocks] + [0] * (self._num_blocks - len(self.blocks))
 
     def _take_free_block(self) -> int:
-        block_id = self.free_block_ids.popleft()
+        if len(self.blocks) < self._num_blocks:
+            block_id = len(self.blocks)
+            self.blocks.append(Block(block_id))
+        else:
+            block_id = self.free_block_ids.popleft()
         block = self.blocks[block_id]
         assert block.ref_count == 0
         if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:

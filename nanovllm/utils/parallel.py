@@ -113,16 +113,16 @@ def create_all_reduce(world_size: int, device: torch.device, dtype: torch.dtype,
         return None
     if device.type != "cuda":
         return AllReduce()
-    why = _why_not_custom(device, dtype, world_size, custom)
+    if not custom:  # the same config on every rank: nothing to agree on
+        return AllReduce("disable_custom_all_reduce=True")
+    why = _why_not_custom(device, dtype, world_size)
     if not _every_rank(not why, device):
         return AllReduce(why or "another rank cannot use it")
     capacity = min(max_tokens * hidden_size, SYMM_MEM_MAX_BYTES // dtype.itemsize)
     return SymmMemAllReduce(capacity, dtype, device)
 
 
-def _why_not_custom(device: torch.device, dtype: torch.dtype, world_size: int, custom: bool) -> str:
-    if not custom:
-        return "disable_custom_all_reduce=True"
+def _why_not_custom(device: torch.device, dtype: torch.dtype, world_size: int) -> str:
     if dtype not in SYMM_MEM_DTYPES:
         return f"torch's kernel has no {dtype}"
     if _SYMM_MEM_GROUP and _SYMM_MEM_GROUP[0] is not dist.group.WORLD:

@@ -1,0 +1,154 @@
+"""The triton backend's paged decode attention kernel alone, at bench.py's decode shapes, against the GPU's read
+bandwidth.
+
+    python benchmarks/decode_attention.py                          # Qwen3-0.6B heads, bf16 and fp8 caches
+    python benchmarks/decode_attention.py --heads 32 --kv-heads 8  # Qwen3-8B heads
+
+bench.py's workload (seed 0: 256 sequences, prompts and outputs of 100-1024 tokens) decodes, at step s, every
+sequence whose output is longer than s, each with its prompt and s + 1 tokens in the cache. For each step given
+this times one decode_attention call (one layer) over that batch, with the sequences' pages shuffled over a cache
+as large as the bench's, and reports the bytes of K and V the call must read divided by its time, next to
+torch.sum over 2 GiB (a plain read of HBM). Tile configurations next to the kernel's own are timed in the same run,
+each against it.
+"""
+import argparse
+import random
+
+import torch
+
+from nanovllm.kernels.attention import TileConfig, decode_attention, decode_config
+from nanovllm.layers.kv_quant import FP8_DTYPE
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=256)
+    p.add_argument("--num-pages", type=int, default=4485, help="cache pages (the 0.6B bench's bf16 cache: 4485)")
+    p.add_argument("--steps", type=int, nargs="+", default=[50, 300, 550, 800])
+    p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto", "fp8_e4m3"], choices=["auto", "fp8_e4m3"])
+    p.add_argument("--iters", type=int, default=50)
+    return p.parse_args()
+
+
+def bench_batches(steps: list[int]) -> list[list[int]]:
+    """Context lengths of the sequences decoding at each step of bench.py's default workload (its random draws,
+    in its order: each prompt's length, then its tokens; then every output length)."""
+    rng = random.Random(0)
+    prompt_lens = []
+    for _ in range(256):
+        n = rng.randint(100, 1024)
+        for _ in range(n):
+            rng.randint(0, 10000)
+        prompt_lens.append(n)
+    output_lens = [rng.randint(100, 1024) for _ in range(256)]
+    return [[p + s + 1 for p, o in zip(prompt_lens, output_lens) if o > s] for s in steps]
+
+
+def make_case(lens: list[int], args, dtype: torch.dtype, fp8: bool, gen: torch.Generator):
+    page = args.page_size
+    pages_needed = [-(-n // page) for n in lens]
+    width = max(pages_needed)
+    perm = torch.randperm(args.num_pages, generator=gen)
+    assert sum(pages_needed) <= args.num_pages, "cache too small for this batch"
+    tables = torch.full((len(lens), width), -1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(pages_needed):
+        tables[i, :n] = perm[used:used + n].int()
+        used += n
+    shape = (args.num_pages, page, args.kv_heads, args.head_dim)
+    k_cache = torch.randn(shape, dtype=dtype, device="cuda")
+    v_cache = torch.randn(shape, dtype=dtype, device="cuda")
+    scales = None
+    if fp8:
+        k_cache, v_cache = k_cache.to(FP8_DTYPE), v_cache.to(FP8_DTYPE)
+        scales = (torch.full((args.kv_heads,), 0.05, device="cuda"), torch.full((args.kv_heads,), 0.05, device="cuda"))
+    q = torch.randn(len(lens), args.heads, args.head_dim, dtype=dtype, device="cuda")
+    return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device="cuda"), tables.cuda(), scales
+
+
+def time_call(fn, iters: int) -> float:
+    """Seconds per call: the best of three rounds of iters back-to-back calls."""
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    return best
+
+
+def read_bandwidth() -> float:
+    x = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda").fill_(1)
+    seconds = time_call(lambda: x.sum(), 20)
+    del x
+    return 2 ** 31 / seconds
+
+
+def variants(cfg: TileConfig) -> dict[str, TileConfig]:
+    """The kernel's own tile configuration first, then neighbours of it."""
+    return {
+        "default": cfg,
+        "3 stages": TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 3),
+        "half the keys, 3 stages": TileConfig(cfg.block_m, cfg.block_n // 2, cfg.num_warps, 3),
+        "8 warps": TileConfig(cfg.block_m, cfg.block_n, 8, cfg.num_stages),
+    }
+
+
+def main():
+    args = parse_args()
+    dtype = torch.bfloat16
+    bandwidth = read_bandwidth()
+    print(f"torch.sum over 2 GiB: {bandwidth / 1e9:,.0f} GB/s")
+    batches = bench_batches(args.steps)
+    gen = torch.Generator().manual_seed(0)
+    scale = args.head_dim ** -0.5
+    for kv_dtype in args.kv_cache_dtypes:
+        fp8 = kv_dtype == "fp8_e4m3"
+        cfg = decode_config(args.head_dim, args.heads // args.kv_heads, dtype)
+        totals: dict[str, float] = {}
+        failed: set[str] = set()
+        total_bytes = 0
+        for step, lens in zip(args.steps, batches):
+            q, k_cache, v_cache, context_lens, tables, scales = make_case(lens, args, dtype, fp8, gen)
+            kv_bytes = 2 * sum(lens) * args.kv_heads * args.head_dim * k_cache.element_size()
+            total_bytes += kv_bytes
+            ks, vs = scales if fp8 else (None, None)
+            reference = None
+            line = [f"{kv_dtype} step {step:4d} batch {len(lens):3d} ({kv_bytes / 1e9:.2f} GB):"]
+            for name, config in variants(cfg).items():
+                def call():
+                    return decode_attention(q, k_cache, v_cache, context_lens, tables, scale, config, None, ks, vs)
+                try:
+                    out = call()
+                except Exception as e:  # e.g. a tile too large for shared memory
+                    line.append(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    failed.add(name)
+                    continue
+                if reference is None:
+                    reference = out
+                diff = (out.float() - reference.float()).abs().max().item()
+                seconds = time_call(call, args.iters)
+                totals[name] = totals.get(name, 0.0) + seconds
+                line.append(f"  {name}: {seconds * 1e6:.0f} us {kv_bytes / seconds / 1e9:,.0f} GB/s "
+                            f"(max diff {diff:.1e})")
+            print("\n".join(line))
+            del q, k_cache, v_cache
+        base = next(iter(totals.values()))
+        for name, seconds in totals.items():
+            if name in failed:
+                continue
+            gbs = total_bytes / seconds
+            print(f"{kv_dtype} all steps, {name}: {seconds * 1e6:.0f} us, {gbs / 1e9:,.0f} GB/s, "
+                  f"{gbs / bandwidth:.1%} of torch.sum's read, {base / seconds:.3f}x the first")
+
+
+if __name__ == "__main__":
+    main()

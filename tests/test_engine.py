@@ -49,6 +49,29 @@ def test_greedy_matches_transformers(kind, options, request, hf_reference):
         run_and_compare(llm, path, random_prompts([1, 7, 16, 33, 64, 200, 700]), hf_reference)
 
 
+# shapes other than the shared tiny models': MQA, MHA, head_dim not hidden / heads (and not a power of two),
+# attention biases (Qwen3's attention_bias puts one on o_proj too), tied embeddings, another rope_theta
+OTHER_SHAPES = {
+    "mqa": ("qwen3", dict(num_key_value_heads=1)),
+    "mha": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "head_dim_24": ("qwen3", dict(num_attention_heads=3, num_key_value_heads=1, head_dim=24, hidden_size=40,
+                                  intermediate_size=72)),
+    "qwen3_attention_bias": ("qwen3", dict(attention_bias=True)),
+    "qwen3_tied_rope_1e6": ("qwen3", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen2_untied_8_heads": ("qwen2", dict(num_attention_heads=8, num_key_value_heads=2)),
+}
+
+
+@pytest.mark.parametrize("shape", list(OTHER_SHAPES))
+def test_other_model_shapes_match_transformers(shape, tmp_path, hf_reference):
+    from conftest import make_model
+    kind, overrides = OTHER_SHAPES[shape]
+    path = make_model(tmp_path / shape, kind, seed=3, **overrides)
+    # chunked prefill and 16-token blocks, so the paged prefill path runs too
+    with LLM(path, kvcache_block_size=16, max_num_batched_tokens=64, max_model_len=512) as llm:
+        run_and_compare(llm, path, random_prompts([1, 9, 40, 90], seed=4), hf_reference)
+
+
 def test_prefix_caching_is_token_exact(qwen3_path, hf_reference):
     shared = random_prompts([48], seed=1)[0]  # three full blocks of 16
     prompts = [shared + tail for tail in random_prompts([5, 9, 20], seed=2)] + [shared[:32], shared[:32] + [7]]

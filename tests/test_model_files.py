@@ -151,3 +151,17 @@ def test_file_damaged_after_the_check_is_still_named(tmp_path, qwen3_path, how):
     damage(file, how)
     with pytest.raises(ValueError, match=f"weight file '{re.escape(file)}' is damaged or incomplete"):
         load_model(torch.nn.Linear(1, 1), folder)
+
+
+def test_a_weight_the_config_does_not_declare_is_refused(tmp_path):
+    """A Qwen3 checkpoint with attention biases whose config says attention_bias=false: loading it without them
+    would run another model; the error names the weight."""
+    import json
+
+    from conftest import make_model
+    path = make_model(tmp_path / "biased", "qwen3", attention_bias=True)
+    config = json.loads((tmp_path / "biased" / "config.json").read_text())
+    config["attention_bias"] = False
+    (tmp_path / "biased" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"_proj\.bias.*attention_bias"):
+        LLM(path)

@@ -39,10 +39,12 @@ class Qwen3Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         qwen2 = config.model_type == "qwen2"
-        bias = qwen2 or getattr(config, "attention_bias", False)
+        # Qwen2: q, k, v biases, none on o; Qwen3: attention_bias puts one on all four (as transformers builds them)
+        attention_bias = getattr(config, "attention_bias", False)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.total_num_heads,
-                                          self.total_num_kv_heads, bias=bias)
-        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size, bias=False)
+                                          self.total_num_kv_heads, bias=qwen2 or attention_bias)
+        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size,
+                                        bias=not qwen2 and attention_bias)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta(config), dtype)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
         self.qk_norm = not qwen2

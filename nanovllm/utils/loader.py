@@ -89,21 +89,27 @@ def load_model(model: nn.Module, path: str):
     """Load every *.safetensors in `path`; fused parameters take their shards through their weight_loader."""
     packed = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
     loaded: set[str] = set()
     for file in weight_files(path):
         try:
-            _load_file(file, packed, params, loaded)
+            _load_file(file, packed, params, modules, loaded)
         except SafetensorError as e:  # e.g. a file that changed on disk since Config checked it
             raise _damaged(file, str(e)) from e
     _check_complete(model, params, loaded, path)
 
 
-def _load_file(file: str, packed: dict, params: dict, loaded: set[str]):
+def _load_file(file: str, packed: dict, params: dict, modules: dict, loaded: set[str]):
     with safe_open(file, "pt", "cpu") as f:
         for name in f.keys():
             target, shard_id = _target_of(name, packed)
             param = params.get(target)
             if param is None:
+                module, _, leaf = target.rpartition(".")
+                if leaf in ("weight", "bias") and module in modules:
+                    # a weight or bias of a layer the model has, built without it: the config says otherwise
+                    raise ValueError(f"checkpoint weight {name!r} has no place in the model built from its config "
+                                     f"(a bias the config does not declare, e.g. attention_bias?)")
                 continue  # e.g. rotary inv_freq buffers some checkpoints carry
             loader = getattr(param, "weight_loader", default_weight_loader)
             weight = f.get_tensor(name)

@@ -216,6 +216,30 @@ def test_a_seeded_row_draws_the_same_alone_or_in_any_batch(kwargs):
     assert len(set(alone)) > 1  # and the draws are draws
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_draws_a_few_rows_at_a_time_as_in_one_call(monkeypatch, dtype):
+    """Full-vocabulary work runs CPU_ROW_CHUNK rows at a time on the CPU (cache-sized temporaries): the same
+    tokens as one call over the whole batch, for every filter, penalties and greedy rows mixed."""
+    from nanovllm.layers import sampler
+    vocab, rows = 30_000, 11  # 330k logits: past CPU_CHUNK_MIN_ELEMENTS, and an odd last chunk
+    assert rows * vocab >= sampler.CPU_CHUNK_MIN_ELEMENTS and rows % sampler.CPU_ROW_CHUNK
+    logits = random_logits(rows, vocab, seed=8).to(dtype)
+    counts = token_counts([[1, 2, 2, 7]] * rows, vocab, CPU)
+    mask = prompt_token_mask([[5, 6, 7]] * rows, vocab, CPU)
+    cases = [[SamplingParams(**kw)] * rows for kw in FILTERS if kw.get("top_k") is None]
+    cases.append([SamplingParams(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.2)] * rows)
+    cases.append([SamplingParams(**FILTERS[i % len(FILTERS)]) if i % 3 else SamplingParams(temperature=0)
+                  for i in range(rows)])
+    for params in cases:
+        t = tensors_for(params, seeds=[3 * i for i in range(rows)], positions=list(range(rows)),
+                        output_counts=counts, prompt_mask=mask)
+        chunked = sample(logits, t).token_ids
+        with monkeypatch.context() as m:
+            m.setattr(sampler, "CPU_ROW_CHUNK", rows)
+            whole = sample(logits, t).token_ids
+        assert torch.equal(chunked, whole), params[1]
+
+
 def test_other_seeds_and_positions_draw_otherwise():
     logits = torch.zeros(1000)  # uniform: 20 draws collide rarely (about 0.19 expected pairs)
     sp = SamplingParams(temperature=1.0)

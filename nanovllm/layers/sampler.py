@@ -33,6 +33,11 @@ _MASK64 = 2**64 - 1
 _MUL1, _MUL2 = 0x4BDC9AA5, 0x2729B469
 _STEP = 0x61C88647  # odd Weyl step between consecutive token ids, also below 2**31
 _POSITION_SALT = 0x2545F491  # keeps (seed 0, position 0) off the hash's fixed point 0
+# On the CPU the full-vocabulary work runs this many rows at a time: a whole batch's temporaries (int64 hashes of
+# 152k ids per row, float32 scores) are fresh, page-faulted mappings of tens of MB per op, a few rows' stay in
+# cache (a temperature draw over 32 rows of 152k: 180 -> 25 ms). Every op is row-wise: the same bits.
+CPU_ROW_CHUNK = 2
+CPU_CHUNK_MIN_ELEMENTS = 1 << 18  # smaller work (e.g. top-k candidates) in one call
 
 
 @dataclass(slots=True)
@@ -95,9 +100,8 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
                 values, ids = logits.topk(min(t.max_top_k, logits.size(1)), -1)
             else:
                 values, ids = logits.sort(-1, descending=True)
-            scaled, probs = _scale_and_top_k(values, t.temperatures, t.top_k)
-            tokens = _draw_filtered(scaled, _tail_mass(probs), ids, t.temperatures, t.noise_keys, t.top_k,
-                                    t.top_p_complement, t.min_p, tokens)
+            tokens = _in_cpu_row_chunks(_draw_sorted, values, ids, t.temperatures, t.noise_keys, t.top_k,
+                                        t.top_p_complement, t.min_p, tokens)
     logprobs = None
     if t.max_num_logprobs is not None:
         logprobs = compute_logprobs(raw, tokens, t.max_num_logprobs)
@@ -157,11 +161,25 @@ def _warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
 
 # ---- the device functions (Triton kernels on CUDA) ----------------------------------------------------------------
 
+def _in_cpu_row_chunks(fn, *rows: torch.Tensor) -> torch.Tensor:
+    """fn(*rows) for a row-wise fn ([B, ...] tensors in, one [B, ...] tensor out), CPU_ROW_CHUNK rows at a time on
+    the CPU (see CPU_ROW_CHUNK), in one call elsewhere."""
+    num_rows = rows[0].size(0)
+    if rows[0].device.type != "cpu" or num_rows <= CPU_ROW_CHUNK or rows[0].numel() < CPU_CHUNK_MIN_ELEMENTS:
+        return fn(*rows)
+    return torch.cat([fn(*(r[i:i + CPU_ROW_CHUNK] for r in rows)) for i in range(0, num_rows, CPU_ROW_CHUNK)])
+
+
 @triton_on_cuda("sampling", "apply_penalties")
 def _apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
                      repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """vLLM's penalties: repetition on tokens of the prompt or the output (divide positive logits, multiply
     negative ones), then frequency (times the output count) and presence (once if in the output)."""
+    return _in_cpu_row_chunks(_penalize_rows, logits, output_counts, prompt_mask, repetition, presence, frequency)
+
+
+def _penalize_rows(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
+                   repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     generated = output_counts > 0
     rep = torch.where(prompt_mask | generated, repetition.unsqueeze(1), 1.0)
@@ -175,6 +193,10 @@ def _race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Te
 
     The Gumbel-max trick: argmax_i(logits_i / T + G_i) with G_i i.i.d. Gumbel picks i with probability
     softmax(logits / T)_i; no softmax, no cumulative sum, and the kernel makes both argmaxes one pass."""
+    return _in_cpu_row_chunks(_race_rows, logits, temperatures, noise_keys)
+
+
+def _race_rows(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     t = temperatures.unsqueeze(1)
     vocab = torch.arange(logits.size(1), device=logits.device)
@@ -217,6 +239,15 @@ def _top_p_and_min_p(scaled: torch.Tensor, tail_mass: torch.Tensor, top_p_comple
     scaled = scaled.masked_fill((tail_mass <= top_p_complement.unsqueeze(1)) & (ranks > 0), float("-inf"))
     probs = scaled.softmax(-1)
     return scaled.masked_fill(probs < min_p.unsqueeze(1) * probs[:, :1], float("-inf"))
+
+
+def _draw_sorted(values: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor,
+                 top_k: torch.Tensor, top_p_complement: torch.Tensor, min_p: torch.Tensor,
+                 other: torch.Tensor) -> torch.Tensor:
+    """The filtered rows' draws from their candidates sorted most likely first (values, ids [B, C])."""
+    scaled, probs = _scale_and_top_k(values, temperatures, top_k)
+    return _draw_filtered(scaled, _tail_mass(probs), ids, temperatures, noise_keys, top_k, top_p_complement, min_p,
+                          other)
 
 
 def _draw_filtered(scaled: torch.Tensor, tail_mass: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor,

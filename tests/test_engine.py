@@ -72,6 +72,16 @@ def test_other_model_shapes_match_transformers(shape, tmp_path, hf_reference):
         run_and_compare(llm, path, random_prompts([1, 9, 40, 90], seed=4), hf_reference)
 
 
+def test_attention_biases_under_tensor_parallelism_on_cpu(tmp_path, hf_reference):
+    """q/k/v biases split with their heads, o_proj's bias added on rank 0 only, before the all-reduce."""
+    from conftest import make_model
+    kind, overrides = OTHER_SHAPES["qwen3_attention_bias"]
+    path = make_model(tmp_path / "biased", kind, seed=3, **overrides)
+    with LLM(path, tensor_parallel_size=2, kvcache_block_size=16) as llm:
+        run_and_compare(llm, path, random_prompts([3, 40, 90], seed=4), hf_reference)
+    assert multiprocessing.active_children() == []
+
+
 def test_prefix_caching_is_token_exact(qwen3_path, hf_reference):
     shared = random_prompts([48], seed=1)[0]  # three full blocks of 16
     prompts = [shared + tail for tail in random_prompts([5, 9, 20], seed=2)] + [shared[:32], shared[:32] + [7]]

@@ -24,6 +24,19 @@ def tiny_config(kind: str, **overrides):
     return Qwen2Config(**common), Qwen2ForCausalLM
 
 
+# shapes other than the shared tiny models': MQA, MHA, head_dim not hidden / heads (24, not a power of two; 8),
+# attention biases (Qwen3's attention_bias puts one on o_proj too), tied embeddings, another rope_theta
+OTHER_SHAPES = {
+    "mqa": ("qwen3", dict(num_key_value_heads=1)),
+    "mha": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "head_dim_24": ("qwen3", dict(num_attention_heads=3, num_key_value_heads=1, head_dim=24, hidden_size=40,
+                                  intermediate_size=72)),
+    "qwen3_attention_bias": ("qwen3", dict(attention_bias=True)),
+    "qwen3_tied_rope_1e6": ("qwen3", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen2_head_dim_8": ("qwen2", dict(num_attention_heads=8, num_key_value_heads=2)),  # 64 / 8 heads, untied
+}
+
+
 def make_model(path, kind: str, seed: int = 0, **overrides) -> str:
     config, cls = tiny_config(kind, **overrides)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import assert_agree_by_logprob_rule, generate_twice, make_model, random_prompts
+from conftest import OTHER_SHAPES, assert_agree_by_logprob_rule, generate_twice, make_model, random_prompts
 from nanovllm import LLM, SamplingParams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
@@ -41,6 +41,22 @@ def cpu_reference(qwen3_path):
 ], ids=["graphs", "eager", "chunked", "preempt", "step-by-step"])
 def test_triton_float32_equals_cpu_torch(qwen3_path, cpu_reference, options):
     assert run(qwen3_path, device="cuda", dtype="float32", attention_backend="triton", **options) == cpu_reference
+
+
+@pytest.mark.parametrize("shape", list(OTHER_SHAPES))
+def test_other_model_shapes_on_triton(shape, tmp_path):
+    """MQA, MHA, head_dim 24 and 8, attention biases, tied embeddings: float32 equal to the CPU, bfloat16 (graphs)
+    in agreement with the torch backend on the GPU."""
+    kind, overrides = OTHER_SHAPES[shape]
+    path = make_model(tmp_path / shape, kind, seed=3, **overrides)
+    prompts = PROMPTS[:5]
+    assert run(path, prompts, device="cuda", dtype="float32", attention_backend="triton", kvcache_block_size=16) \
+        == run(path, prompts, device="cpu", kvcache_block_size=16)
+    common = dict(dtype="bfloat16", kvcache_block_size=16, num_kvcache_blocks=64)  # two engines at once
+    with (LLM(path, attention_backend="torch", enforce_eager=True, **common) as ref,
+          LLM(path, attention_backend="triton", **common) as tr):
+        out_ref, out_tr = generate_twice(ref, prompts, GREEDY), generate_twice(tr, prompts, GREEDY)
+        assert_agree_by_logprob_rule(ref, tr, prompts, out_ref, out_tr)
 
 
 def test_cuda_graphs_agree_with_eager_bf16(qwen3_path):

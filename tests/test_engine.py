@@ -4,7 +4,7 @@ import multiprocessing
 import pytest
 import torch
 
-from conftest import next_token_logits, random_prompts
+from conftest import OTHER_SHAPES, next_token_logits, random_prompts
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -47,19 +47,6 @@ def test_greedy_matches_transformers(kind, options, request, hf_reference):
     with LLM(path, **options) as llm:
         # 700: a prefill of over 1,000 tokens, which the CPU runs through the MLP in token chunks
         run_and_compare(llm, path, random_prompts([1, 7, 16, 33, 64, 200, 700]), hf_reference)
-
-
-# shapes other than the shared tiny models': MQA, MHA, head_dim not hidden / heads (and not a power of two),
-# attention biases (Qwen3's attention_bias puts one on o_proj too), tied embeddings, another rope_theta
-OTHER_SHAPES = {
-    "mqa": ("qwen3", dict(num_key_value_heads=1)),
-    "mha": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=4)),
-    "head_dim_24": ("qwen3", dict(num_attention_heads=3, num_key_value_heads=1, head_dim=24, hidden_size=40,
-                                  intermediate_size=72)),
-    "qwen3_attention_bias": ("qwen3", dict(attention_bias=True)),
-    "qwen3_tied_rope_1e6": ("qwen3", dict(tie_word_embeddings=True, rope_theta=1e6)),
-    "qwen2_untied_8_heads": ("qwen2", dict(num_attention_heads=8, num_key_value_heads=2)),
-}
 
 
 @pytest.mark.parametrize("shape", list(OTHER_SHAPES))

@@ -203,16 +203,20 @@ def _check_decode():
 
 
 def _check_odd_head_dim():
-    from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention
-    case = prefill_case([3, 20], [10, 20], 16, 2, 1, 40, torch.float32, "cpu", paged=True)  # 40 -> 64 padded
-    q, k, v, k_cache, v_cache, ctx = case
-    out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
-                            ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1))
-    assert_matches_torch("prefill", case, out)
-    case = decode_case([7, 40], 16, 2, 1, 40, torch.float32, "cpu")
-    q, k_cache, v_cache, ctx = case
-    out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1), 2)
-    assert_matches_torch("decode", case, out)
+    from nanovllm.kernels.attention import TileConfig, decode_attention, head_block, prefill_attention
+    # 40 -> 64 padded; 8 -> 16 (tl.dot's smallest inner dimension)
+    assert head_block(40) == 64 and head_block(8) == 16
+    for head_dim in (40, 8):
+        case = prefill_case([3, 20], [10, 20], 16, 2, 1, head_dim, torch.float32, "cpu", paged=True)
+        q, k, v, k_cache, v_cache, ctx = case
+        out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                ctx.block_tables, 0.3, TileConfig(16, 16, 4, 1))
+        assert_matches_torch("prefill", case, out)
+        case = decode_case([7, 40], 16, 2, 1, head_dim, torch.float32, "cpu")
+        q, k_cache, v_cache, ctx = case
+        out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3,
+                               TileConfig(16, 16, 4, 1), 2)
+        assert_matches_torch("decode", case, out)
 
 
 def _check_decode_empty_rows():

@@ -31,6 +31,12 @@ from nanovllm.layers.kv_quant import FP8_DTYPE
 LOG2E = 1.4426950408889634
 
 
+def head_block(head_dim: int) -> int:
+    """BLOCK_D: head_dim padded to a power of two, and to 16 at least (tl.dot's smallest inner dimension; the
+    padding lanes are masked, so a head_dim of 8 attends as 8)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 @dataclass(frozen=True, slots=True)
 class TileConfig:
     block_m: int  # query rows per program (prefill) or padded query heads per program (decode)
@@ -232,7 +238,7 @@ def _prefill_kernel(
 def prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     """Tiles for H100/H200. 64 x 64 with 4 warps and 2 stages was the best or within 5% of the best of ten
     configurations on an H200 (bf16, head_dim 64 and 128, varlen and paged, 512-8192 tokens per sequence)."""
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = head_block(head_dim)
     if block_d <= 128:
         cfg = TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
     else:  # keep (BLOCK_M + 2 * BLOCK_N) * BLOCK_D * 2 bytes per stage within shared memory
@@ -286,7 +292,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         q, kt, vt, out, tables, cu_seqlens_q, cu_seqlens_k, scale * LOG2E,
         k_scale if fp8 else q, v_scale if fp8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides_k, *strides_v, stride_bt,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged, PAGE_SIZE=page_size,
         PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -412,7 +418,7 @@ def _target_programs(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def decode_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = head_block(head_dim)
     # 128 keys, 4 warps, 2 stages: the best of 54 configurations (32-128 keys, 1-4 warps, 2-3 stages, with and
     # without extra splits) on an H200 at bench.py's decode batches (62-256 sequences, 8 KV heads of 128), for
     # bf16 and fp8 caches alike; 64 keys with 3 stages took 1.5% (bf16) and 8% (fp8) longer
@@ -474,7 +480,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = head_block(head_dim)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, scale * LOG2E,
         k_scale if fp8 else q, v_scale if fp8 else q, split_size, num_splits,

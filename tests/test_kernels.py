@@ -584,6 +584,39 @@ def test_flash_attn_backend_refuses_an_fp8_cache():
 
 
 @needs_triton
+@pytest.mark.parametrize("block_size, head_dim, dtype, kv_cache_dtype, expect", [
+    (256, 128, torch.bfloat16, "auto", "flash_attn"),
+    (16, 128, torch.bfloat16, "auto", "triton"),  # flash-attn's pages are multiples of 256 tokens
+    (256, 24, torch.bfloat16, "auto", "triton"),
+    (512, 64, torch.float32, "auto", "triton"),
+    (256, 128, torch.bfloat16, "fp8_e4m3", "triton"),
+])
+def test_auto_picks_flash_attn_only_where_it_serves_the_configuration(monkeypatch, block_size, head_dim, dtype,
+                                                                      kv_cache_dtype, expect):
+    """On CUDA "auto" takes flash_attn when installed and able, else triton; an explicit flash_attn refuses."""
+    import types
+
+    from nanovllm.layers import backends
+    fake = types.ModuleType("flash_attn")  # stands in for the package: only check_config runs here
+    fake.flash_attn_varlen_func = fake.flash_attn_with_kvcache = None
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    module = "nanovllm.layers.backends.flash_attn"
+    real = sys.modules.pop(module, None)  # the backend module is imported afresh over the fake package ...
+    try:
+        cuda = torch.device("cuda")
+        chosen = backends.create_backend("auto", cuda, kv_cache_dtype, block_size, head_dim, dtype)
+        assert chosen.name == expect
+        if expect == "triton":
+            with pytest.raises(ValueError, match="attention_backend='triton'"):
+                backends.create_backend("flash_attn", cuda, kv_cache_dtype, block_size, head_dim, dtype)
+    finally:  # ... and never left behind for later tests
+        sys.modules.pop(module, None)
+        if real is not None:
+            sys.modules[module] = real
+
+
+@needs_triton
 def test_triton_backend_accepts_an_fp8_cache():
     from nanovllm.layers.backends.triton_attn import TritonBackend
     assert TritonBackend().check_config(16, 128, torch.bfloat16, "fp8_e4m3") is None

@@ -58,9 +58,8 @@ class ModelRunner:
         self.last_sampled: torch.Tensor | None = None
         self.graphs = None  # decode runs eagerly until the graphs are captured, the warm-up steps included
         self.peers_gone: Callable[[], str | None] | None = None  # rank 0 under TP: see watch_peers
-        self.attn_backend = create_backend(config.attention_backend, device, config.kv_cache_dtype)
-        self.attn_backend.check_config(self.block_size, head_dim_of(config.hf_config), config.torch_dtype,
-                                       config.kv_cache_dtype)
+        self.attn_backend = create_backend(config.attention_backend, device, config.kv_cache_dtype, self.block_size,
+                                           head_dim_of(config.hf_config), config.torch_dtype)
         self.all_reduce = create_all_reduce(self.world_size, device, config.torch_dtype,
                                             config.max_num_batched_tokens, config.hf_config.hidden_size,
                                             custom=not config.disable_custom_all_reduce)

@@ -34,7 +34,8 @@ class FlashAttnBackend(AttentionBackend):
             raise ValueError(f"attention_backend='flash_attn' supports head_dim {FLASH_ATTN_HEAD_DIMS}, got "
                              f"head_dim={head_dim}; use attention_backend='triton'")
         if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"attention_backend='flash_attn' supports dtype float16 or bfloat16, got dtype={dtype}")
+            raise ValueError(f"attention_backend='flash_attn' supports dtype float16 or bfloat16, got dtype={dtype}; "
+                             f"use attention_backend='triton'")
 
     # kv_scales: always None here, check_config refuses an fp8 cache
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):

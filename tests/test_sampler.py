@@ -383,6 +383,21 @@ def test_logprobs_are_the_raw_log_softmax():
     torch.testing.assert_close(out.logprobs.top_logprobs, top.values, rtol=0, atol=1e-6)
 
 
+def test_logprobs_of_many_rows_are_computed_in_blocks_with_the_same_bits(monkeypatch):
+    """A long prompt's scores run LOGPROB_ROWS rows at a time (a small float32 copy): equal to one call."""
+    from nanovllm.layers import sampler
+    logits = random_logits(23, 300, seed=4).bfloat16()
+    ids = torch.randint(300, (23,), generator=torch.Generator().manual_seed(1))
+    whole = sampler.compute_logprobs(logits, ids, 4)
+    rows = torch.randperm(23, generator=torch.Generator().manual_seed(2))[:17]  # some rows, in another order
+    picked = sampler.compute_logprobs(logits[rows], ids[:17], 4)
+    monkeypatch.setattr(sampler, "LOGPROB_ROWS", 5)  # 23 rows: four blocks of 5 and one of 3
+    blocks = sampler.compute_logprobs(logits, ids, 4)
+    assert all(torch.equal(a, b) for a, b in zip(whole.tensors(), blocks.tensors(), strict=True))
+    by_rows = sampler.compute_logprobs(logits, ids[:17], 4, rows)
+    assert all(torch.equal(a, b) for a, b in zip(picked.tensors(), by_rows.tensors(), strict=True))
+
+
 def test_no_logprobs_unless_asked():
     logits = random_logits(3, 50, seed=10)
     assert sample(logits, tensors_for([SamplingParams(temperature=1.0)] * 3)).logprobs is None

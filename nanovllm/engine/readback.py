@@ -52,8 +52,8 @@ class SampledTokens:
         self._watch = watch
         out = output.sampler
         self._ids = _host_copy(out.token_ids)
-        self._logprobs = None if out.logprobs is None else [_host_copy(t) for t in _fields(out.logprobs)]
-        self._prompt = {i: [_host_copy(t) for t in _fields(p.scores)] for i, p in
+        self._logprobs = None if out.logprobs is None else [_host_copy(t) for t in out.logprobs.tensors()]
+        self._prompt = {i: [_host_copy(t) for t in p.scores.tensors()] for i, p in
                         (output.prompt_logprobs or {}).items() if p.scores is not None}
         self._ready = None
         if out.token_ids.device.type == "cuda":
@@ -98,10 +98,6 @@ def wait_watching(event: torch.cuda.Event, watch: Callable[[], str | None]):
         time.sleep(PEER_POLL_SECONDS)
 
 
-def _fields(lp: TokenLogprobs) -> list[torch.Tensor]:
-    return [lp.token_logprobs, lp.top_ids, lp.top_logprobs]
-
-
 def _entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> dict[int, float]:
     """{token id: logprob} for the top-N and the chosen token (vLLM's shape)."""
     entry = dict(zip(top_ids, top_logprobs))
@@ -127,8 +123,8 @@ def score_prompts(rows: list[Row], logits: torch.Tensor) -> dict[int, PromptScor
     if not picks:
         return {i: PromptScores(None, first, 0) for i, (_, _, first) in spans.items()}
     num_top = max(max(rows[i].state.sampling_params.prompt_logprobs for i in spans), 1)
-    scores = compute_logprobs(logits[torch.tensor(picks, device=logits.device)],
-                              torch.tensor(targets, device=logits.device), num_top)
+    scores = compute_logprobs(logits, torch.tensor(targets, device=logits.device), num_top,
+                              torch.tensor(picks, device=logits.device))
     return {i: PromptScores(scores if n else None, first, n, offset, targets[offset:offset + n])
             for i, (offset, n, first) in spans.items()}
 

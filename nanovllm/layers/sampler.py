@@ -74,6 +74,9 @@ class TokenLogprobs:
     top_ids: torch.Tensor  # [B, N] int64, most likely first
     top_logprobs: torch.Tensor  # [B, N] float32
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.token_logprobs, self.top_ids, self.top_logprobs
+
 
 @dataclass(slots=True)
 class SamplerOutput:
@@ -131,9 +134,24 @@ def _penalize_and_ban(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
-def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> TokenLogprobs:
-    """Raw logprobs of token_ids [B] under logits [B, V], and each row's num_top most likely tokens (also what
-    prompt logprobs need: the logits of each prompt position and the prompt token that follows)."""
+LOGPROB_ROWS = 1024  # rows per float32 log-softmax: a long prompt's scores need not hold [N, V] twice over
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int,
+                     rows: torch.Tensor | None = None) -> TokenLogprobs:
+    """Raw logprobs of token_ids [B] under logits [B, V] (or under logits[rows], rows [B]), and each row's num_top
+    most likely tokens (also what prompt logprobs need: the logits of each prompt position and the prompt token
+    that follows). Runs LOGPROB_ROWS rows at a time (row-wise: the same bits), so the float32 copies stay small
+    for long prompts."""
+    num_rows = token_ids.size(0)
+    if num_rows > LOGPROB_ROWS:
+        parts = [compute_logprobs(logits, token_ids[i:i + LOGPROB_ROWS], num_top,
+                                  torch.arange(i, min(i + LOGPROB_ROWS, num_rows), device=logits.device)
+                                  if rows is None else rows[i:i + LOGPROB_ROWS])
+                 for i in range(0, num_rows, LOGPROB_ROWS)]
+        return TokenLogprobs(*(torch.cat(column) for column in zip(*(p.tensors() for p in parts))))
+    if rows is not None:
+        logits = logits.index_select(0, rows)
     logprobs = torch.log_softmax(logits.float(), -1)
     top_logprobs, top_ids = logprobs.topk(num_top, -1)
     return TokenLogprobs(logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_ids, top_logprobs)

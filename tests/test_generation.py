@@ -582,8 +582,43 @@ MESSAGES = [{"role": "user", "content": "w5"}]
     (lambda e: e.chat(MESSAGES, greedy(4, stop_token_ids=[VOCAB])), ValueError, f"stop_token_ids holds {VOCAB}"),
 ])
 def test_bad_values_name_the_field_and_the_engine_goes_on(word_llm, call, error, words):
-    before = word_llm.generate(["w1 w2 w3", "w7"], GOOD, use_tqdm=False)
+    assert_refused_and_engine_goes_on(word_llm, call, error, words)
+
+
+def assert_refused_and_engine_goes_on(llm, call, error, words):
+    before = llm.generate(["w1 w2 w3", "w7"], GOOD, use_tqdm=False)
     with pytest.raises(error, match=re.escape(words)):
-        call(word_llm)
-    assert_pool_empty(word_llm)
-    assert word_llm.generate(["w1 w2 w3", "w7"], GOOD, use_tqdm=False) == before
+        call(llm)
+    assert_pool_empty(llm)
+    assert llm.generate(["w1 w2 w3", "w7"], GOOD, use_tqdm=False) == before
+
+
+def edited(field: str, value) -> SamplingParams:
+    """SamplingParams valid when built, then given a bad value (the dataclass is mutable, as vLLM's is)."""
+    sp = greedy(4)
+    setattr(sp, field, value)
+    return sp
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda e: e.generate(["w1"], edited("temperature", -1.0), use_tqdm=False), ValueError,
+     "temperature must be a finite number >= 0, got -1.0"),
+    (lambda e: e.generate(["w1", "w2"], [GOOD, edited("max_tokens", 0)], use_tqdm=False), ValueError,
+     "max_tokens must be >= 1, got 0"),
+    (lambda e: e.stream(["w1"], edited("top_p", 0.0)), ValueError, "top_p must be in (0, 1], got 0.0"),
+    (lambda e: e.generate(["w1"], edited("ignore_eos", 1), use_tqdm=False), TypeError, "ignore_eos must be a bool"),
+])
+def test_fields_set_after_construction_are_checked_at_the_call(word_llm, call, error, words):
+    assert_refused_and_engine_goes_on(word_llm, call, error, words)
+
+
+def test_a_request_keeps_its_own_sampling_params(word_llm):
+    """Editing the caller's SamplingParams while its request runs changes nothing for that request."""
+    sp = greedy(8)
+    expected = word_llm.generate(["w1 w2 w3"], sp, use_tqdm=False)[0]["token_ids"]
+    stream = word_llm.stream(["w1 w2 w3"], sp)
+    tokens = list(next(stream)["token_ids"])  # the request is running
+    sp.max_tokens, sp.temperature = 2, 1.0
+    for event in stream:
+        tokens += event["token_ids"]
+    assert tokens == expected and len(tokens) == 8

@@ -70,6 +70,10 @@ class RequestBuilder:
 
     def one(self, prompt, sampling_params: SamplingParams, defaults: bool = False) -> Request:
         token_ids = self.tokenize(prompt)
+        if isinstance(sampling_params, SamplingParams):
+            # the request's own copy, checked again: fields set after construction (sp.temperature = -1) are
+            # refused here like constructor arguments, and later edits of the caller's object change nothing
+            sampling_params = dataclasses.replace(sampling_params)
         room = self.config.max_model_len - len(token_ids)
         if defaults and isinstance(sampling_params, SamplingParams) and 1 <= room < sampling_params.max_tokens:
             sampling_params = dataclasses.replace(sampling_params, max_tokens=room,

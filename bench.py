@@ -167,7 +167,8 @@ def random_workload(args) -> Workload:
 def fixed_batch_workload(args, batch: int) -> Workload:
     rng = Random(batch)  # other tokens for each batch size, so that the prefix cache serves none of them
     prompts = [[rng.randint(0, 10000) for _ in range(args.max_input_len)] for _ in range(batch)]
-    sp = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.max_output_len)
+    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, ignore_eos=True,
+                        max_tokens=args.max_output_len)
     return Workload(prompts, [sp] * batch)
 
 

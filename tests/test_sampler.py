@@ -240,6 +240,37 @@ def test_the_cpu_draws_a_few_rows_at_a_time_as_in_one_call(monkeypatch, dtype):
         assert torch.equal(chunked, whole), params[1]
 
 
+def test_the_cpu_draws_top_p_and_min_p_from_candidates_as_from_the_sorted_row(monkeypatch):
+    """Rows without a common top-k draw from the largest NUCLEUS_CANDIDATES logits when those provably hold every
+    token the filters keep, else from the whole sorted row: the same tokens either way, over peaked rows (the
+    candidates hold the nucleus) and flat ones (they do not: the sort), top-p, min-p, top-k above and below the
+    candidates, and plain and greedy rows in the batch."""
+    from nanovllm.layers import sampler
+    vocab, rows, k = 12000, 24, 200  # 288k logits: two rows at a time (see CPU_ROW_CHUNK)
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(rows, vocab, generator=gen) * 2
+    peaked = torch.arange(rows) % 3 != 0
+    spikes = torch.randint(vocab, (rows, 8), generator=gen)
+    logits[peaked] = logits[peaked].scatter_add(1, spikes[peaked], torch.full((int(peaked.sum()), 8), 14.0))
+    kinds = [dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, min_p=0.05), dict(temperature=1.3, top_p=0.8,
+             min_p=0.02), dict(temperature=0.9, top_k=50, top_p=0.9), dict(temperature=1.0, top_k=400),
+             dict(temperature=0.8), dict(temperature=0)]
+    used = []
+    real_draw = sampler._draw_sorted
+    monkeypatch.setattr(sampler, "_draw_sorted", lambda values, *a, **kw: used.append(values.size(1)) or
+                        real_draw(values, *a, **kw))
+    for dtype in (torch.float32, torch.bfloat16):
+        for shift in range(len(kinds)):
+            params = [SamplingParams(**kinds[(i + shift) % len(kinds)]) for i in range(rows)]
+            t = tensors_for(params, seeds=[5 * i + shift for i in range(rows)], positions=[shift] * rows)
+            monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", k)
+            by_candidates = sample(logits.to(dtype), t).token_ids
+            monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", vocab)  # never fewer than the row: the sort
+            by_sort = sample(logits.to(dtype), t).token_ids
+            assert torch.equal(by_candidates, by_sort), (dtype, shift)
+    assert k in used and vocab in used  # both ways were taken
+
+
 def test_other_seeds_and_positions_draw_otherwise():
     logits = torch.zeros(1000)  # uniform: 20 draws collide rarely (about 0.19 expected pairs)
     sp = SamplingParams(temperature=1.0)

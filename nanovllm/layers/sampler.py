@@ -101,10 +101,11 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         else:
             if t.max_top_k is not None:  # a few PyTorch ops on [B, max_top_k] after the topk
                 values, ids = logits.topk(min(t.max_top_k, logits.size(1)), -1)
+                tokens = _in_cpu_row_chunks(_draw_sorted, values, ids, t.temperatures, t.noise_keys, t.top_k,
+                                            t.top_p_complement, t.min_p, tokens)
             else:
-                values, ids = logits.sort(-1, descending=True)
-            tokens = _in_cpu_row_chunks(_draw_sorted, values, ids, t.temperatures, t.noise_keys, t.top_k,
-                                        t.top_p_complement, t.min_p, tokens)
+                tokens = _in_cpu_row_chunks(_draw_by_candidates, logits, t.temperatures, t.noise_keys, t.top_k,
+                                            t.top_p_complement, t.min_p, tokens)
     logprobs = None
     if t.max_num_logprobs is not None:
         logprobs = compute_logprobs(raw, tokens, t.max_num_logprobs)
@@ -260,12 +261,54 @@ def _top_p_and_min_p(scaled: torch.Tensor, tail_mass: torch.Tensor, top_p_comple
 
 
 def _draw_sorted(values: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor,
-                 top_k: torch.Tensor, top_p_complement: torch.Tensor, min_p: torch.Tensor,
-                 other: torch.Tensor) -> torch.Tensor:
-    """The filtered rows' draws from their candidates sorted most likely first (values, ids [B, C])."""
+                 top_k: torch.Tensor, top_p_complement: torch.Tensor, min_p: torch.Tensor, other: torch.Tensor,
+                 row_mass: torch.Tensor | None = None) -> torch.Tensor:
+    """The filtered rows' draws from their candidates sorted most likely first (values, ids [B, C]). row_mass:
+    the candidates are the top C of a longer row, and row_mass [B] is that whole row's sum of
+    exp(logit / T - top logit / T): rows without top_k then take their probabilities and tail masses from the
+    whole row (the rest of it adding its mass to every tail); rows with top_k (at most C) from their top_k alone."""
     scaled, probs = _scale_and_top_k(values, temperatures, top_k)
-    return _draw_filtered(scaled, _tail_mass(probs), ids, temperatures, noise_keys, top_k, top_p_complement, min_p,
-                          other)
+    if row_mass is None:
+        return _draw_filtered(scaled, _tail_mass(probs), ids, temperatures, noise_keys, top_k, top_p_complement,
+                              min_p, other)
+    whole_row = (top_k >= TOP_K_OFF).unsqueeze(1)
+    row_probs = torch.exp(scaled - scaled[:, :1]) / row_mass.unsqueeze(1)
+    rest = (1.0 - row_probs.sum(-1, keepdim=True)).clamp(min=0.0)
+    tail_mass = torch.where(whole_row, _tail_mass(row_probs) + rest, _tail_mass(probs))
+    return _draw_filtered(scaled, tail_mass, ids, temperatures, noise_keys, top_k, top_p_complement, min_p, other)
+
+
+# The CPU's draw for rows without a common top-k: the NUCLEUS_CANDIDATES largest logits (a topk, not a sort of
+# 152k) when they provably hold every token top-k / top-p / min-p could keep, else the whole row sorted. Held:
+# with top_k, when top_k <= the candidates; with top_p, when the mass outside them is below 1 - top_p (every
+# outside token's tail mass is at most that, so HF drops it), with BOUND_SLACK to spare for float32 sums; with
+# min_p alone, when the last candidate is below min_p times the likeliest token (every outside token is too).
+NUCLEUS_CANDIDATES = 1024
+BOUND_SLACK = 1e-3
+
+
+def _draw_by_candidates(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor,
+                        top_k: torch.Tensor, top_p_complement: torch.Tensor, min_p: torch.Tensor,
+                        other: torch.Tensor) -> torch.Tensor:
+    k = NUCLEUS_CANDIDATES
+    if logits.size(1) > 2 * k:
+        values, ids = logits.topk(k, -1)
+        t = temperatures.unsqueeze(1)
+        t = torch.where(t > 0, t, 1.0)
+        top = values[:, :1].float() / t
+        row_mass = torch.exp(logits.float() / t - top).sum(-1)
+        inside = torch.exp(values.float() / t - top).sum(-1)
+        outside = ((row_mass - inside) / row_mass).clamp(min=0.0)
+        last = values[:, -1].float() / t[:, 0] - top[:, 0]  # log of the last candidate's share of the top's
+        held = torch.where(top_k < TOP_K_OFF, top_k <= k,
+                           (outside * (1 + BOUND_SLACK) + 1e-7 < top_p_complement)
+                           | ((min_p > 0) & (last < torch.log(min_p.clamp(min=1e-30)) - BOUND_SLACK)))
+        held |= ~_filtered_rows(temperatures, top_k, top_p_complement, min_p)
+        if bool(held.all()):
+            return _draw_sorted(values, ids, temperatures, noise_keys, top_k, top_p_complement, min_p, other,
+                                row_mass)
+    values, ids = logits.sort(-1, descending=True)
+    return _draw_sorted(values, ids, temperatures, noise_keys, top_k, top_p_complement, min_p, other)
 
 
 def _draw_filtered(scaled: torch.Tensor, tail_mass: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor,

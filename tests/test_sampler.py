@@ -415,10 +415,12 @@ def test_logprobs_are_the_raw_log_softmax():
 
 
 def test_logprobs_of_many_rows_are_computed_in_blocks_with_the_same_bits(monkeypatch):
-    """A long prompt's scores run LOGPROB_ROWS rows at a time (a small float32 copy): equal to one call."""
+    """A long prompt's scores run LOGPROB_ROWS rows at a time (a small float32 copy; on the CPU CPU_LOGPROB_ROWS):
+    equal to one call."""
     from nanovllm.layers import sampler
     logits = random_logits(23, 300, seed=4).bfloat16()
     ids = torch.randint(300, (23,), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(sampler, "CPU_LOGPROB_ROWS", 10 ** 6)
     whole = sampler.compute_logprobs(logits, ids, 4)
     rows = torch.randperm(23, generator=torch.Generator().manual_seed(2))[:17]  # some rows, in another order
     picked = sampler.compute_logprobs(logits[rows], ids[:17], 4)

@@ -136,6 +136,7 @@ def _penalize_and_ban(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 LOGPROB_ROWS = 1024  # rows per float32 log-softmax: a long prompt's scores need not hold [N, V] twice over
+CPU_LOGPROB_ROWS = 8  # on the CPU fewer: the float32 rows stay in cache (32 rows of 152k: 20.7 -> 8.5 ms)
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int,
@@ -145,11 +146,12 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
     that follows). Runs LOGPROB_ROWS rows at a time (row-wise: the same bits), so the float32 copies stay small
     for long prompts."""
     num_rows = token_ids.size(0)
-    if num_rows > LOGPROB_ROWS:
-        parts = [compute_logprobs(logits, token_ids[i:i + LOGPROB_ROWS], num_top,
-                                  torch.arange(i, min(i + LOGPROB_ROWS, num_rows), device=logits.device)
-                                  if rows is None else rows[i:i + LOGPROB_ROWS])
-                 for i in range(0, num_rows, LOGPROB_ROWS)]
+    block = min(LOGPROB_ROWS, CPU_LOGPROB_ROWS) if logits.device.type == "cpu" else LOGPROB_ROWS
+    if num_rows > block:
+        parts = [compute_logprobs(logits, token_ids[i:i + block], num_top,
+                                  torch.arange(i, min(i + block, num_rows), device=logits.device)
+                                  if rows is None else rows[i:i + block])
+                 for i in range(0, num_rows, block)]
         return TokenLogprobs(*(torch.cat(column) for column in zip(*(p.tensors() for p in parts))))
     if rows is not None:
         logits = logits.index_select(0, rows)

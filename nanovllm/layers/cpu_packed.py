@@ -45,14 +45,15 @@ class PackedWeight:
 CPU_CHUNK_TOKENS = 512
 
 
-def in_token_chunks(fn, *xs: torch.Tensor):
-    """fn(*xs) for a token-wise fn ([tokens, ...] in, one or a tuple of such out), over equal chunks of at most
-    CPU_CHUNK_TOKENS tokens on the CPU: a long prefill's activations then reuse warm memory instead of fresh,
-    page-faulted mappings in every layer. Per token the same arithmetic: a GEMM's rows do not depend on each other."""
+def in_token_chunks(fn, *xs: torch.Tensor, max_rows: int = CPU_CHUNK_TOKENS, min_elements: int = 0):
+    """fn(*xs) for a row-wise fn ([rows, ...] in, one or a tuple of such out), over equal chunks of at most max_rows
+    rows on the CPU (when xs[0] holds at least min_elements): a long prefill's activations, or the sampler's
+    full-vocabulary temporaries, then reuse warm memory instead of fresh, page-faulted mappings. Per row the same
+    arithmetic: a GEMM's rows do not depend on each other, nor do a row-wise op's."""
     num_tokens = xs[0].size(0)
-    if xs[0].device.type != "cpu" or num_tokens <= CPU_CHUNK_TOKENS:
+    if xs[0].device.type != "cpu" or num_tokens <= max_rows or xs[0].numel() < min_elements:
         return fn(*xs)
-    parts = [x.tensor_split(cdiv(num_tokens, CPU_CHUNK_TOKENS)) for x in xs]
+    parts = [x.tensor_split(cdiv(num_tokens, max_rows)) for x in xs]
     outs = [fn(*chunk) for chunk in zip(*parts)]
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(column) for column in zip(*outs))

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from nanovllm.layers.cpu_packed import in_token_chunks
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.kernels import triton_on_cuda
 from nanovllm.utils.math import cdiv
@@ -183,12 +184,8 @@ def _warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
 # ---- the device functions (Triton kernels on CUDA) ----------------------------------------------------------------
 
 def _in_cpu_row_chunks(fn, *rows: torch.Tensor) -> torch.Tensor:
-    """fn(*rows) for a row-wise fn ([B, ...] tensors in, one [B, ...] tensor out), CPU_ROW_CHUNK rows at a time on
-    the CPU (see CPU_ROW_CHUNK), in one call elsewhere."""
-    num_rows = rows[0].size(0)
-    if rows[0].device.type != "cpu" or num_rows <= CPU_ROW_CHUNK or rows[0].numel() < CPU_CHUNK_MIN_ELEMENTS:
-        return fn(*rows)
-    return torch.cat([fn(*(r[i:i + CPU_ROW_CHUNK] for r in rows)) for i in range(0, num_rows, CPU_ROW_CHUNK)])
+    """fn(*rows) for a row-wise fn, CPU_ROW_CHUNK rows at a time on the CPU (see CPU_ROW_CHUNK)."""
+    return in_token_chunks(fn, *rows, max_rows=CPU_ROW_CHUNK, min_elements=CPU_CHUNK_MIN_ELEMENTS)
 
 
 @triton_on_cuda("sampling", "apply_penalties")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 # On two H200s (benchmarks/all_reduce.py, bf16, CUDA graphs): NCCL takes 12 us at 8 KiB, 32 us at 2 MiB, 80 us at
-# 16 MiB; the one-shot kernel 7 / 22 / 134 us, the two-shot 8 / 15 / 64 us. One-shot below 256 KiB, two-shot up to
+# 16 MiB; the one-shot kernel 7 / 22 / 134 us, the two-shot 8 / 15 / 64 us. One-shot up to 128 KiB, two-shot up to
 # 16 MiB (a decode step's messages), NCCL past that (prefill chunks).
 ONE_SHOT_MAX_BYTES = 128 << 10
 SYMM_MEM_MAX_BYTES = 16 << 20

@@ -261,19 +261,17 @@ def _top_p_and_min_p(scaled: torch.Tensor, tail_mass: torch.Tensor, top_p_comple
 
 def _draw_sorted(values: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor,
                  top_k: torch.Tensor, top_p_complement: torch.Tensor, min_p: torch.Tensor, other: torch.Tensor,
-                 row_mass: torch.Tensor | None = None) -> torch.Tensor:
-    """The filtered rows' draws from their candidates sorted most likely first (values, ids [B, C]). row_mass:
-    the candidates are the top C of a longer row, and row_mass [B] is that whole row's sum of
-    exp(logit / T - top logit / T): rows without top_k then take their probabilities and tail masses from the
-    whole row (the rest of it adding its mass to every tail); rows with top_k (at most C) from their top_k alone."""
+                 outside: torch.Tensor | None = None) -> torch.Tensor:
+    """The filtered rows' draws from their candidates sorted most likely first (values, ids [B, C]). outside: the
+    candidates are the top C of a longer row, and outside [B] is the probability mass of the rest of it: rows
+    without top_k then take their probabilities and tail masses from the whole row (the rest adding its mass to
+    every tail); rows with top_k (at most C) from their top_k alone."""
     scaled, probs = _scale_and_top_k(values, temperatures, top_k)
-    if row_mass is None:
-        return _draw_filtered(scaled, _tail_mass(probs), ids, temperatures, noise_keys, top_k, top_p_complement,
-                              min_p, other)
-    whole_row = (top_k >= TOP_K_OFF).unsqueeze(1)
-    row_probs = torch.exp(scaled - scaled[:, :1]) / row_mass.unsqueeze(1)
-    rest = (1.0 - row_probs.sum(-1, keepdim=True)).clamp(min=0.0)
-    tail_mass = torch.where(whole_row, _tail_mass(row_probs) + rest, _tail_mass(probs))
+    tail_mass = _tail_mass(probs)
+    if outside is not None:
+        outside = outside.unsqueeze(1)
+        whole_row = (top_k >= TOP_K_OFF).unsqueeze(1)
+        tail_mass = torch.where(whole_row, _tail_mass(probs * (1.0 - outside)) + outside, tail_mass)
     return _draw_filtered(scaled, tail_mass, ids, temperatures, noise_keys, top_k, top_p_complement, min_p, other)
 
 
@@ -305,7 +303,7 @@ def _draw_by_candidates(logits: torch.Tensor, temperatures: torch.Tensor, noise_
         held |= ~_filtered_rows(temperatures, top_k, top_p_complement, min_p)
         if bool(held.all()):
             return _draw_sorted(values, ids, temperatures, noise_keys, top_k, top_p_complement, min_p, other,
-                                row_mass)
+                                outside)
     values, ids = logits.sort(-1, descending=True)
     return _draw_sorted(values, ids, temperatures, noise_keys, top_k, top_p_complement, min_p, other)
 

@@ -73,11 +73,11 @@ class RequestBuilder:
         if isinstance(sampling_params, SamplingParams):
             # the request's own copy, checked again: fields set after construction (sp.temperature = -1) are
             # refused here like constructor arguments, and later edits of the caller's object change nothing
-            sampling_params = dataclasses.replace(sampling_params)
-        room = self.config.max_model_len - len(token_ids)
-        if defaults and isinstance(sampling_params, SamplingParams) and 1 <= room < sampling_params.max_tokens:
-            sampling_params = dataclasses.replace(sampling_params, max_tokens=room,
-                                                  min_tokens=min(sampling_params.min_tokens, room))
+            room = self.config.max_model_len - len(token_ids)
+            cut = {}
+            if defaults and 1 <= room < sampling_params.max_tokens:
+                cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
+            sampling_params = dataclasses.replace(sampling_params, **cut)
         self.check(token_ids, sampling_params)
         return Request(token_ids, sampling_params)
 

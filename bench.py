@@ -87,6 +87,7 @@ def parse_args():
     p.add_argument("--profile", action="store_true", help="split the time into host launching and GPU (CUDA)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for every request (vLLM's meaning)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling for every request (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="for every request (1 = off)")
     p.add_argument("--no-mixed-steps", action="store_true", help="nano-vllm's prefill-first steps")
     args = p.parse_args()
     for name in ("num_seqs", "max_input_len", "max_output_len", "min_len", "max_num_seqs"):
@@ -96,7 +97,7 @@ def parse_args():
         p.error(f"--max-input-len {args.max_input_len} + --max-output-len {args.max_output_len} exceeds "
                 f"--max-model-len {args.max_model_len}")
     try:  # the sampling settings every request gets
-        SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        SamplingParams(**sampling_settings(args))
     except (ValueError, TypeError) as e:
         p.error(str(e))
     if args.data_parallel_size > 1 and (args.profile or args.phases or args.decode_batch):
@@ -153,22 +154,27 @@ class Workload:
         return sum(sp.max_tokens for sp in self.sampling_params)
 
 
+def sampling_settings(args) -> dict:
+    """The sampling options every request of the run gets."""
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty)
+
+
 def random_workload(args) -> Workload:
     """nano-vllm's workload (its draws, in its order), data_parallel_size times over."""
     seed(0)
     lo = min(args.min_len, args.max_input_len, args.max_output_len)
     num_seqs = args.num_seqs * args.data_parallel_size
     prompts = [[randint(0, 10000) for _ in range(randint(lo, args.max_input_len))] for _ in range(num_seqs)]
-    sps = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, ignore_eos=True,
-                          max_tokens=randint(lo, args.max_output_len)) for _ in range(num_seqs)]
+    sps = [SamplingParams(**sampling_settings(args), ignore_eos=True, max_tokens=randint(lo, args.max_output_len))
+           for _ in range(num_seqs)]
     return Workload(prompts, sps)
 
 
 def fixed_batch_workload(args, batch: int) -> Workload:
     rng = Random(batch)  # other tokens for each batch size, so that the prefix cache serves none of them
     prompts = [[rng.randint(0, 10000) for _ in range(args.max_input_len)] for _ in range(batch)]
-    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, ignore_eos=True,
-                        max_tokens=args.max_output_len)
+    sp = SamplingParams(**sampling_settings(args), ignore_eos=True, max_tokens=args.max_output_len)
     return Workload(prompts, [sp] * batch)
 
 

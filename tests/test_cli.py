@@ -13,6 +13,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("bench.py", ["--num-seqs", "0"], "--num-seqs must be >= 1, got 0"),
     ("bench.py", ["--max-input-len", "5000"], "exceeds --max-model-len 4096"),
     ("bench.py", ["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    ("bench.py", ["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0, got 0.0"),
     ("bench.py", ["--size", "tiny", "--device", "cpu", "--kvcache-block-size", "100"],
      "kvcache_block_size must be a power of two >= 16, got 100"),
     ("example.py", ["--model", "."], "has no config.json"),

@@ -352,6 +352,32 @@ def test_presence_and_frequency_penalties_equal_a_plain_reference(presence, freq
         torch.testing.assert_close(ours[row], expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_penalties_computed_on_the_touched_tokens_equal_the_dense_definition(dtype):
+    """The penalties run only on tokens of each row's prompt or output: the same bits as the definition over every
+    logit, for every penalty, rows with and without them, infinite and zero logits; the caller's logits stay."""
+    from nanovllm.layers.sampler import _penalize_rows, _penalize_touched
+    rows, vocab = 6, 3000
+    g = torch.Generator().manual_seed(11)
+    logits = random_logits(rows, vocab, seed=12).to(dtype)
+    logits[0, :5] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1e-30])
+    counts = torch.randint(0, 4, (rows, vocab), generator=g, dtype=torch.int32)
+    counts *= torch.rand(rows, vocab, generator=g) < 0.05
+    counts[0, :5] = 2
+    counts[5] = 0  # a row of the zero slot: no prompt, no output
+    mask = torch.rand(rows, vocab, generator=g) < 0.05
+    mask[5] = False
+    repetition = torch.tensor([1.3, 1.0, 0.7, 2.0, 1.0, 1.5])
+    presence = torch.tensor([0.5, 0.0, -1.0, 0.0, 0.3, 0.2])
+    frequency = torch.tensor([0.2, 0.0, 0.4, -0.3, 0.0, 0.1])
+    raw = logits.clone()
+    touched = _penalize_touched(logits, counts, mask, repetition, presence, frequency)
+    dense = _penalize_rows(logits, counts, mask, repetition, presence, frequency)
+    assert touched.dtype == torch.float32 and torch.equal(touched, dense)
+    assert not torch.equal(touched[0], logits[0].float())  # the penalties did something
+    assert torch.equal(logits, raw)
+
+
 def test_rows_without_penalties_keep_their_logits_in_a_penalised_batch():
     vocab = 300
     logits = random_logits(2, vocab, seed=8)

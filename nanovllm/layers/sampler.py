@@ -192,17 +192,34 @@ def _in_cpu_row_chunks(fn, *rows: torch.Tensor) -> torch.Tensor:
 def _apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
                      repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """vLLM's penalties: repetition on tokens of the prompt or the output (divide positive logits, multiply
-    negative ones), then frequency (times the output count) and presence (once if in the output)."""
-    return _in_cpu_row_chunks(_penalize_rows, logits, output_counts, prompt_mask, repetition, presence, frequency)
+    negative ones), then frequency (times the output count) and presence (once if in the output). Float32 out."""
+    return _penalize_touched(logits, output_counts, prompt_mask, repetition, presence, frequency)
 
 
 def _penalize_rows(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """The penalties over every logit of each row: the plain definition."""
     logits = logits.float()
     generated = output_counts > 0
     rep = torch.where(prompt_mask | generated, repetition.unsqueeze(1), 1.0)
     logits = torch.where(logits > 0, logits / rep, logits * rep)
     return logits - frequency.unsqueeze(1) * output_counts - presence.unsqueeze(1) * generated
+
+
+def _penalize_touched(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
+                      repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """_penalize_rows' bits, computing only the logits a penalty can change: tokens of the prompt or the output,
+    a few hundred per row of 152k (elsewhere it divides or multiplies by 1 and subtracts 0, which leaves a float
+    as it is). On the CPU 32 rows take ~6 ms instead of ~20: one float32 copy and a scan of the tables instead of
+    five float32 passes over the rows."""
+    out = logits.float() if logits.dtype != torch.float32 else logits.clone()  # the raw logits stay for logprobs
+    rows, tokens = (prompt_mask | (output_counts > 0)).nonzero(as_tuple=True)
+    if rows.numel():
+        counts = output_counts[rows, tokens]
+        values, rep = out[rows, tokens], repetition[rows]
+        values = torch.where(values > 0, values / rep, values * rep)
+        out[rows, tokens] = values - frequency[rows] * counts - presence[rows] * (counts > 0)
+    return out
 
 
 @triton_on_cuda("sampling", "race")

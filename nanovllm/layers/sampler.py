@@ -193,7 +193,9 @@ def _apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_m
                      repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """vLLM's penalties: repetition on tokens of the prompt or the output (divide positive logits, multiply
     negative ones), then frequency (times the output count) and presence (once if in the output). Float32 out."""
-    return _penalize_touched(logits, output_counts, prompt_mask, repetition, presence, frequency)
+    # on the CPU only the tokens a penalty changes; elsewhere every logit (nonzero would wait for the device)
+    penalize = _penalize_touched if logits.device.type == "cpu" else _penalize_rows
+    return penalize(logits, output_counts, prompt_mask, repetition, presence, frequency)
 
 
 def _penalize_rows(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,

@@ -96,6 +96,8 @@ def variants(cfg: TileConfig) -> dict[str, TileConfig]:
     """The kernel's own tile configuration first, then neighbours of it."""
     return {
         "default": cfg,
+        "longest first": cfg,
+        "longest first (argsort in the call)": cfg,
         "3 stages": TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 3),
         "half the keys, 3 stages": TileConfig(cfg.block_m, cfg.block_n // 2, cfg.num_warps, 3),
         "8 warps": TileConfig(cfg.block_m, cfg.block_n, 8, cfg.num_stages),
@@ -123,9 +125,16 @@ def main():
             ks, vs = scales if fp8 else (None, None)
             reference = None
             line = [f"{kv_dtype} step {step:4d} batch {len(lens):3d} ({kv_bytes / 1e9:.2f} GB):"]
+            longest_first = torch.argsort(context_lens, descending=True)
             for name, config in variants(cfg).items():
+                ordered, sort_in_call = name.startswith("longest first"), name.endswith("(argsort in the call)")
+
                 def call():
-                    return decode_attention(q, k_cache, v_cache, context_lens, tables, scale, config, None, ks, vs)
+                    order = None
+                    if ordered:
+                        order = torch.argsort(context_lens, descending=True) if sort_in_call else longest_first
+                    return decode_attention(q, k_cache, v_cache, context_lens, tables, scale, config, None, ks, vs,
+                                            order)
                 try:
                     out = call()
                 except Exception as e:  # e.g. a tile too large for shared memory

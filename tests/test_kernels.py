@@ -200,6 +200,11 @@ def _check_decode():
         out = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3,
                                TileConfig(16, block_n, 4, 1), num_splits)
         assert_matches_torch("decode", case, out)
+        # programs started in another order of the sequences (longest first, or any): the same result
+        for order in (torch.argsort(ctx.context_lens, descending=True), torch.tensor([3, 0, 4, 2, 1])):
+            again = decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.3,
+                                     TileConfig(16, block_n, 4, 1), num_splits, seq_order=order)
+            assert torch.equal(again, out)
 
 
 def _check_odd_head_dim():

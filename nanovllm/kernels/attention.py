@@ -323,15 +323,21 @@ def _check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scal
                                "stride_lb", "stride_lh"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, context_lens_ptr, block_tables_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-    qk_scale, k_scale_ptr, v_scale_ptr, split_size, num_splits,
+    seq_order_ptr, qk_scale, k_scale_ptr, v_scale_ptr, split_size, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_kpage, stride_kslot, stride_kh, stride_vpage, stride_vslot, stride_vh, stride_bt,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    ORDERED: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if ORDERED:  # grid (num_seqs * num_kv_heads, 1, splits): every head of the longest sequence first
+        pid = tl.program_id(0)
+        seq = tl.load(seq_order_ptr + pid // NUM_KV_HEADS).to(tl.int32)
+        kv_head = pid % NUM_KV_HEADS
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens_ptr + seq)
     start = split * split_size
@@ -445,11 +451,12 @@ def decode_splits(max_keys: int, num_seqs: int, num_kv_heads: int, block_n: int,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, config: TileConfig | None = None,
                      num_splits: int | None = None, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token per sequence against its paged context. q: [B, num_heads, head_dim] -> same shape.
 
     context_lens: [B] int32 keys per sequence (the new token included, already stored);
     block_tables: [B, max_blocks] int32; k_scale, v_scale: an fp8 cache's float32 [num_kv_heads] scales.
+    seq_order: [B] the sequences in the order their programs start (e.g. longest first), or None (0..B-1).
     No host sync: safe under CUDA graph capture.
     """
     num_seqs, num_heads, head_dim = q.shape
@@ -481,15 +488,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     block_d = head_block(head_dim)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, scale * LOG2E,
+    ordered = seq_order is not None
+    grid = (num_seqs * num_kv_heads, 1, num_splits) if ordered else (num_seqs, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
+        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order if ordered else q,
+        scale * LOG2E,
         k_scale if fp8 else q, v_scale if fp8 else q, split_size, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *part_strides,
         GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, ORDERED=ordered,
+        NUM_KV_HEADS=num_kv_heads, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         # one tile width for every split count (masked past num_splits): no per-shape variants

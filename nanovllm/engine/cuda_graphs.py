@@ -58,8 +58,10 @@ class CUDAGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with forward_context(self._context(bs)):
                 self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up
-                with torch.cuda.graph(graph, self.pool):
-                    self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            # a fresh context: what the warm-up's first layer built for the others (ctx.plan) is built again,
+            # inside the graph, from the graph's own inputs
+            with forward_context(self._context(bs)), torch.cuda.graph(graph, self.pool):
+                self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph

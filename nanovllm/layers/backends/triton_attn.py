@@ -37,8 +37,11 @@ class TritonBackend(AttentionBackend):
                                  ctx.block_tables, scale, None, *_scales(kv_scales))
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
+        if ctx.plan is None:  # the step's first layer: the others reuse its order
+            # the longest sequences' programs start first, so that the last ones to finish are short
+            ctx.plan = torch.argsort(ctx.context_lens, descending=True)
         return decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, None, None,
-                                *_scales(kv_scales))
+                                *_scales(kv_scales), seq_order=ctx.plan)
 
 
 def _scales(kv_scales: KVScales | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -589,32 +589,43 @@ def test_flash_attn_backend_refuses_an_fp8_cache():
 
 
 @needs_triton
-@pytest.mark.parametrize("block_size, head_dim, dtype, kv_cache_dtype, expect", [
-    (256, 128, torch.bfloat16, "auto", "flash_attn"),
-    (16, 128, torch.bfloat16, "auto", "triton"),  # flash-attn's pages are multiples of 256 tokens
-    (256, 24, torch.bfloat16, "auto", "triton"),
-    (512, 64, torch.float32, "auto", "triton"),
-    (256, 128, torch.bfloat16, "fp8_e4m3", "triton"),
+@pytest.mark.parametrize("triton_installed", [True, False])
+@pytest.mark.parametrize("block_size, head_dim, dtype, kv_cache_dtype, flash_attn_serves", [
+    (256, 128, torch.bfloat16, "auto", True),
+    (16, 128, torch.bfloat16, "auto", False),  # flash-attn's pages are multiples of 256 tokens
+    (256, 24, torch.bfloat16, "auto", False),
+    (512, 64, torch.float32, "auto", False),
+    (256, 128, torch.bfloat16, "fp8_e4m3", False),
 ])
-def test_auto_picks_flash_attn_only_where_it_serves_the_configuration(monkeypatch, block_size, head_dim, dtype,
-                                                                      kv_cache_dtype, expect):
-    """On CUDA "auto" takes flash_attn when installed and able, else triton; an explicit flash_attn refuses."""
+def test_auto_picks_triton_and_flash_attn_only_without_it(monkeypatch, triton_installed, block_size, head_dim,
+                                                         dtype, kv_cache_dtype, flash_attn_serves):
+    """On CUDA "auto" takes triton, flash_attn installed or not; without Triton, flash_attn where it serves the
+    configuration, else a ValueError that says why. An explicit flash_attn refuses what it cannot serve."""
     import types
 
     from nanovllm.layers import backends
     fake = types.ModuleType("flash_attn")  # stands in for the package: only check_config runs here
     fake.flash_attn_varlen_func = fake.flash_attn_with_kvcache = None
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    installed = {"flash_attn"} | ({"triton"} if triton_installed else set())
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else None)
     module = "nanovllm.layers.backends.flash_attn"
     real = sys.modules.pop(module, None)  # the backend module is imported afresh over the fake package ...
     try:
         cuda = torch.device("cuda")
-        chosen = backends.create_backend("auto", cuda, kv_cache_dtype, block_size, head_dim, dtype)
-        assert chosen.name == expect
-        if expect == "triton":
+        args = (cuda, kv_cache_dtype, block_size, head_dim, dtype)
+        if triton_installed:
+            assert backends.create_backend("auto", *args).name == "triton"
+        elif kv_cache_dtype == "fp8_e4m3":  # flash_attn has no fp8 cache: auto names triton (whose import then
+            assert backends.resolve_backend_name("auto", cuda, kv_cache_dtype) == "triton"  # says to install it)
+        elif flash_attn_serves:
+            assert backends.create_backend("auto", *args).name == "flash_attn"
+        else:
             with pytest.raises(ValueError, match="attention_backend='triton'"):
-                backends.create_backend("flash_attn", cuda, kv_cache_dtype, block_size, head_dim, dtype)
+                backends.create_backend("auto", *args)
+        if not flash_attn_serves:
+            with pytest.raises(ValueError, match="attention_backend='triton'"):
+                backends.create_backend("flash_attn", *args)
     finally:  # ... and never left behind for later tests
         sys.modules.pop(module, None)
         if real is not None:

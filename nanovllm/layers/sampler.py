@@ -212,8 +212,8 @@ def _penalize_touched(logits: torch.Tensor, output_counts: torch.Tensor, prompt_
                       repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """_penalize_rows' bits, computing only the logits a penalty can change: tokens of the prompt or the output,
     a few hundred per row of 152k (elsewhere it divides or multiplies by 1 and subtracts 0, which leaves a float
-    as it is). On the CPU 32 rows take ~6 ms instead of ~20: one float32 copy and a scan of the tables instead of
-    five float32 passes over the rows."""
+    as it is). One float32 copy and a scan of the tables instead of five float32 passes over the rows: a greedy
+    draw with repetition_penalty over 32 rows of 152k on the CPU, 24 -> 9 ms."""
     out = logits.float() if logits.dtype != torch.float32 else logits.clone()  # the raw logits stay for logprobs
     rows, tokens = (prompt_mask | (output_counts > 0)).nonzero(as_tuple=True)
     if rows.numel():

@@ -10,7 +10,7 @@ BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 def resolve_backend_name(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> str:
     """"auto": triton on CUDA (our paged kernels: on an H200 the 0.6B bench runs 15% faster on them than on
-    flash_attn, whose decode reads the cache at 81% of the bandwidth against triton's 92%), flash_attn only where
+    flash_attn, whose decode read the cache at 83% of the bandwidth against triton's 92%), flash_attn only where
     Triton is missing (and the cache is not fp8); torch elsewhere."""
     if name != "auto":
         return name

@@ -148,10 +148,9 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
     for long prompts."""
     num_rows = token_ids.size(0)
     block = min(LOGPROB_ROWS, CPU_LOGPROB_ROWS) if logits.device.type == "cpu" else LOGPROB_ROWS
-    if num_rows > block:
-        parts = [compute_logprobs(logits, token_ids[i:i + block], num_top,
-                                  torch.arange(i, min(i + block, num_rows), device=logits.device)
-                                  if rows is None else rows[i:i + block])
+    if num_rows > block:  # a block of consecutive rows is a view; picked rows are gathered block by block
+        parts = [compute_logprobs(logits[i:i + block], token_ids[i:i + block], num_top) if rows is None else
+                 compute_logprobs(logits, token_ids[i:i + block], num_top, rows[i:i + block])
                  for i in range(0, num_rows, block)]
         return TokenLogprobs(*(torch.cat(column) for column in zip(*(p.tensors() for p in parts))))
     if rows is not None:

@@ -4,7 +4,7 @@ import multiprocessing
 import pytest
 import torch
 
-from conftest import OTHER_SHAPES, next_token_logits, random_prompts
+from conftest import OTHER_SHAPES, make_model, next_token_logits, random_prompts
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -51,7 +51,6 @@ def test_greedy_matches_transformers(kind, options, request, hf_reference):
 
 @pytest.mark.parametrize("shape", list(OTHER_SHAPES))
 def test_other_model_shapes_match_transformers(shape, tmp_path, hf_reference):
-    from conftest import make_model
     kind, overrides = OTHER_SHAPES[shape]
     path = make_model(tmp_path / shape, kind, seed=3, **overrides)
     # chunked prefill and 16-token blocks, so the paged prefill path runs too
@@ -61,7 +60,6 @@ def test_other_model_shapes_match_transformers(shape, tmp_path, hf_reference):
 
 def test_attention_biases_under_tensor_parallelism_on_cpu(tmp_path, hf_reference):
     """q/k/v biases split with their heads, o_proj's bias added on rank 0 only, before the all-reduce."""
-    from conftest import make_model
     kind, overrides = OTHER_SHAPES["qwen3_attention_bias"]
     path = make_model(tmp_path / "biased", kind, seed=3, **overrides)
     with LLM(path, tensor_parallel_size=2, kvcache_block_size=16) as llm:

@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from conftest import make_model
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 
@@ -156,9 +157,6 @@ def test_file_damaged_after_the_check_is_still_named(tmp_path, qwen3_path, how):
 def test_a_weight_the_config_does_not_declare_is_refused(tmp_path):
     """A Qwen3 checkpoint with attention biases whose config says attention_bias=false: loading it without them
     would run another model; the error names the weight."""
-    import json
-
-    from conftest import make_model
     path = make_model(tmp_path / "biased", "qwen3", attention_bias=True)
     config = json.loads((tmp_path / "biased" / "config.json").read_text())
     config["attention_bias"] = False

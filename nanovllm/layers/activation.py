@@ -2,10 +2,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.kernels import triton_on_cuda
+from nanovllm.utils.kernels import fused_kernel
 
 
-@triton_on_cuda("fused", "silu_and_mul")
+@fused_kernel("fused", "silu_and_mul", cpu=True)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up

@@ -1,10 +1,10 @@
 import torch
 from torch import nn
 
-from nanovllm.utils.kernels import triton_on_cuda
+from nanovllm.utils.kernels import fused_kernel
 
 
-@triton_on_cuda("fused", "rms_norm")
+@fused_kernel("fused", "rms_norm", cpu=True)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     orig_dtype = x.dtype
     x = x.float()
@@ -12,7 +12,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(orig_dtype)
 
 
-@triton_on_cuda("fused", "add_rms_norm")
+@fused_kernel("fused", "add_rms_norm", cpu=True)
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add fused into the norm: returns (norm(x + residual), x + residual)."""

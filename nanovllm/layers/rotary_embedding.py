@@ -6,7 +6,7 @@ from torch import nn
 from nanovllm.layers.backends.torch_sdpa import store_kvcache
 from nanovllm.layers.kv_quant import KVScales
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
-from nanovllm.utils.kernels import triton_on_cuda
+from nanovllm.utils.kernels import fused_kernel
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -16,14 +16,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
-@triton_on_cuda("fused", "rope")
+@fused_kernel("fused", "rope", cpu=True)
 def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
          sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos_cache[positions], sin_cache[positions]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
-@triton_on_cuda("fused", "norm_rope")
+@fused_kernel("fused", "norm_rope", cpu=True)
 def _norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
                k_weight: torch.Tensor, eps: float, cos_cache: torch.Tensor,
                sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +31,7 @@ def _norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weig
     return rope.reference(positions, q, k, cos_cache, sin_cache)
 
 
-@triton_on_cuda("fused", "rope_store")
+@fused_kernel("fused", "rope_store", cpu=True)
 def _rope_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, cos_cache: torch.Tensor,
                 sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,

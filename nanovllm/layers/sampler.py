@@ -23,7 +23,7 @@ import torch
 
 from nanovllm.layers.cpu_packed import in_token_chunks
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.kernels import triton_on_cuda
+from nanovllm.utils.kernels import fused_kernel
 from nanovllm.utils.math import cdiv
 
 TOP_K_OFF = 2**31 - 1  # a top_k no vocabulary reaches
@@ -187,7 +187,7 @@ def _in_cpu_row_chunks(fn, *rows: torch.Tensor) -> torch.Tensor:
     return in_token_chunks(fn, *rows, max_rows=CPU_ROW_CHUNK, min_elements=CPU_CHUNK_MIN_ELEMENTS)
 
 
-@triton_on_cuda("sampling", "apply_penalties")
+@fused_kernel("sampling", "apply_penalties")
 def _apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
                      repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """vLLM's penalties: repetition on tokens of the prompt or the output (divide positive logits, multiply
@@ -223,7 +223,7 @@ def _penalize_touched(logits: torch.Tensor, output_counts: torch.Tensor, prompt_
     return out
 
 
-@triton_on_cuda("sampling", "race")
+@fused_kernel("sampling", "race")
 def _race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
     """Greedy where temperature == 0, else a draw from softmax(logits / temperature) over the whole vocabulary.
 
@@ -240,7 +240,7 @@ def _race_rows(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: tor
     return torch.where(temperatures > 0, scores.argmax(-1), logits.argmax(-1))
 
 
-@triton_on_cuda("sampling", "greedy")
+@fused_kernel("sampling", "greedy")
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax. On the CPU max over bfloat16 is ~1.8x faster than argmax over a float32 copy, and
     argmax over bfloat16 slower still; max's index is the first of equal maxima there."""
@@ -355,7 +355,7 @@ def _top_k_thresholds(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return kth
 
 
-@triton_on_cuda("sampling", "draw_by_thresholds")
+@fused_kernel("sampling", "draw_by_thresholds")
 def _draw_by_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, kth: torch.Tensor, top_k: torch.Tensor,
                         top_p_complement: torch.Tensor, min_p: torch.Tensor, noise_keys: torch.Tensor,
                         other: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import cpu as cpu_kernels
 from nanovllm.layers.backends.base import AttentionBackend
 from nanovllm.layers.kv_quant import KVScales, dequantize_fp8, fp8_round_trip, quantize_fp8
 from nanovllm.utils.context import Context
@@ -183,11 +184,20 @@ class TorchBackend(AttentionBackend):
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping, kv_scales: KVScales | None = None):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping, kv_scales)
 
+    def rotate_and_store(self, rotation, q, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
+        if q.device.type == "cpu":  # the CPU kernels rotate and store in one pass (the PyTorch ops where they cannot)
+            return rotation.rotate_and_store(q, k, v, k_cache, v_cache, slot_mapping, kv_scales)
+        return super().rotate_and_store(rotation, q, k, v, k_cache, v_cache, slot_mapping, kv_scales)
+
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
         return reference_prefill(q, k, v, k_cache, v_cache, ctx, scale, kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
         if q.device.type == "cpu":
+            if kv_scales is None:
+                out = cpu_kernels.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)
+                if out is not None:
+                    return out
             if ctx.plan is None:  # the step's first layer: the rest reuse its gather plan
                 ctx.plan = decode_groups(ctx.context_lens, ctx.block_tables, k_cache.size(1))
             return grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, kv_scales,

@@ -1,0 +1,201 @@
+"""The native CPU kernels (kernels/cpu.py) against the PyTorch functions they replace.
+
+The element-wise kernels round where the PyTorch ops round, so they must give the same bits (NaN where it gives
+NaN); where a reduction comes first (an RMSNorm's mean of squares, summed in another order), a value may sit one
+or two bf16 steps off where the sum's last bit tips a rounding, rarely. Decode attention sums in another order,
+so it is held to the bf16 PyTorch path's own error against a float64 reference. Shapes with tails (widths not a
+multiple of 32), strided views like the qkv projection's, -1 slots, empty rows and several blocks per sequence.
+Skipped only where the kernels cannot exist here (not x86-64 with AVX-512, or no C compiler); where they can,
+failing to build them fails.
+"""
+import pytest
+import torch
+
+from nanovllm.kernels import cpu
+from nanovllm.layers.activation import silu_and_mul
+from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_decode
+from nanovllm.layers.layernorm import add_rms_norm, rms_norm
+from nanovllm.layers.rotary_embedding import _norm_rope, _rope_store, rope
+from nanovllm.utils.kernels import fused_kernels
+from test_kernels import decode_case
+from test_torch_backend import textbook_decode
+
+pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None,
+                                reason=f"no CPU kernels here: {cpu.unavailable_reason()}")
+BF16 = torch.bfloat16
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(a.nan_to_num(0.0).view(torch.int16), b.nan_to_num(0.0).view(torch.int16)), \
+        f"{(a != b).sum().item()} of {a.numel()} values differ"
+
+
+def nearly_same_bits(a: torch.Tensor, b: torch.Tensor):
+    """Equal but for rare values a bf16 step or two apart (a reduction summed in another order, then the weight)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    differ = a != b
+    assert differ.float().mean() < 0.01, f"{differ.sum().item()} of {a.numel()} values differ"
+    step = b.float().abs() * 2.0 ** -7  # bf16 keeps 8 significant bits: one step is at most this
+    assert ((a.float() - b.float()).abs() <= 2 * step)[differ].all()
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(BF16)
+
+
+def test_library_builds_where_it_can():
+    assert cpu.library() is not None
+
+
+@pytest.mark.parametrize("cols", [896, 100, 31, 4096])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_rms_norm_same_bits(rows, cols):
+    x = randn(rows, cols + 5, seed=1)[:, 3:cols + 3]  # a strided view
+    residual, weight = randn(rows, cols, seed=2), randn(cols, seed=3)
+    nearly_same_bits(cpu.rms_norm(x, weight, 1e-6), rms_norm.reference(x, weight, 1e-6))
+    out, res = cpu.add_rms_norm(x, residual, weight, 1e-5)
+    ref_out, ref_res = add_rms_norm.reference(x, residual, weight, 1e-5)
+    nearly_same_bits(out, ref_out)
+    same_bits(res, ref_res)  # the residual add has no reduction
+
+
+@pytest.mark.parametrize("d", [4864, 50, 32])
+def test_silu_and_mul_same_bits(d):
+    x = randn(9, 2 * d, seed=4, scale=4.0)
+    same_bits(cpu.silu_and_mul(x), silu_and_mul.reference(x))
+    view = randn(5, 2 * d + 8, seed=5)[:, 8:]
+    same_bits(cpu.silu_and_mul(view), silu_and_mul.reference(view))
+
+
+def test_silu_and_mul_special_values():
+    gate = torch.tensor([float("inf"), float("-inf"), float("nan"), 100.0, -100.0, 0.0, -0.0, 1.0,
+                         -88.0, 88.0, 1e-30, -3.0] + [0.5] * 20)
+    x = torch.cat([gate, torch.linspace(-2, 2, gate.numel())])[None].to(BF16)
+    same_bits(cpu.silu_and_mul(x), silu_and_mul.reference(x))
+
+
+def rope_inputs(tokens, heads, kv_heads, head_dim, seed=0):
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, seed=seed)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
+    positions = torch.randint(0, 300, (tokens,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+    freqs = torch.outer(torch.arange(512).float(), 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    return positions, q, k, v, freqs.cos().to(BF16), freqs.sin().to(BF16)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+@pytest.mark.parametrize("heads, kv_heads", [(14, 2), (4, 4)])
+def test_rope_and_norm_rope_same_bits(head_dim, heads, kv_heads):
+    positions, q, k, _, cos, sin = rope_inputs(13, heads, kv_heads, head_dim)
+    for got, ref in zip(cpu.rope(positions, q, k, cos, sin), rope.reference(positions, q, k, cos, sin)):
+        same_bits(got, ref)
+    qw, kw = randn(head_dim, seed=7), randn(head_dim, seed=8)
+    got = cpu.norm_rope(positions, q, k, qw, kw, 1e-6, cos, sin)
+    for a, b in zip(got, _norm_rope.reference(positions, q, k, qw, kw, 1e-6, cos, sin)):
+        nearly_same_bits(a, b)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_store_same_bits_and_cache(norm):
+    heads, kv_heads, head_dim, tokens = 14, 2, 64, 21
+    positions, q, k, v, cos, sin = rope_inputs(tokens, heads, kv_heads, head_dim, seed=3)
+    qw, kw = (randn(head_dim, seed=7), randn(head_dim, seed=8)) if norm else (None, None)
+    caches = [randn(8, 16, kv_heads, head_dim, seed=s) for s in (10, 11)]
+    ref_caches = [c.clone() for c in caches]
+    slots = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:tokens].to(torch.int32)
+    slots[::4] = -1  # not stored
+    got = cpu.rope_store(positions, q, k, v, qw, kw, 1e-6, cos, sin, *caches, slots, None, None)
+    ref = _rope_store.reference(positions, q, k, v, qw, kw, 1e-6, cos, sin, *ref_caches, slots, None, None)
+    for a, b in zip(got + tuple(caches), ref + tuple(ref_caches)):
+        (nearly_same_bits if norm else same_bits)(a, b)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (14, 2)])
+@pytest.mark.parametrize("head_dim, block_size", [(64, 16), (128, 32), (64, 256)])
+def test_decode_attention_error_as_pytorch(heads, kv_heads, head_dim, block_size):
+    lens = [1, 15, 16, 17, 40, 64, 3, 33, 0, 300]
+    q, k_cache, v_cache, ctx = decode_case(lens, block_size, heads, kv_heads, head_dim, BF16, "cpu", extra_width=2)
+    got = cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125)
+    with_keys = torch.tensor(lens) > 0
+    assert torch.equal(got[~with_keys], torch.zeros_like(got[~with_keys]))  # a row without keys: zeros
+    exact = textbook_decode(q.double()[with_keys], k_cache.double(), v_cache.double(),
+                            type(ctx)(False, context_lens=ctx.context_lens[with_keys],
+                                      block_tables=ctx.block_tables[with_keys]), 0.125)
+    pytorch = grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125)
+    err = (got[with_keys].double() - exact).abs().max().item()
+    pytorch_err = (pytorch[with_keys].double() - exact).abs().max().item()
+    assert err <= max(1.5 * pytorch_err, 4e-3), (err, pytorch_err)
+
+
+def test_backend_uses_the_kernels_and_falls_back():
+    lens = [5, 40, 17]
+    q, k_cache, v_cache, ctx = decode_case(lens, 16, 14, 2, 64, BF16, "cpu")
+    backend = TorchBackend()
+    got = backend.decode(q, k_cache, v_cache, ctx, 0.125)
+    assert torch.equal(got, cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125))
+    with fused_kernels(False):  # the PyTorch path
+        ctx.plan = None
+        off = backend.decode(q, k_cache, v_cache, ctx, 0.125)
+    assert torch.equal(off, grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125))
+    assert (got.float() - off.float()).abs().max() < 2e-2
+
+
+def test_what_the_kernels_do_not_take_returns_none():
+    x = torch.randn(4, 64)
+    assert cpu.rms_norm(x, torch.ones(64), 1e-6) is None  # float32: PyTorch's ops (exact against transformers)
+    assert cpu.silu_and_mul(torch.randn(4, 64)) is None
+    assert cpu.silu_and_mul(randn(4, 63)) is None  # odd width
+    q, k_cache, v_cache, ctx = decode_case([5, 9], 16, 4, 2, 48, BF16, "cpu")  # head_dim 48: not a multiple of 32
+    assert cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.1) is None
+    q, k_cache, v_cache, ctx = decode_case([5, 9], 16, 4, 2, 64, BF16, "cpu")
+    assert cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens.long(), ctx.block_tables, 0.1) is None
+    bad = ctx.block_tables.clone()
+    bad[0, 0] = k_cache.size(0)  # past the cache
+    assert cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, bad, 0.1) is None
+    positions, q, k, v, cos, sin = rope_inputs(4, 4, 2, 64)
+    caches = [randn(2, 16, 2, 64), randn(2, 16, 2, 64)]
+    assert cpu.rope_store(positions, q, k, v, None, None, 0.0, cos, sin, *caches,
+                          torch.tensor([0, 1, 2, 32], dtype=torch.int32), None, None) is None  # slot 32 of 32
+
+
+def test_layers_dispatch_to_the_kernels_on_bf16_only(monkeypatch):
+    x, weight = randn(3, 64), randn(64)
+    calls = []
+    real = cpu.rms_norm
+    monkeypatch.setattr(cpu, "rms_norm", lambda *a: calls.append(a) or real(*a))
+    nearly_same_bits(rms_norm(x, weight, 1e-6), rms_norm.reference(x, weight, 1e-6))
+    with fused_kernels(False):
+        rms_norm(x, weight, 1e-6)
+    monkeypatch.setenv("NANOVLLM_CPU_KERNELS", "0")
+    rms_norm(x, weight, 1e-6)
+    assert len(calls) == 2  # bf16, then off twice; the second call was refused (disabled) inside
+    monkeypatch.delenv("NANOVLLM_CPU_KERNELS")
+    assert cpu.rms_norm(x, weight, 1e-6) is not None
+
+
+def test_without_the_library_the_layers_run_pytorch(monkeypatch):
+    monkeypatch.setattr(cpu, "unavailable_reason", lambda: "a test says so")
+    cpu.library.cache_clear()
+    try:
+        assert cpu.library() is None
+        x, weight = randn(3, 64), randn(64)
+        assert cpu.rms_norm(x, weight, 1e-6) is None
+        same_bits(rms_norm(x, weight, 1e-6), rms_norm.reference(x, weight, 1e-6))
+    finally:
+        cpu.library.cache_clear()
+
+
+def test_a_failed_build_is_reported_and_the_layers_run_pytorch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setattr(cpu, "unavailable_reason", lambda: None)
+    cpu.library.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="nanovllm.kernels.cpu"):
+            assert cpu.library() is None
+        assert "building them failed" in caplog.text
+        assert cpu.silu_and_mul(randn(2, 64)) is None
+    finally:
+        cpu.library.cache_clear()

@@ -13,12 +13,13 @@ import torch
 
 from nanovllm.kernels import cpu
 from nanovllm.layers.activation import silu_and_mul
-from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_decode
+from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_prefill
 from nanovllm.layers.layernorm import add_rms_norm, rms_norm
 from nanovllm.layers.rotary_embedding import _norm_rope, _rope_store, rope
+from nanovllm.layers.sampler import _greedy
 from nanovllm.utils.kernels import fused_kernels
-from test_kernels import decode_case
-from test_torch_backend import textbook_decode
+from test_kernels import decode_case, prefill_case
+from test_torch_backend import textbook_decode, textbook_prefill
 
 pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None,
                                 reason=f"no CPU kernels here: {cpu.unavailable_reason()}")
@@ -112,8 +113,12 @@ def test_rope_store_same_bits_and_cache(norm):
         (nearly_same_bits if norm else same_bits)(a, b)
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (14, 2)])
-@pytest.mark.parametrize("head_dim, block_size", [(64, 16), (128, 32), (64, 256)])
+def error_against_float64(got: torch.Tensor, pytorch: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    return (got.double() - exact).abs().max().item(), (pytorch.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (14, 2), (16, 1)])  # (16, 1): not a specialised group
+@pytest.mark.parametrize("head_dim, block_size", [(64, 16), (128, 32), (64, 256), (256, 16)])
 def test_decode_attention_error_as_pytorch(heads, kv_heads, head_dim, block_size):
     lens = [1, 15, 16, 17, 40, 64, 3, 33, 0, 300]
     q, k_cache, v_cache, ctx = decode_case(lens, block_size, heads, kv_heads, head_dim, BF16, "cpu", extra_width=2)
@@ -124,9 +129,28 @@ def test_decode_attention_error_as_pytorch(heads, kv_heads, head_dim, block_size
                             type(ctx)(False, context_lens=ctx.context_lens[with_keys],
                                       block_tables=ctx.block_tables[with_keys]), 0.125)
     pytorch = grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125)
-    err = (got[with_keys].double() - exact).abs().max().item()
-    pytorch_err = (pytorch[with_keys].double() - exact).abs().max().item()
+    err, pytorch_err = error_against_float64(got[with_keys], pytorch[with_keys], exact)
     assert err <= max(1.5 * pytorch_err, 4e-3), (err, pytorch_err)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (14, 2), (16, 2)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_lens, k_lens, paged", [
+    ([5, 17, 1, 40, 16, 150], [5, 17, 1, 40, 16, 150], False),  # plain prompts, keys from the new tokens
+    ([5, 17, 1, 40, 16], [5, 17, 1, 40, 16], True),  # the same, keys read back from the cache
+    ([1, 17, 33, 5, 20], [5, 40, 33, 70, 20], True),  # cached prefixes, chunks, one-token chunks
+])
+def test_prefill_attention_error_as_pytorch(heads, kv_heads, head_dim, q_lens, k_lens, paged):
+    q, k, v, k_cache, v_cache, ctx = prefill_case(q_lens, k_lens, 16, heads, kv_heads, head_dim, BF16, "cpu",
+                                                  paged, seed=3)
+    fused = torch.cat([k, v], 1)  # k, v as views of one tensor, as the qkv projection gives them
+    k, v = fused[:, :kv_heads], fused[:, kv_heads:]
+    got = cpu.prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables,
+                                0.125)
+    exact = textbook_prefill(q.double(), k.double(), v.double(), k_cache.double(), v_cache.double(), ctx, 0.125)
+    err, pytorch_err = error_against_float64(got, reference_prefill(q, k, v, k_cache, v_cache, ctx, 0.125), exact)
+    assert err <= max(1.5 * pytorch_err, 4e-3), (err, pytorch_err)
+    assert torch.equal(TorchBackend().prefill(q, k, v, k_cache, v_cache, ctx, 0.125), got)
 
 
 def test_backend_uses_the_kernels_and_falls_back():
@@ -135,6 +159,7 @@ def test_backend_uses_the_kernels_and_falls_back():
     backend = TorchBackend()
     got = backend.decode(q, k_cache, v_cache, ctx, 0.125)
     assert torch.equal(got, cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125))
+    assert torch.equal(backend.decode(q, k_cache, v_cache, ctx, 0.125), got)  # the step's next layer
     with fused_kernels(False):  # the PyTorch path
         ctx.plan = None
         off = backend.decode(q, k_cache, v_cache, ctx, 0.125)
@@ -168,10 +193,11 @@ def test_layers_dispatch_to_the_kernels_on_bf16_only(monkeypatch):
     nearly_same_bits(rms_norm(x, weight, 1e-6), rms_norm.reference(x, weight, 1e-6))
     with fused_kernels(False):
         rms_norm(x, weight, 1e-6)
-    monkeypatch.setenv("NANOVLLM_CPU_KERNELS", "0")
+    monkeypatch.setitem(cpu._settings, "enabled", False)  # NANOVLLM_CPU_KERNELS=0
     rms_norm(x, weight, 1e-6)
-    assert len(calls) == 2  # bf16, then off twice; the second call was refused (disabled) inside
-    monkeypatch.delenv("NANOVLLM_CPU_KERNELS")
+    assert len(calls) == 2  # bf16 on, not with every fused kernel off; asked but refusing with the CPU ones off
+    assert cpu.rms_norm(x, weight, 1e-6) is None
+    monkeypatch.setitem(cpu._settings, "enabled", True)
     assert cpu.rms_norm(x, weight, 1e-6) is not None
 
 
@@ -199,3 +225,22 @@ def test_a_failed_build_is_reported_and_the_layers_run_pytorch(monkeypatch, tmp_
         assert cpu.silu_and_mul(randn(2, 64)) is None
     finally:
         cpu.library.cache_clear()
+
+
+@pytest.mark.parametrize("cols", [1, 5, 31, 32, 33, 1000, 151936])
+def test_greedy_first_maximum_as_pytorch(cols):
+    gen = torch.Generator().manual_seed(cols)
+    logits = torch.randint(-3, 3, (9, cols), generator=gen).to(BF16)  # many ties
+    logits[0] = float("-inf")
+    logits[1, -1] = float("inf")
+    logits[2, :] = -3.0
+    logits[3, cols // 2:] = float("inf")
+    assert torch.equal(cpu.greedy(logits), _greedy.reference(logits))
+    assert torch.equal(cpu.greedy(randn(4, cols, seed=cols)), _greedy.reference(randn(4, cols, seed=cols)))
+
+
+def test_greedy_leaves_nan_rows_to_pytorch():
+    logits = randn(3, 100)
+    logits[1, 5] = float("nan")
+    assert cpu.greedy(logits) is None
+    assert torch.equal(_greedy(logits), _greedy.reference(logits))

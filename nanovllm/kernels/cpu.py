@@ -42,12 +42,18 @@ _SIGNATURES = {
     "nv_rope_store": [_P, _P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _F32, _P, _P, _P, _P, _P, _P, _P,
                       _I64, _I64, _I64, _I64, _INT],
     "nv_decode_attention": [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _INT],
+    "nv_argmax_rows": [_P, _I64, _I64, _I64, _P, _INT],
+    "nv_prefill_attention": [_P, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _I64,
+                             _I64, _I64, _F32, _INT],
 }
+
+
+_settings = dict(enabled=os.environ.get("NANOVLLM_CPU_KERNELS", "1") != "0")  # read once: checked every call
 
 
 def enabled() -> bool:
     """Not turned off by NANOVLLM_CPU_KERNELS=0, nor with every fused kernel (utils/kernels.py)."""
-    return os.environ.get("NANOVLLM_CPU_KERNELS", "1") != "0" and fused_kernels_on()
+    return _settings["enabled"] and fused_kernels_on()
 
 
 def _cpu_flags() -> set[str]:
@@ -226,21 +232,63 @@ def rope_store(positions, q, k, v, q_weight, k_weight, eps, cos_cache, sin_cache
     return _rope(positions, q, k, v, q_weight, k_weight, eps, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
 
 
+def _tables_fit(block_tables: torch.Tensor, k_cache: torch.Tensor, longest: int) -> bool:
+    """int32 rows of block ids inside the cache, wide enough for `longest` keys (else the reference's indexing
+    raises where the kernel would read out of bounds)."""
+    return block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.stride(1) == 1 \
+        and int(block_tables.max()) < k_cache.size(0) and longest <= block_tables.size(1) * k_cache.size(1)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
-                     block_tables: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """torch_sdpa.reference_decode's result for a bf16 cache, or None."""
+                     block_tables: torch.Tensor, scale: float, tables_checked: bool = False) -> torch.Tensor | None:
+    """torch_sdpa.reference_decode's result for a bf16 cache, or None. tables_checked: an earlier call of the same
+    step took these tables and lengths (with a cache of the same shape), so they are not scanned again."""
     lib = _lib()
-    if lib is None or not _bf16(q, k_cache, v_cache) or not q.is_contiguous() \
+    if lib is None or not _bf16(q, k_cache, v_cache) or not q.is_contiguous() or q.size(0) == 0 \
             or not (k_cache.is_contiguous() and v_cache.is_contiguous()) \
-            or context_lens.dtype != torch.int32 or block_tables.dtype != torch.int32 \
-            or not context_lens.is_contiguous() or block_tables.dim() != 2 or block_tables.stride(1) != 1:
+            or context_lens.dtype != torch.int32 or not context_lens.is_contiguous() \
+            or not (tables_checked or _tables_fit(block_tables, k_cache, int(context_lens.max()))):
         return None
-    if q.size(0) == 0 or int(block_tables.max()) >= k_cache.size(0) \
-            or int(context_lens.max()) > block_tables.size(1) * k_cache.size(1):
-        return None  # nothing to do, or tables past the cache (the reference's indexing raises)
     num_seqs, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
     rc = lib.nv_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                                  block_tables.stride(0), context_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads,
                                  k_cache.size(2), head_dim, k_cache.size(1), scale, torch.get_num_threads())
+    return None if rc else out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      block_tables: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """torch_sdpa.reference_prefill's result for bf16 (keys from the cache when block_tables is given), or None."""
+    lib = _lib()
+    cached = block_tables is not None
+    if lib is None or not _bf16(q, k, v) or not q.is_contiguous() or q.size(0) == 0 \
+            or not (_heads(k) and _heads(v)) or k.shape != v.shape or k.size(2) != q.size(2) \
+            or any(t.dtype != torch.int32 or not t.is_contiguous() for t in (cu_seqlens_q, cu_seqlens_k)):
+        return None
+    if cached and (not _bf16(k_cache, v_cache) or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+                   or k_cache.shape[-2:] != k.shape[1:]
+                   or not _tables_fit(block_tables, k_cache, int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()))):
+        return None
+    num_tokens, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    rc = lib.nv_prefill_attention(q.data_ptr(), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+                                  v.stride(1), _ptr(k_cache) if cached else None, _ptr(v_cache) if cached else None,
+                                  _ptr(block_tables), block_tables.stride(0) if cached else 0,
+                                  k_cache.size(1) if cached else 1, cu_seqlens_q.data_ptr(),
+                                  (cu_seqlens_k if cached else cu_seqlens_q).data_ptr(),  # uncached: keys = new tokens
+                                  cu_seqlens_q.numel() - 1, out.data_ptr(), num_heads, k.size(1), head_dim, scale,
+                                  torch.get_num_threads())
+    return None if rc else out
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor | None:
+    """sampler._greedy (each row's first maximum) over bf16 logits, or None (also when a row holds a NaN)."""
+    lib = _lib()
+    if lib is None or not _bf16(logits) or not _rows(logits) or logits.size(1) == 0 or logits.size(1) >= 2 ** 31:
+        return None
+    out = torch.empty(logits.size(0), dtype=torch.int64)
+    rc = lib.nv_argmax_rows(logits.data_ptr(), logits.stride(0), logits.size(0), logits.size(1), out.data_ptr(),
+                            torch.get_num_threads())
     return None if rc else out

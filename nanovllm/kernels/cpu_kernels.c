@@ -82,11 +82,14 @@ int nv_rms_norm(const bf16 *x, int64_t stride_x, const bf16 *residual, int64_t s
                 bf16 *out, int64_t stride_o, bf16 *residual_out, int64_t stride_ro, int64_t rows, int64_t cols,
                 float eps, int num_threads) {
     if (cols < 1 || cols > 65536) return -1;
-    #pragma omp parallel num_threads(num_threads) if (rows * cols >= 65536)
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads) if (rows * cols >= 65536) reduction(| : failed)
     {
         float *h = (float *)aligned_alloc(64, ((cols + 31) & ~(int64_t)31) * sizeof(float));
+        failed |= h == NULL;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
+            if (h == NULL) continue;
             const bf16 *xr = x + r * stride_x, *rr = residual ? residual + r * stride_r : NULL;
             bf16 *ro = residual ? residual_out + r * stride_ro : NULL, *orow = out + r * stride_o;
             __m512 acc = _mm512_setzero_ps();
@@ -114,7 +117,7 @@ int nv_rms_norm(const bf16 *x, int64_t stride_x, const bf16 *residual, int64_t s
         }
         free(h);
     }
-    return 0;
+    return failed ? -1 : 0;  /* out of memory: the caller runs the reference */
 }
 
 /* ---- SiLU(gate) * up ------------------------------------------------------------------------------------ */
@@ -224,97 +227,235 @@ int nv_rope_store(const int32_t *positions, const bf16 *q, int64_t sq_tok, int64
     return 0;
 }
 
-/* ---- decode attention over the paged cache ----------------------------------------------------------------- */
+/* ---- attention: decode over the paged cache, causal prefill ---------------------------------------------- */
+
+/* Where key j of one KV head lives: k + slot(j) * k_stride (v likewise), slot(j) = j in a plain run of rows, or
+ * the cache slot of position j when a block table is given. */
+typedef struct {
+    const bf16 *k, *v;
+    int64_t k_stride, v_stride;
+    const int32_t *table;  /* NULL: consecutive rows */
+    int64_t block_size;
+} keys_t;
+
+static inline int64_t key_slot(const keys_t *keys, int64_t j) {
+    return keys->table ? (int64_t)keys->table[j / keys->block_size] * keys->block_size + j % keys->block_size : j;
+}
+
+/* The G query rows at q (row stride q_stride) attend to keys 0..n-1, into out (row stride o_stride); n = 0 gives
+ * zeros. scores: room for G * round_up(n, 16) floats. Each key and value is read once for the G rows, which keep
+ * their queries and accumulators in float registers when G and P (head_dim / 32) are compile-time constants:
+ * attend_fixed below inlines this for the common shapes. */
+static inline __attribute__((always_inline)) void attend(const bf16 *q, int64_t q_stride, const keys_t *keys,
+                                                          int64_t n, __m512 log2e_scale, bf16 *out,
+                                                          int64_t o_stride, float *scores, const int64_t G,
+                                                          const int64_t P) {
+    pair32 qv[MAX_GROUP][MAX_PAIRS], acc[MAX_GROUP][MAX_PAIRS];
+    float sums[MAX_GROUP];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < P; c++) {
+            qv[g][c] = load32(q + g * q_stride + c * 32);
+            qv[g][c].even = _mm512_mul_ps(qv[g][c].even, log2e_scale);
+            qv[g][c].odd = _mm512_mul_ps(qv[g][c].odd, log2e_scale);
+            acc[g][c].even = acc[g][c].odd = _mm512_setzero_ps();
+        }
+    const int64_t width = (n + 15) & ~(int64_t)15;
+    for (int64_t j = 0; j < n; j++) {  /* scores, in log2 units */
+        const bf16 *kp = keys->k + key_slot(keys, j) * keys->k_stride;
+        pair32 kr[MAX_PAIRS];
+        for (int64_t c = 0; c < P; c++) kr[c] = load32(kp + c * 32);
+        for (int64_t g = 0; g < G; g++) {
+            __m512 dot = _mm512_mul_ps(qv[g][0].even, kr[0].even);
+            dot = _mm512_fmadd_ps(qv[g][0].odd, kr[0].odd, dot);
+            for (int64_t c = 1; c < P; c++) {
+                dot = _mm512_fmadd_ps(qv[g][c].even, kr[c].even, dot);
+                dot = _mm512_fmadd_ps(qv[g][c].odd, kr[c].odd, dot);
+            }
+            scores[g * width + j] = _mm512_reduce_add_ps(dot);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {  /* softmax weights, unnormalised */
+        float *sg = scores + g * width;
+        for (int64_t j = n; j < width; j++) sg[j] = -INFINITY;
+        __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < width; j += 16) m = _mm512_max_ps(m, _mm512_load_ps(sg + j));
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        for (int64_t j = 0; j < width; j += 16) {
+            __m512 e = exp2_ps(_mm512_sub_ps(_mm512_load_ps(sg + j), mx));
+            _mm512_store_ps(sg + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        sums[g] = _mm512_reduce_add_ps(sum);
+    }
+    for (int64_t j = 0; j < n; j++) {  /* weighted values */
+        const bf16 *vp = keys->v + key_slot(keys, j) * keys->v_stride;
+        pair32 vr[MAX_PAIRS];
+        for (int64_t c = 0; c < P; c++) vr[c] = load32(vp + c * 32);
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(scores[g * width + j]);
+            for (int64_t c = 0; c < P; c++) {
+                acc[g][c].even = _mm512_fmadd_ps(w, vr[c].even, acc[g][c].even);
+                acc[g][c].odd = _mm512_fmadd_ps(w, vr[c].odd, acc[g][c].odd);
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const __m512 inv = _mm512_set1_ps(n > 0 ? 1.0f / sums[g] : 0.0f);
+        for (int64_t c = 0; c < P; c++) {
+            pair32 o = {_mm512_mul_ps(acc[g][c].even, inv), _mm512_mul_ps(acc[g][c].odd, inv)};
+            store32(out + g * o_stride + c * 32, o);
+        }
+    }
+}
+
+#define ATTEND_CASE(g, p) \
+    case (g) * 16 + (p): attend(q, q_stride, keys, n, log2e_scale, out, o_stride, scores, g, p); return;
+
+/* attend() with G and P as constants for groups of 1-8 and head_dim 32, 64 or 128, else with them as variables */
+static void attend_fixed(const bf16 *q, int64_t q_stride, const keys_t *keys, int64_t n, __m512 log2e_scale,
+                         bf16 *out, int64_t o_stride, float *scores, int64_t G, int64_t P) {
+    switch (G * 16 + P) {
+        ATTEND_CASE(1, 2) ATTEND_CASE(2, 2) ATTEND_CASE(3, 2) ATTEND_CASE(4, 2)
+        ATTEND_CASE(5, 2) ATTEND_CASE(6, 2) ATTEND_CASE(7, 2) ATTEND_CASE(8, 2)
+        ATTEND_CASE(1, 4) ATTEND_CASE(2, 4) ATTEND_CASE(3, 4) ATTEND_CASE(4, 4)
+        ATTEND_CASE(5, 4) ATTEND_CASE(6, 4) ATTEND_CASE(7, 4) ATTEND_CASE(8, 4)
+        ATTEND_CASE(1, 1) ATTEND_CASE(2, 1) ATTEND_CASE(4, 1) ATTEND_CASE(8, 1)
+        default: attend(q, q_stride, keys, n, log2e_scale, out, o_stride, scores, G, P);
+    }
+}
+
+static int attention_shape_ok(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+    const int64_t G = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
+    return head_dim % 32 == 0 && head_dim / 32 <= MAX_PAIRS && G >= 1 && G <= MAX_GROUP
+           && G * num_kv_heads == num_heads;
+}
+
+/* A thread's scores buffer grown to hold at least `floats`; NULL (and cap 0) when memory runs out */
+static inline float *grow(float *buf, int64_t *cap, int64_t floats) {
+    if (floats <= *cap) return buf;
+    free(buf);
+    buf = (float *)aligned_alloc(64, ((floats + 15) & ~(int64_t)15) * sizeof(float));
+    *cap = buf ? floats : 0;
+    return buf;
+}
 
 /* q [seqs, heads, head_dim] (contiguous); caches [blocks, block_size, kv_heads, head_dim]; block tables
  * [seqs, table_stride] int32; lens [seqs] int32 -> out [seqs, heads, head_dim]: each sequence's queries attend
- * to its first lens[s] cached keys, a row without keys gives zeros. One task per (sequence, KV head): the group
- * of query heads that share the KV head reads each cached key and value once, into float accumulators. */
+ * to its first lens[s] cached keys (torch_sdpa.reference_decode). One task per (sequence, KV head). */
 int nv_decode_attention(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, const int32_t *tables,
                         int64_t table_stride, const int32_t *lens, bf16 *out, int64_t num_seqs, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int num_threads) {
-    const int64_t G = num_heads / num_kv_heads, P = head_dim / 32, D = head_dim;
-    if (head_dim % 32 || P > MAX_PAIRS || G > MAX_GROUP || G * num_kv_heads != num_heads) return -1;
-    const int64_t tasks = num_seqs * num_kv_heads;
+    if (!attention_shape_ok(num_heads, num_kv_heads, head_dim)) return -1;
+    const int64_t G = num_heads / num_kv_heads, D = head_dim, tasks = num_seqs * num_kv_heads;
     const __m512 log2e_scale = _mm512_set1_ps(scale * 1.4426950408889634f);  /* exp(s) = 2**(s * log2(e)) */
-    #pragma omp parallel num_threads(num_threads)
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         float *scores = NULL;
         int64_t cap = 0;
-        pair32 qv[MAX_GROUP][MAX_PAIRS], acc[MAX_GROUP][MAX_PAIRS];
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             const int64_t s = task / num_kv_heads, h = task % num_kv_heads, n = lens[s];
-            const bf16 *qs = q + (s * num_heads + h * G) * D;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t c = 0; c < P; c++) {
-                    qv[g][c] = load32(qs + g * D + c * 32);
-                    qv[g][c].even = _mm512_mul_ps(qv[g][c].even, log2e_scale);
-                    qv[g][c].odd = _mm512_mul_ps(qv[g][c].odd, log2e_scale);
-                    acc[g][c].even = acc[g][c].odd = _mm512_setzero_ps();
-                }
-            float sums[MAX_GROUP];
-            if (n > 0) {
-                const int64_t width = (n + 15) & ~(int64_t)15;
-                if (G * width > cap) {
-                    free(scores);
-                    cap = G * width;
-                    scores = (float *)aligned_alloc(64, cap * sizeof(float));
-                }
-                const int32_t *table = tables + s * table_stride;
-                for (int64_t j = 0; j < n; j++) {  /* scores, in log2 units */
-                    const bf16 *kp = k_cache + (((int64_t)table[j / block_size] * block_size + j % block_size)
-                                                * num_kv_heads + h) * D;
-                    pair32 kr[MAX_PAIRS];
-                    for (int64_t c = 0; c < P; c++) kr[c] = load32(kp + c * 32);
-                    for (int64_t g = 0; g < G; g++) {
-                        __m512 dot = _mm512_mul_ps(qv[g][0].even, kr[0].even);
-                        dot = _mm512_fmadd_ps(qv[g][0].odd, kr[0].odd, dot);
-                        for (int64_t c = 1; c < P; c++) {
-                            dot = _mm512_fmadd_ps(qv[g][c].even, kr[c].even, dot);
-                            dot = _mm512_fmadd_ps(qv[g][c].odd, kr[c].odd, dot);
-                        }
-                        scores[g * width + j] = _mm512_reduce_add_ps(dot);
-                    }
-                }
-                for (int64_t g = 0; g < G; g++) {  /* softmax weights, unnormalised */
-                    float *sg = scores + g * width;
-                    for (int64_t j = n; j < width; j++) sg[j] = -INFINITY;
-                    __m512 m = _mm512_set1_ps(-INFINITY);
-                    for (int64_t j = 0; j < width; j += 16) m = _mm512_max_ps(m, _mm512_load_ps(sg + j));
-                    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < width; j += 16) {
-                        __m512 e = exp2_ps(_mm512_sub_ps(_mm512_load_ps(sg + j), mx));
-                        _mm512_store_ps(sg + j, e);
-                        sum = _mm512_add_ps(sum, e);
-                    }
-                    sums[g] = _mm512_reduce_add_ps(sum);
-                }
-                for (int64_t j = 0; j < n; j++) {  /* weighted values */
-                    const bf16 *vp = v_cache + (((int64_t)table[j / block_size] * block_size + j % block_size)
-                                                * num_kv_heads + h) * D;
-                    pair32 vr[MAX_PAIRS];
-                    for (int64_t c = 0; c < P; c++) vr[c] = load32(vp + c * 32);
-                    for (int64_t g = 0; g < G; g++) {
-                        const __m512 w = _mm512_set1_ps(scores[g * width + j]);
-                        for (int64_t c = 0; c < P; c++) {
-                            acc[g][c].even = _mm512_fmadd_ps(w, vr[c].even, acc[g][c].even);
-                            acc[g][c].odd = _mm512_fmadd_ps(w, vr[c].odd, acc[g][c].odd);
-                        }
-                    }
-                }
+            scores = grow(scores, &cap, G * ((n + 15) & ~(int64_t)15));
+            if (scores == NULL) {
+                failed = 1;
+                continue;
             }
-            bf16 *os = out + (s * num_heads + h * G) * D;
-            for (int64_t g = 0; g < G; g++) {
-                const __m512 inv = _mm512_set1_ps(n > 0 ? 1.0f / sums[g] : 0.0f);
-                for (int64_t c = 0; c < P; c++) {
-                    pair32 o = {_mm512_mul_ps(acc[g][c].even, inv), _mm512_mul_ps(acc[g][c].odd, inv)};
-                    store32(os + g * D + c * 32, o);
-                }
-            }
+            const keys_t keys = {k_cache + h * D, v_cache + h * D, num_kv_heads * D, num_kv_heads * D,
+                                 tables + s * table_stride, block_size};
+            attend_fixed(q + (s * num_heads + h * G) * D, D, &keys, n, log2e_scale, out + (s * num_heads + h * G) * D,
+                         D, scores, G, D / 32);
         }
         free(scores);
     }
-    return 0;
+    return failed ? -1 : 0;
+}
+
+/* Causal prefill (torch_sdpa.reference_prefill): sequence i has new tokens cu_q[i]..cu_q[i+1]-1 of q
+ * [tokens, heads, head_dim] (contiguous) and k_len = cu_k[i+1] - cu_k[i] keys, the last q_len of them new; its
+ * new token p (0-based) sees keys 0..k_len - q_len + p. Keys come from the cache through the block tables
+ * ([seqs, table_stride]) when tables is given, else from k, v ([tokens, kv_heads, head_dim] views with their
+ * strides; then k_len = q_len). One task per (token, KV head). */
+int nv_prefill_attention(const bf16 *q, const bf16 *k, int64_t sk_tok, int64_t sk_head, const bf16 *v,
+                         int64_t sv_tok, int64_t sv_head, const bf16 *k_cache, const bf16 *v_cache,
+                         const int32_t *tables, int64_t table_stride, int64_t block_size, const int32_t *cu_q,
+                         const int32_t *cu_k, int64_t num_seqs, bf16 *out, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_dim, float scale, int num_threads) {
+    if (!attention_shape_ok(num_heads, num_kv_heads, head_dim)) return -1;
+    const int64_t G = num_heads / num_kv_heads, D = head_dim, tokens = cu_q[num_seqs];
+    const __m512 log2e_scale = _mm512_set1_ps(scale * 1.4426950408889634f);
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *scores = NULL;
+        int64_t cap = 0, i = 0;
+        #pragma omp for schedule(dynamic, 8)
+        for (int64_t task = 0; task < tokens * num_kv_heads; task++) {
+            const int64_t t = task / num_kv_heads, h = task % num_kv_heads;
+            while (t >= cu_q[i + 1]) i++;  /* tasks come in order within a thread */
+            while (t < cu_q[i]) i--;
+            const int64_t q_len = cu_q[i + 1] - cu_q[i], k_len = cu_k[i + 1] - cu_k[i];
+            const int64_t n = k_len - q_len + (t - cu_q[i]) + 1;
+            scores = grow(scores, &cap, G * ((n + 15) & ~(int64_t)15));
+            if (scores == NULL) {
+                failed = 1;
+                continue;
+            }
+            keys_t keys;
+            if (tables)
+                keys = (keys_t){k_cache + h * D, v_cache + h * D, num_kv_heads * D, num_kv_heads * D,
+                                tables + i * table_stride, block_size};
+            else
+                keys = (keys_t){k + cu_q[i] * sk_tok + h * sk_head, v + cu_q[i] * sv_tok + h * sv_head, sk_tok, sv_tok,
+                                NULL, 1};
+            attend_fixed(q + (t * num_heads + h * G) * D, D, &keys, n, log2e_scale, out + (t * num_heads + h * G) * D,
+                         D, scores, G, D / 32);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---- greedy sampling -------------------------------------------------------------------------------------- */
+
+/* out[r] = the first index of row r's largest value (sampler.py's _greedy: max(-1).indices). Returns 1 when a
+ * row holds a NaN (max's answer for those is its own; the caller runs it), else 0. */
+int nv_argmax_rows(const bf16 *x, int64_t stride, int64_t rows, int64_t cols, int64_t *out, int num_threads) {
+    int nan_seen = 0;
+    const __m512i lanes = _mm512_slli_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 1);  /* even positions 0, 2, .. */
+    #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : nan_seen) \
+        if (rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *row = x + r * stride;
+        __m512 best_e = _mm512_set1_ps(-INFINITY), best_o = best_e;
+        __m512i at_e = _mm512_set1_epi32(INT32_MAX), at_o = at_e;
+        __mmask16 nan = 0;
+        for (int64_t c = 0; c < cols; c += 32) {
+            const __mmask32 m = tail32(cols - c);
+            /* past the row's end: -inf, which never wins */
+            const pair32 v = widen(_mm512_mask_loadu_epi16(_mm512_set1_epi16((short)0xff80), m, row + c));
+            const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32((int)c));
+            nan |= _mm512_cmp_ps_mask(v.even, v.odd, _CMP_UNORD_Q);
+            /* strictly greater, or the first -inf: each lane keeps its first maximum */
+            __mmask16 ge = _mm512_cmp_ps_mask(v.even, best_e, _CMP_GT_OQ)
+                           | (_mm512_cmp_ps_mask(v.even, best_e, _CMP_EQ_OQ)
+                              & _mm512_cmpgt_epi32_mask(at_e, at));
+            best_e = _mm512_mask_mov_ps(best_e, ge, v.even), at_e = _mm512_mask_mov_epi32(at_e, ge, at);
+            const __m512i at_odd = _mm512_add_epi32(at, _mm512_set1_epi32(1));
+            __mmask16 go = _mm512_cmp_ps_mask(v.odd, best_o, _CMP_GT_OQ)
+                           | (_mm512_cmp_ps_mask(v.odd, best_o, _CMP_EQ_OQ)
+                              & _mm512_cmpgt_epi32_mask(at_o, at_odd));
+            best_o = _mm512_mask_mov_ps(best_o, go, v.odd), at_o = _mm512_mask_mov_epi32(at_o, go, at_odd);
+        }
+        nan_seen |= nan != 0;
+        /* the largest value over both halves, then the smallest index holding it */
+        const float top = fmaxf(_mm512_reduce_max_ps(best_e), _mm512_reduce_max_ps(best_o));
+        const __m512i none = _mm512_set1_epi32(INT32_MAX);
+        const __m512 top_v = _mm512_set1_ps(top);
+        const __m512i e = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(best_e, top_v, _CMP_EQ_OQ), at_e);
+        const __m512i o = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(best_o, top_v, _CMP_EQ_OQ), at_o);
+        out[r] = _mm512_reduce_min_epi32(_mm512_min_epi32(e, o));
+    }
+    return nan_seen;
 }

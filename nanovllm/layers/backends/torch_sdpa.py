@@ -178,6 +178,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     v_slots[slots[keep]] = v[keep]
 
 
+NATIVE_DECODE = "native"  # ctx.plan of a CPU step whose decode runs the native kernel
+
+
 class TorchBackend(AttentionBackend):
     name = "torch"
 
@@ -190,15 +193,22 @@ class TorchBackend(AttentionBackend):
         return super().rotate_and_store(rotation, q, k, v, k_cache, v_cache, slot_mapping, kv_scales)
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
+        if q.device.type == "cpu" and kv_scales is None:
+            out = cpu_kernels.prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
+                                                ctx.block_tables, scale)
+            if out is not None:
+                return out
         return reference_prefill(q, k, v, k_cache, v_cache, ctx, scale, kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
         if q.device.type == "cpu":
-            if kv_scales is None:
-                out = cpu_kernels.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)
+            if kv_scales is None and ctx.plan in (None, NATIVE_DECODE):
+                out = cpu_kernels.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale,
+                                                   tables_checked=ctx.plan is NATIVE_DECODE)
                 if out is not None:
+                    ctx.plan = NATIVE_DECODE  # the step's other layers skip the tables' bounds check
                     return out
-            if ctx.plan is None:  # the step's first layer: the rest reuse its gather plan
+            if ctx.plan in (None, NATIVE_DECODE):  # the step's first layer: the rest reuse its gather plan
                 ctx.plan = decode_groups(ctx.context_lens, ctx.block_tables, k_cache.size(1))
             return grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, kv_scales,
                                   ctx.plan)

@@ -153,6 +153,24 @@ def test_prefill_attention_error_as_pytorch(heads, kv_heads, head_dim, q_lens, k
     assert torch.equal(TorchBackend().prefill(q, k, v, k_cache, v_cache, ctx, 0.125), got)
 
 
+@pytest.mark.parametrize("threads", [1, 8])
+def test_attention_with_any_thread_count(threads):
+    """More threads than tasks (some get none, some only a row without keys) or one thread: the same results."""
+    q, k_cache, v_cache, ctx = decode_case([0, 5, 0, 17], 16, 4, 1, 64, BF16, "cpu")
+    expect = cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125)
+        case = prefill_case([3, 1], [3, 1], 16, 4, 1, 64, BF16, "cpu", False)
+        prefill = cpu.prefill_attention(*case[:5], case[5].cu_seqlens_q, case[5].cu_seqlens_k, None, 0.125)
+    finally:
+        torch.set_num_threads(saved)
+    assert got is not None and torch.equal(got, expect)
+    assert torch.equal(prefill, cpu.prefill_attention(*case[:5], case[5].cu_seqlens_q, case[5].cu_seqlens_k, None,
+                                                      0.125))
+
+
 def test_backend_uses_the_kernels_and_falls_back():
     lens = [5, 40, 17]
     q, k_cache, v_cache, ctx = decode_case(lens, 16, 14, 2, 64, BF16, "cpu")

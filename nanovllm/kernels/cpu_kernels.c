@@ -330,11 +330,12 @@ static int attention_shape_ok(int64_t num_heads, int64_t num_kv_heads, int64_t h
            && G * num_kv_heads == num_heads;
 }
 
-/* A thread's scores buffer grown to hold at least `floats`; NULL (and cap 0) when memory runs out */
+/* A thread's scores buffer grown to hold at least `floats` (at least 16); NULL (and cap 0) when memory runs out */
 static inline float *grow(float *buf, int64_t *cap, int64_t floats) {
-    if (floats <= *cap) return buf;
+    if (buf && floats <= *cap) return buf;
     free(buf);
-    buf = (float *)aligned_alloc(64, ((floats + 15) & ~(int64_t)15) * sizeof(float));
+    floats = floats < 16 ? 16 : (floats + 15) & ~(int64_t)15;
+    buf = (float *)aligned_alloc(64, floats * sizeof(float));
     *cap = buf ? floats : 0;
     return buf;
 }

@@ -11,6 +11,8 @@ failing to build them fails.
 import pytest
 import torch
 
+from conftest import generate_twice, make_model, next_token_logits, random_prompts
+from nanovllm import LLM, SamplingParams
 from nanovllm.kernels import cpu
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_prefill
@@ -262,3 +264,34 @@ def test_greedy_leaves_nan_rows_to_pytorch():
     logits[1, 5] = float("nan")
     assert cpu.greedy(logits) is None
     assert torch.equal(_greedy(logits), _greedy.reference(logits))
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("qwen3", dict(head_dim=64)),  # q/k norm, groups of 2
+    ("qwen2", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, intermediate_size=96)),  # biases
+])
+def test_engine_in_bf16_agrees_with_the_pytorch_path(tmp_path, monkeypatch, kind, overrides):
+    """A bf16 engine on the kernels (prefill, paged prefill of cached prefixes, decode) against the same engine on
+    PyTorch's ops: equal tokens, or at the first difference each side's token in the other's top 5."""
+    served = []
+    for name in ("decode_attention", "prefill_attention"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, real=real, name=name, **kw: served.append(name) or real(*a, **kw))
+    path = make_model(tmp_path, kind, **overrides)
+    prompts = random_prompts([3, 17, 40, 64, 100], seed=5)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(path, device="cpu", dtype="bfloat16", enforce_eager=True, kvcache_block_size=16,
+             num_kvcache_blocks=64) as llm:
+        on = generate_twice(llm, prompts, sp)  # the second run prefills from cached prefixes
+        assert {"decode_attention", "prefill_attention"} <= set(served)
+        with fused_kernels(False):
+            off = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+        for prompt, x, y in zip(prompts, on, off):
+            differ = [i for i, (a, b) in enumerate(zip(x, y)) if a != b]
+            if not differ:
+                continue
+            prefix = prompt + x[:differ[0]]
+            top_on = next_token_logits(llm, prefix).topk(5).indices.tolist()
+            with fused_kernels(False):
+                top_off = next_token_logits(llm, prefix).topk(5).indices.tolist()
+            assert x[differ[0]] in top_off and y[differ[0]] in top_on, prompt

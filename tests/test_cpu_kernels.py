@@ -199,7 +199,9 @@ def test_what_the_kernels_do_not_take_returns_none():
     bad = ctx.block_tables.clone()
     bad[0, 0] = k_cache.size(0)  # past the cache
     assert cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, bad, 0.1) is None
+    assert cpu.rms_norm(randn(4, 64), randn(32), 1e-6) is None  # a weight of another width
     positions, q, k, v, cos, sin = rope_inputs(4, 4, 2, 64)
+    assert cpu.rope(torch.tensor([0, 1, 2, 512], dtype=torch.int32), q, k, cos, sin) is None  # past the tables
     caches = [randn(2, 16, 2, 64), randn(2, 16, 2, 64)]
     assert cpu.rope_store(positions, q, k, v, None, None, 0.0, cos, sin, *caches,
                           torch.tensor([0, 1, 2, 32], dtype=torch.int32), None, None) is None  # slot 32 of 32

@@ -148,6 +148,7 @@ def _rows(x: torch.Tensor) -> bool:
 def _rms_norm(x, residual, weight, eps):
     lib = _lib()
     if lib is None or not _bf16(x, residual, weight) or not _rows(x) or not weight.is_contiguous() \
+            or weight.shape != x.shape[1:] \
             or (residual is not None and (not _rows(residual) or residual.shape != x.shape)):
         return None
     rows, cols = x.shape
@@ -193,8 +194,10 @@ def _rope(positions, q, k, v, q_weight, k_weight, eps, cos_cache, sin_cache, k_c
             or not (_heads(q) and _heads(k)) or positions.dtype != torch.int32 or not positions.is_contiguous() \
             or not (cos_cache.is_contiguous() and sin_cache.is_contiguous()) \
             or cos_cache.size(1) * 2 != q.size(2) or k.size(2) != q.size(2) \
-            or not all(w is None or w.is_contiguous() for w in (q_weight, k_weight)):
+            or not all(w is None or (w.is_contiguous() and w.shape == q.shape[2:]) for w in (q_weight, k_weight)):
         return None
+    if q.size(0) and int(positions.max()) >= cos_cache.size(0):
+        return None  # a position past the rotary tables (the reference's indexing raises)
     if store and (not _heads(v) or v.shape != k.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous())
                   or slot_mapping.dtype != torch.int32 or not slot_mapping.is_contiguous()
                   or k_cache.shape[-2:] != k.shape[1:]):
@@ -245,7 +248,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     step took these tables and lengths (with a cache of the same shape), so they are not scanned again."""
     lib = _lib()
     if lib is None or not _bf16(q, k_cache, v_cache) or not q.is_contiguous() or q.size(0) == 0 \
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) \
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.size(-1) != q.size(-1) \
             or context_lens.dtype != torch.int32 or not context_lens.is_contiguous() \
             or not (tables_checked or _tables_fit(block_tables, k_cache, int(context_lens.max()))):
         return None

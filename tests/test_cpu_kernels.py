@@ -241,7 +241,7 @@ def test_a_failed_build_is_reported_and_the_layers_run_pytorch(monkeypatch, tmp_
     monkeypatch.setattr(cpu, "unavailable_reason", lambda: None)
     cpu.library.cache_clear()
     try:
-        with caplog.at_level("INFO", logger="nanovllm.kernels.cpu"):
+        with caplog.at_level("WARNING", logger="nanovllm.kernels.cpu"):
             assert cpu.library() is None
         assert "building them failed" in caplog.text
         assert cpu.silu_and_mul(randn(2, 64)) is None
@@ -297,3 +297,15 @@ def test_engine_in_bf16_agrees_with_the_pytorch_path(tmp_path, monkeypatch, kind
             with fused_kernels(False):
                 top_off = next_token_logits(llm, prefix).topk(5).indices.tolist()
             assert x[differ[0]] in top_off and y[differ[0]] in top_on, prompt
+
+
+def test_float32_never_builds_the_library(monkeypatch):
+    def no_build():
+        raise AssertionError("a float32 call asked for the native library")
+    monkeypatch.setattr(cpu, "library", no_build)
+    x, weight = torch.randn(3, 64), torch.randn(64)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), rms_norm.reference(x, weight, 1e-6), rtol=0, atol=0)
+    silu_and_mul(torch.randn(3, 64))
+    _greedy(torch.randn(2, 100))
+    q, k_cache, v_cache, ctx = decode_case([5, 9], 16, 4, 2, 64, torch.float32, "cpu")
+    TorchBackend().decode(q, k_cache, v_cache, ctx, 0.1)

@@ -3,7 +3,8 @@
 On a CPU decode step the GEMMs run at the cores' bf16 rate; what remains is many small PyTorch ops per layer
 (norms, rotary, activation, the KV store, a gather and SDPA for attention), each a pass over memory with its own
 dispatch. These kernels do each in one pass, with the same signatures as the PyTorch functions they replace
-(layernorm.py, activation.py, rotary_embedding.py, torch_sdpa.py), which stay the reference.
+(layernorm.py, activation.py, rotary_embedding.py, torch_sdpa.py's decode and prefill attention, sampler.py's
+greedy argmax), which stay the reference.
 
 They need Linux on x86-64 with AVX-512 (F, BW, VL) and a C compiler (`$CC`, else `cc`). The shared library is
 built once per source, compiler and CPU into `$NANOVLLM_CACHE_DIR/cpu-kernels` (default
@@ -112,7 +113,8 @@ def _build() -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (logged once) where they cannot be built."""
+    """The loaded kernels, or None (a warning, once) where they cannot be built. Asked for on the first bfloat16
+    call that a kernel would serve, so float32 runs never build them."""
     reason = unavailable_reason()
     if reason is None:
         try:
@@ -124,7 +126,7 @@ def library() -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = argtypes, ctypes.c_int
             return lib
-    logger.info("nanovllm: CPU kernels off (%s); bfloat16 runs PyTorch's ops", reason)
+    logger.warning("nanovllm: no native CPU kernels (%s); bfloat16 on the CPU runs PyTorch's ops, slower", reason)
     return None
 
 
@@ -146,10 +148,11 @@ def _rows(x: torch.Tensor) -> bool:
 
 
 def _rms_norm(x, residual, weight, eps):
-    lib = _lib()
-    if lib is None or not _bf16(x, residual, weight) or not _rows(x) or not weight.is_contiguous() \
+    if not _bf16(x, residual, weight) or not _rows(x) or not weight.is_contiguous() \
             or weight.shape != x.shape[1:] \
             or (residual is not None and (not _rows(residual) or residual.shape != x.shape)):
+        return None
+    if (lib := _lib()) is None:
         return None
     rows, cols = x.shape
     out = torch.empty(rows, cols, dtype=x.dtype)
@@ -172,8 +175,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
-    lib = _lib()
-    if lib is None or not _bf16(x) or not _rows(x) or x.size(1) % 2:
+    if not _bf16(x) or not _rows(x) or x.size(1) % 2 or (lib := _lib()) is None:
         return None
     rows, d = x.size(0), x.size(1) // 2
     out = torch.empty(rows, d, dtype=x.dtype)
@@ -188,9 +190,8 @@ def _heads(x: torch.Tensor) -> bool:
 
 
 def _rope(positions, q, k, v, q_weight, k_weight, eps, cos_cache, sin_cache, k_cache, v_cache, slot_mapping):
-    lib = _lib()
     store = k_cache is not None
-    if lib is None or not _bf16(q, k, v, q_weight, k_weight, cos_cache, sin_cache, k_cache, v_cache) \
+    if not _bf16(q, k, v, q_weight, k_weight, cos_cache, sin_cache, k_cache, v_cache) \
             or not (_heads(q) and _heads(k)) or positions.dtype != torch.int32 or not positions.is_contiguous() \
             or not (cos_cache.is_contiguous() and sin_cache.is_contiguous()) \
             or cos_cache.size(1) * 2 != q.size(2) or k.size(2) != q.size(2) \
@@ -204,6 +205,8 @@ def _rope(positions, q, k, v, q_weight, k_weight, eps, cos_cache, sin_cache, k_c
         return None
     if q.size(0) == 0 or (store and int(slot_mapping.max()) >= k_cache.numel() // k[0].numel()):
         return None  # nothing to do, or a slot past the cache (the reference's indexing raises)
+    if (lib := _lib()) is None:
+        return None
     tokens, heads, head_dim = q.shape
     kv_heads = k.size(1)
     q_out = torch.empty(tokens, heads, head_dim, dtype=q.dtype)
@@ -246,11 +249,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, scale: float, tables_checked: bool = False) -> torch.Tensor | None:
     """torch_sdpa.reference_decode's result for a bf16 cache, or None. tables_checked: an earlier call of the same
     step took these tables and lengths (with a cache of the same shape), so they are not scanned again."""
-    lib = _lib()
-    if lib is None or not _bf16(q, k_cache, v_cache) or not q.is_contiguous() or q.size(0) == 0 \
+    if not _bf16(q, k_cache, v_cache) or not q.is_contiguous() or q.size(0) == 0 \
             or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.size(-1) != q.size(-1) \
             or context_lens.dtype != torch.int32 or not context_lens.is_contiguous() \
-            or not (tables_checked or _tables_fit(block_tables, k_cache, int(context_lens.max()))):
+            or not (tables_checked or _tables_fit(block_tables, k_cache, int(context_lens.max()))) \
+            or (lib := _lib()) is None:
         return None
     num_seqs, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
@@ -264,15 +267,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
                       v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       block_tables: torch.Tensor | None, scale: float) -> torch.Tensor | None:
     """torch_sdpa.reference_prefill's result for bf16 (keys from the cache when block_tables is given), or None."""
-    lib = _lib()
     cached = block_tables is not None
-    if lib is None or not _bf16(q, k, v) or not q.is_contiguous() or q.size(0) == 0 \
+    if not _bf16(q, k, v) or not q.is_contiguous() or q.size(0) == 0 \
             or not (_heads(k) and _heads(v)) or k.shape != v.shape or k.size(2) != q.size(2) \
             or any(t.dtype != torch.int32 or not t.is_contiguous() for t in (cu_seqlens_q, cu_seqlens_k)):
         return None
     if cached and (not _bf16(k_cache, v_cache) or not (k_cache.is_contiguous() and v_cache.is_contiguous())
                    or k_cache.shape[-2:] != k.shape[1:]
                    or not _tables_fit(block_tables, k_cache, int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()))):
+        return None
+    if (lib := _lib()) is None:
         return None
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
@@ -288,8 +292,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
 def greedy(logits: torch.Tensor) -> torch.Tensor | None:
     """sampler._greedy (each row's first maximum) over bf16 logits, or None (also when a row holds a NaN)."""
-    lib = _lib()
-    if lib is None or not _bf16(logits) or not _rows(logits) or logits.size(1) == 0 or logits.size(1) >= 2 ** 31:
+    if not _bf16(logits) or not _rows(logits) or logits.size(1) == 0 or logits.size(1) >= 2 ** 31 \
+            or (lib := _lib()) is None:
         return None
     out = torch.empty(logits.size(0), dtype=torch.int64)
     rc = lib.nv_argmax_rows(logits.data_ptr(), logits.stride(0), logits.size(0), logits.size(1), out.data_ptr(),

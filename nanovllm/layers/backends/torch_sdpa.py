@@ -15,6 +15,9 @@ Decode has two versions whose results agree to float rounding:
       q [num_seqs, num_heads, head_dim] --view--> [num_seqs, num_kv_heads, group, head_dim]
                                                    group query heads = the "query length" of each KV head
       k [num_seqs, num_kv_heads, keys, head_dim]   (a view of the gathered keys, no copy per head)
+
+On the CPU in bfloat16 both prefill and decode first try the native kernels (kernels/cpu.py), which attend the
+same way straight from the cache blocks without the gather; these PyTorch versions run where those cannot.
 """
 from dataclasses import dataclass
 

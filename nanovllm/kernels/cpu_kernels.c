@@ -1,15 +1,15 @@
-/* nanovllm's CPU kernels: bfloat16 decode attention over the paged KV cache and the per-layer element-wise ops,
- * each one pass over its data. Built at first use by nanovllm/kernels/cpu.py (cc -O3 -march=native -fopenmp) for
- * CPUs with AVX-512 (F, BW, VL); the PyTorch functions they replace are the reference they are tested against.
+/* nanovllm's CPU kernels for bfloat16: attention (decode over the paged KV cache, causal prefill), the per-layer
+ * element-wise ops and the greedy argmax, each one pass over its data. Built at first use by
+ * nanovllm/kernels/cpu.py (cc -O3 -march=native -fopenmp) for CPUs with AVX-512 (F, BW, VL); the PyTorch functions
+ * they replace are the reference they are tested against.
  *
  * Tensors arrive as raw pointers with their strides in elements. bfloat16 values travel as uint16_t, 32 at a time
  * in one 512-bit load: each 32-bit lane holds an (even, odd) pair of elements, widened to two float vectors by a
  * shift and a mask and narrowed back the same way, with round-to-nearest-even (NaN kept NaN) as torch converts;
- * no shuffles, so element-wise work needs no order, and a reduction sums in its own. Every
- * element-wise kernel rounds where the PyTorch reference rounds (each bf16 op of the reference computes in float
- * and rounds its result), so results match it to the reference's own float arithmetic; reductions sum in another
- * order. A function returns 0, or -1 for a shape it does not take (the caller then runs the reference).
- * num_threads: the OpenMP team size, torch.get_num_threads() of the caller. */
+ * nothing shuffles. Every element-wise kernel rounds where the PyTorch reference rounds (each bf16 op there
+ * computes in float and rounds its result), so it matches the reference's bits; reductions sum in their own
+ * order. A function returns 0, or -1 for a shape it does not take or when memory runs out (the caller then runs
+ * the reference). num_threads: the OpenMP team size, torch.get_num_threads() of the caller. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>

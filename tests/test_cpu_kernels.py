@@ -276,10 +276,12 @@ ENGINE_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("shape", ENGINE_SHAPES)
-def test_engine_in_bf16_agrees_with_the_pytorch_path(tmp_path, monkeypatch, shape):
-    """A bf16 engine on the kernels (prefill, paged prefill of cached prefixes, decode) against the same engine on
-    PyTorch's ops: equal tokens, or at the first difference each side's token in the other's top 5."""
+@pytest.mark.parametrize("shape, chunked", [(shape, False) for shape in ENGINE_SHAPES]
+                         + [("qwen3_head_dim_64", True), ("qwen2_mqa_head_dim_32", True)])
+def test_engine_in_bf16_agrees_with_the_pytorch_path(tmp_path, monkeypatch, shape, chunked):
+    """A bf16 engine on the kernels (prefill, paged prefill of cached prefixes, decode; chunked: 32-token steps, so
+    prompts are prefilled in chunks with decodes riding along) against the same engine on PyTorch's ops: equal
+    tokens, or at the first difference each side's token in the other's top 5."""
     served = []
     for name in ("decode_attention", "prefill_attention"):
         real = getattr(cpu, name)
@@ -294,8 +296,9 @@ def test_engine_in_bf16_agrees_with_the_pytorch_path(tmp_path, monkeypatch, shap
     path = make_model(tmp_path, kind, **overrides)
     prompts = random_prompts([3, 17, 40, 64, 100], seed=5)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    options = dict(max_num_batched_tokens=32, max_model_len=256) if chunked else {}
     with LLM(path, device="cpu", dtype="bfloat16", enforce_eager=True, kvcache_block_size=16,
-             num_kvcache_blocks=64) as llm:
+             num_kvcache_blocks=64, **options) as llm:
         on = generate_twice(llm, prompts, sp)  # the second run prefills from cached prefixes
         if shape in ("qwen3_head_dim_64", "qwen2_mqa_head_dim_32"):
             assert {"decode_attention", "prefill_attention"} <= set(served)

@@ -17,7 +17,7 @@ from nanovllm.kernels import cpu
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_prefill
 from nanovllm.layers.layernorm import add_rms_norm, rms_norm
-from nanovllm.layers.rotary_embedding import _norm_rope, _rope_store, rope
+from nanovllm.layers.rotary_embedding import RotaryEmbedding, _norm_rope, _rope_store, rope
 from nanovllm.layers.sampler import _greedy
 from nanovllm.utils.kernels import fused_kernels
 from test_kernels import decode_case, prefill_case
@@ -84,8 +84,8 @@ def rope_inputs(tokens, heads, kv_heads, head_dim, seed=0):
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
     q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
     positions = torch.randint(0, 300, (tokens,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
-    freqs = torch.outer(torch.arange(512).float(), 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    return positions, q, k, v, freqs.cos().to(BF16), freqs.sin().to(BF16)
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, BF16)  # the model's own bf16 tables
+    return positions, q, k, v, rotary.cos_cache, rotary.sin_cache
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 48])

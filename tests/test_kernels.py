@@ -407,17 +407,24 @@ def _sampler_case(params, vocab, seed, scale=3.0):
 
 
 def _check_sampler_race_and_greedy():
-    """Vocabularies past one 2048-token block; a tie across blocks goes to the first index, as argmax's."""
+    """Vocabularies of one part (300) to the full 32 parts of 1024-token blocks (40000, the last part short); a tie
+    across parts goes to the first index, as argmax's; rows with -inf parts, all -inf; a NaN."""
     from nanovllm.kernels.sampling import greedy, race
     from nanovllm.layers.sampler import _greedy, _race
-    for vocab in (300, 5000):
-        params = [SamplingParams(temperature=t) for t in (0.7, 0, 1.3, 0.05, 1.0, 0)]
+    for vocab in (300, 5000, 40000):
+        params = [SamplingParams(temperature=t) for t in (0.7, 0, 1.3, 0.05, 1.0, 0, 0, 0.9, 0)]
         logits, t = _sampler_case(params, vocab, seed=vocab)
-        logits[1, [100, vocab - 7]] = 50.0  # greedy row 1: the same maximum in two blocks
-        assert torch.equal(race(logits, t.temperatures, t.noise_keys), _race.reference(logits, t.temperatures,
-                                                                                          t.noise_keys))
+        logits[1, [100, vocab - 7]] = 50.0  # greedy row 1: the same maximum in two parts
+        logits[5, :vocab // 2] = float("-inf")  # greedy row 5: the maximum in a later part
+        logits[6] = float("-inf")  # all -inf: token 0, as argmax
+        logits[7, : vocab - 1] = float("-inf")  # sampled, only the last token possible
+        ref_race = _race.reference(logits, t.temperatures, t.noise_keys)
+        assert torch.equal(race(logits, t.temperatures, t.noise_keys), ref_race)
+        assert ref_race[7].item() == vocab - 1
         assert torch.equal(greedy(logits), _greedy.reference(logits))
-        assert greedy(logits)[1].item() == 100
+        assert greedy(logits)[1].item() == 100 and greedy(logits)[6].item() == 0
+        logits[8, 3] = float("nan")  # PyTorch's argmax answers a NaN's index; the kernels pass over NaN
+        assert race(logits, t.temperatures, t.noise_keys)[8].item() != 3 and greedy(logits)[8].item() != 3
 
 
 def _check_sampler_penalties():

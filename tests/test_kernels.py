@@ -427,6 +427,48 @@ def _check_sampler_race_and_greedy():
         assert race(logits, t.temperatures, t.noise_keys)[8].item() != 3 and greedy(logits)[8].item() != 3
 
 
+def _check_fill_in_flight():
+    """Three 1024-token blocks, the last partial: tokens in flight read from the previous samples, others kept."""
+    from nanovllm.engine.model_runner import fill_in_flight as reference
+    from nanovllm.kernels.inputs import fill_in_flight
+    gen = torch.Generator().manual_seed(11)
+    last = torch.randint(0, 150_000, (40,), generator=gen)  # int64, as the sampler returns them
+    ids = torch.randint(0, 150_000, (2500,), generator=gen, dtype=torch.int32)
+    pending = torch.randint(-1, 40, (2500,), generator=gen, dtype=torch.int32)
+    pending[torch.rand(2500, generator=gen) < 0.5] = -1
+    out = fill_in_flight(ids, pending, last)
+    assert out.dtype == torch.int32 and torch.equal(out, reference.reference(ids, pending, last))
+    assert torch.equal(out[pending >= 0], last[pending[pending >= 0].long()].int())
+
+
+def _check_stage_decode_inputs():
+    """A decode step's rows into a graph's static inputs: n of bs rows, tables narrower than the static ones and
+    wider than one 128-column loop step, with and without an order; rows past bs stay untouched."""
+    from nanovllm.engine.cuda_graphs import stage_decode_inputs as reference
+    from nanovllm.kernels.inputs import stage_decode_inputs
+    gen = torch.Generator().manual_seed(12)
+    max_bs, max_blocks = 24, 150
+    for n, bs, width, ordered in ((1, 1, 1, True), (7, 16, 3, True), (16, 16, 150, False), (5, 8, 130, True)):
+        ids, pos, slots, lens = (torch.randint(0, 1000, (n,), generator=gen, dtype=torch.int32) for _ in range(4))
+        tables = torch.randint(0, 500, (n, width), generator=gen, dtype=torch.int32)
+        order = torch.randperm(n, generator=gen).int() if ordered else None
+        results = []
+        for fn in (stage_decode_inputs, reference.reference):
+            packed = torch.full((2 * max_bs,), 77, dtype=torch.int32)  # ids and positions share one buffer
+            static = [packed[:max_bs], packed[max_bs:]] + [torch.full((max_bs,), 77, dtype=torch.int32)
+                                                            for _ in range(2)]
+            static += [torch.full((max_bs, max_blocks), 77, dtype=torch.int32),
+                       torch.full((max_bs,), 77, dtype=torch.int32)]
+            fn(ids, pos, slots, lens, tables, order, *static, bs)
+            results.append(static)
+        for got, want in zip(*results):
+            assert torch.equal(got, want), (n, bs, width, ordered)
+        static_slots, static_lens, static_tables, static_order = results[0][2:]
+        assert (static_slots[n:bs] == -1).all() and (static_lens[n:bs] == 0).all()
+        assert (static_tables[:bs, width:] == -1).all() and (static_tables[bs:] == 77).all()
+        assert static_order[:bs].sort().values.tolist() == list(range(bs))
+
+
 def _check_sampler_penalties():
     from nanovllm.kernels.sampling import apply_penalties
     from nanovllm.layers.sampler import _apply_penalties
@@ -472,6 +514,8 @@ INTERPRETER_CHECKS = {
     "fused_rope_store": _check_fused_rope_store,
     "fused_silu_and_mul": _check_fused_silu_and_mul,
     "sampler_race_and_greedy": _check_sampler_race_and_greedy,
+    "fill_in_flight": _check_fill_in_flight,
+    "stage_decode_inputs": _check_stage_decode_inputs,
     "sampler_penalties": _check_sampler_penalties,
     "sampler_thresholds": _check_sampler_thresholds,
 }

@@ -136,6 +136,15 @@ def test_decode_with_a_known_token_and_one_in_flight():
     assert (lay.block_tables, lay.width) == ([7, 3, 5, 9], 2)
 
 
+def test_decode_order_is_longest_context_first_ties_in_batch_order():
+    rows = apply_step({}, decode(new(1, [1] * 5, [0, 1], 4, 1), new(2, [2] * 9, [2, 3, 4], 8, 1),
+                                 new(3, [3] * 5, [5, 6], 4, 1), new(4, [4] * 7, [7, 8], 6, 1)))
+    lay = decode_layout(rows, BS, ordered=True)
+    assert lay.context_lens == [5, 9, 5, 7]
+    assert lay.order == [1, 3, 0, 2]
+    assert decode_layout(rows, BS).order == []  # only for a backend that asks
+
+
 def test_decode_of_a_new_sequence_whose_prefix_is_cached():
     rows = apply_step({}, decode(new(3, [1, 2, 3, 4, 7], [0, 2], 4, 1)))
     lay = decode_layout(rows, BS)

@@ -1,8 +1,9 @@
 """CUDA graphs for decode steps: one graph per batch size, all sharing one memory pool.
 
 A decode step of n sequences replays the smallest captured graph of batch size >= n. Inputs are copied into
-static buffers; the padded rows get slot -1 (nothing stored) and context length 0, and every block-table
-column past a row's own blocks is reset to -1 so no stale block id of an earlier step survives.
+static buffers (one kernel on CUDA, `stage_decode_inputs`); the padded rows get slot -1 (nothing stored) and
+context length 0, and every block-table column past a row's own blocks is reset to -1 so no stale block id of
+an earlier step survives.
 
     block_tables (static, width = blocks of max_model_len)
         row 0 | 7  3 12 -1 -1 ... |   <- this step's rows, rest cleared
@@ -13,8 +14,32 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.utils.context import Context, forward_context
+from nanovllm.utils.kernels import fused_kernel
 from nanovllm.utils.math import cdiv
 from nanovllm.utils.packing import packed_starts
+
+
+@fused_kernel("inputs", "stage_decode_inputs")
+def stage_decode_inputs(input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                        context_lens: torch.Tensor, block_tables: torch.Tensor, decode_order: torch.Tensor | None,
+                        static_ids: torch.Tensor, static_positions: torch.Tensor, static_slots: torch.Tensor,
+                        static_lens: torch.Tensor, static_tables: torch.Tensor, static_order: torch.Tensor,
+                        bs: int) -> None:
+    """A decode step's n rows into the first n of a graph's static inputs of batch size bs; rows n..bs-1 are
+    padding (slot -1, context length 0, their own index in the order). Block-table columns past the step's width
+    become -1. decode_order None: the rows in batch order."""
+    n, width = block_tables.shape
+    static_ids[:n] = input_ids
+    static_positions[:n] = positions
+    static_slots[:bs].fill_(-1)
+    static_slots[:n] = slot_mapping
+    static_lens[:bs].zero_()
+    static_lens[:n] = context_lens
+    static_tables[:bs].fill_(-1)
+    static_tables[:n, :width] = block_tables
+    static_order[:bs] = torch.arange(bs, dtype=static_order.dtype, device=static_order.device)
+    if decode_order is not None:
+        static_order[:n] = decode_order
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -43,6 +68,7 @@ class CUDAGraphRunner:
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int32, **kw)
         self.context_lens = torch.zeros(max_bs, dtype=torch.int32, **kw)
         self.block_tables = torch.full((max_bs, max_blocks), -1, dtype=torch.int32, **kw)
+        self.decode_order = torch.arange(max_bs, dtype=torch.int32, **kw)
         self.outputs = torch.zeros(max_bs, hidden, dtype=config.torch_dtype, **kw)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -50,7 +76,7 @@ class CUDAGraphRunner:
 
     def _context(self, bs: int) -> Context:
         return Context(False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
-                       block_tables=self.block_tables[:bs])
+                       block_tables=self.block_tables[:bs], decode_order=self.decode_order[:bs])
 
     @torch.inference_mode()
     def _capture_all(self):
@@ -73,15 +99,9 @@ class CUDAGraphRunner:
     def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         n = input_ids.size(0)
         bs = next(b for b in self.batch_sizes if b >= n)
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:bs].fill_(-1)
-        self.slot_mapping[:n] = ctx.slot_mapping
-        self.context_lens[:bs].zero_()
-        self.context_lens[:n] = ctx.context_lens
-        tables = ctx.block_tables
-        self.block_tables[:bs].fill_(-1)
-        self.block_tables[:n, :tables.size(1)] = tables
+        stage_decode_inputs(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables,
+                            ctx.decode_order, self.input_ids, self.positions, self.slot_mapping, self.context_lens,
+                            self.block_tables, self.decode_order, bs)
         self.graphs[bs].replay()
         return self.outputs[:n]
 

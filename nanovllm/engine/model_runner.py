@@ -22,12 +22,20 @@ from nanovllm.layers.sampler import sample, sampling_tensors, warm_up_sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import Context, forward_context
+from nanovllm.utils.kernels import fused_kernel
 from nanovllm.utils.loader import init_dummy_weights, load_model
 from nanovllm.utils.math import cdiv
 from nanovllm.utils.packing import packed_starts
 from nanovllm.utils.parallel import SymmMemAllReduce, abandon, create_all_reduce, tensor_parallel
 
 WARMUP = SamplingParams(temperature=0.0, max_tokens=1)
+
+
+@fused_kernel("inputs", "fill_in_flight")
+def fill_in_flight(ids: torch.Tensor, pending: torch.Tensor, last_sampled: torch.Tensor) -> torch.Tensor:
+    """ids, but where pending >= 0 the previous step's sample in that row of last_sampled (a token in flight)."""
+    previous = last_sampled[pending.clamp(min=0)].to(ids.dtype)
+    return torch.where(pending >= 0, previous, ids)
 
 
 @contextmanager
@@ -209,11 +217,13 @@ class ModelRunner:
             ctx = Context(True, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, slots,
                           block_tables=tables.view(len(rows), lay.width) if lay.width else None)
             return self._fill_in_flight(ids, pending) if in_flight else ids, pos, ctx, logits_indices
-        lay = decode_layout(rows, self.block_size)
+        ordered = self.attn_backend.orders_decode
+        lay = decode_layout(rows, self.block_size, ordered)
         pending = self._pending_rows(rows, lay.input_ids) if in_flight else []
-        ids, pos, slots, lens, tables, pending = self._upload(
-            lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables, pending)
-        ctx = Context(False, slot_mapping=slots, context_lens=lens, block_tables=tables.view(len(rows), lay.width))
+        ids, pos, slots, lens, tables, order, pending = self._upload(
+            lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables, lay.order, pending)
+        ctx = Context(False, slot_mapping=slots, context_lens=lens, block_tables=tables.view(len(rows), lay.width),
+                      decode_order=order if ordered else None)
         return self._fill_in_flight(ids, pending) if in_flight else ids, pos, ctx, None
 
     def _pending_rows(self, rows: list[Row], input_ids: list[int]) -> list[int]:
@@ -227,8 +237,7 @@ class ModelRunner:
         return pending
 
     def _fill_in_flight(self, ids: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
-        previous = self.last_sampled[pending.clamp(min=0)].to(ids.dtype)
-        return torch.where(pending >= 0, previous, ids)
+        return fill_in_flight(ids, pending, self.last_sampled)
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context,

@@ -62,6 +62,7 @@ class DecodeLayout:
     context_lens: list[int]
     block_tables: list[int]
     width: int
+    order: list[int]  # the rows longest context first (ties in batch order); empty unless asked for
 
 
 def apply_step(states: dict[int, SeqState], step: ScheduledStep) -> list[Row]:
@@ -148,11 +149,14 @@ def wants_prompt_logprobs(row: Row) -> bool:
             and row.state.num_computed < row.state.num_prompt_tokens)
 
 
-def decode_layout(rows: list[Row], block_size: int) -> DecodeLayout:
-    """One new token per sequence at position num_computed, attending to every cached token and itself."""
+def decode_layout(rows: list[Row], block_size: int, ordered: bool = False) -> DecodeLayout:
+    """One new token per sequence at position num_computed, attending to every cached token and itself.
+    ordered: also the rows by context length, longest first (AttentionBackend.orders_decode)."""
     positions = [row.state.num_computed for row in rows]
     slot_mapping = [row.state.block_table[p // block_size] * block_size + p % block_size
                     for row, p in zip(rows, positions)]
     input_ids = [-1 if row.last_token is None else row.last_token for row in rows]
     tables, width = block_table_rows([row.state.block_table for row in rows])
-    return DecodeLayout(input_ids, positions, slot_mapping, [p + 1 for p in positions], tables, width)
+    context_lens = [p + 1 for p in positions]
+    order = sorted(range(len(rows)), key=context_lens.__getitem__, reverse=True) if ordered else []
+    return DecodeLayout(input_ids, positions, slot_mapping, context_lens, tables, width, order)

@@ -25,6 +25,9 @@ class Context:
     context_lens: torch.Tensor | None = None
     # [num_seqs, max_num_blocks] int32, physical block ids; only set when attention must read the paged cache
     block_tables: torch.Tensor | None = None
+    # decode, for a backend that starts its programs in an order (AttentionBackend.orders_decode): the rows,
+    # longest context first, [num_seqs] int32, computed on the host with the step's other inputs
+    decode_order: torch.Tensor | None = None
     # a backend's own data derived from the fields above, built by the step's first layer for the others
     plan: object = None
 

@@ -27,6 +27,8 @@ from nanovllm.utils.context import Context
 
 class AttentionBackend(ABC):
     name: str = ""
+    # whether decode reads ctx.decode_order (the rows longest first), which the runner then uploads with the step
+    orders_decode: bool = False
 
     def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
                      kv_cache_dtype: str = "auto") -> None:

@@ -17,6 +17,7 @@ from nanovllm.kernels.store_kvcache import store_kvcache
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+    orders_decode = True
 
     def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
                      kv_cache_dtype: str = "auto") -> None:
@@ -37,11 +38,14 @@ class TritonBackend(AttentionBackend):
                                  ctx.block_tables, scale, None, *_scales(kv_scales))
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
-        if ctx.plan is None:  # the step's first layer: the others reuse its order
-            # the longest sequences' programs start first, so that the last ones to finish are short
-            ctx.plan = torch.argsort(ctx.context_lens, descending=True)
+        # the longest sequences' programs start first, so that the last ones to finish are short
+        order = ctx.decode_order
+        if order is None:  # a caller other than the runner: sort here, in the step's first layer, for all
+            if ctx.plan is None:
+                ctx.plan = torch.argsort(ctx.context_lens, descending=True)
+            order = ctx.plan
         return decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, None, None,
-                                *_scales(kv_scales), seq_order=ctx.plan)
+                                *_scales(kv_scales), seq_order=order)
 
 
 def _scales(kv_scales: KVScales | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -30,6 +30,8 @@ def expected(llm):
     ([[1, -1]], GREEDY, ValueError, "token id -1"),
     ([[1, 512]], GREEDY, ValueError, "vocab_size=512"),
     ([[1, 2.5]], GREEDY, TypeError, "2.5"),
+    ([[1, True]], GREEDY, TypeError, "token ids must be ints, got True (bool)"),
+    ([(1, "2")], GREEDY, TypeError, "token ids must be ints, got '2' (str)"),
     ([3], GREEDY, TypeError, "a prompt must be a str or a list of token ids, got int"),
     (5, GREEDY, TypeError, "prompts must be"),
     ([[1] * 190], SamplingParams(max_tokens=20), ValueError, "190 + max_tokens 20 = 210 exceeds max_model_len=200"),
@@ -57,8 +59,9 @@ def test_a_bare_token_list_is_not_a_batch(llm):
 
 def test_numpy_token_ids_are_accepted(llm, expected):
     import numpy as np
-    assert llm.generate([np.array([1, 2, 3])], GREEDY, use_tqdm=False) == \
-        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    want = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert llm.generate([np.array([1, 2, 3])], GREEDY, use_tqdm=False) == want
+    assert llm.generate([[np.int64(1), 2, np.uint8(3)]], GREEDY, use_tqdm=False) == want  # numpy ints in a list
 
 
 def test_numpy_scalars_are_numbers(qwen3_path):

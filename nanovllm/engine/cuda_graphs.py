@@ -53,7 +53,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class CUDAGraphRunner:
 
     @torch.inference_mode()
-    def __init__(self, model, config: Config, device: torch.device):
+    def __init__(self, model, config: Config, device: torch.device, ordered: bool = False):
+        """ordered: decode steps come with a decode_order (AttentionBackend.orders_decode)."""
         self.model = model
         self.batch_sizes = graph_batch_sizes(config.max_num_seqs)
         max_bs = self.batch_sizes[-1]
@@ -73,6 +74,7 @@ class CUDAGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self._capture_all()
+        self._compile_staging(ordered)
 
     def _context(self, bs: int) -> Context:
         return Context(False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
@@ -92,6 +94,15 @@ class CUDAGraphRunner:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()
+
+    def _compile_staging(self, ordered: bool):
+        """Compile stage_decode_inputs now rather than at the first replay: one padding row (slot -1, context
+        length 0), in fresh (aligned) tensors like a step's uploaded parts. Every replay overwrites it."""
+        one = [torch.full((1,), v, dtype=torch.int32, device=self.input_ids.device) for v in (0, 0, -1, 0, -1, 0)]
+        ids, positions, slots, lens, tables, order = one
+        stage_decode_inputs(ids, positions, slots, lens, tables.view(1, 1), order if ordered else None,
+                            self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.block_tables,
+                            self.decode_order, 1)
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.batch_sizes[-1]

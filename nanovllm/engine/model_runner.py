@@ -97,7 +97,7 @@ class ModelRunner:
                 warm_up_sampler(config.hf_config.vocab_size, config.torch_dtype, device)
         warm = perf_counter()
         if self.on_cuda and not config.enforce_eager:
-            self.graphs = CUDAGraphRunner(self.model, config, device)
+            self.graphs = CUDAGraphRunner(self.model, config, device, ordered=self.attn_backend.orders_decode)
         self.start_up_seconds = {"weights": weights - start, "warm-up and compile": warm - weights,
                                  "graph capture": perf_counter() - warm}
 
@@ -158,6 +158,9 @@ class ModelRunner:
         self._run_rows(rows((n, n - 1, 1)), StepKind.DECODE)
         self._run_rows(rows((max_len, max_len - 1, 1)), StepKind.DECODE)
         if self.on_cuda:
+            # overlapped steps read tokens still in flight through fill_in_flight: uploaded parts as a step's
+            ids, pending = self._upload([0], [0])
+            fill_in_flight(ids, pending, torch.zeros(1, dtype=torch.int64, device=self.device))
             torch.cuda.synchronize(self.device)
 
     def _warmup_row(self, num_tokens: int, cached: int, scheduled: int, in_block_0: bool) -> Row:

@@ -13,7 +13,8 @@ _FILL_BLOCK = 1024
 _TABLE_BLOCK = 128  # block-table columns per loop step
 
 
-@triton.jit
+# the sizes change every step: specialising on their values (== 1, multiples of 16) would compile mid-serving
+@triton.jit(do_not_specialize=["N"])
 def _fill_in_flight_kernel(ids_ptr, pending_ptr, last_ptr, out_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -33,7 +34,7 @@ def fill_in_flight(ids: torch.Tensor, pending: torch.Tensor, last_sampled: torch
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "width", "stride_tables"])
 def _stage_decode_kernel(ids_ptr, pos_ptr, slots_ptr, lens_ptr, tables_ptr, order_ptr,
                          s_ids_ptr, s_pos_ptr, s_slots_ptr, s_lens_ptr, s_tables_ptr, s_order_ptr,
                          n, width, stride_tables, stride_s_tables, max_blocks,

@@ -160,6 +160,30 @@ def test_packed_starts_align_every_part_to_16_bytes():
     assert packed_starts([]) == [0]
 
 
+def test_a_backend_that_orders_decode_gets_the_rows_longest_first(qwen3_path, hf_reference, monkeypatch):
+    """The runner uploads each decode step's rows by context length, longest first (ties in batch order), for a
+    backend that asks (AttentionBackend.orders_decode, the triton one); the tokens stay transformers'."""
+    import nanovllm.engine.model_runner as model_runner
+    from nanovllm.layers.backends.torch_sdpa import TorchBackend
+    steps = []
+
+    class Ordering(TorchBackend):
+        orders_decode = True
+
+        def decode(self, q, k_cache, v_cache, ctx, scale, kv_scales=None):
+            steps.append((ctx.decode_order.tolist(), ctx.context_lens.tolist()))
+            return super().decode(q, k_cache, v_cache, ctx, scale, kv_scales)
+
+    monkeypatch.setattr(model_runner, "create_backend", lambda *args, **kwargs: Ordering())
+    with LLM(qwen3_path, kvcache_block_size=16, mixed_steps=False) as llm:
+        run_and_compare(llm, qwen3_path, random_prompts([5, 40, 17, 40, 1, 90], seed=8), hf_reference,
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert steps
+    for order, lens in steps:
+        assert order == sorted(range(len(lens)), key=lambda i: (-lens[i], i))
+    assert any(order != list(range(len(order))) for order, _ in steps)
+
+
 def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_reference):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(qwen3_with_tokenizer)

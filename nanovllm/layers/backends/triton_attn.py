@@ -38,14 +38,10 @@ class TritonBackend(AttentionBackend):
                                  ctx.block_tables, scale, None, *_scales(kv_scales))
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
-        # the longest sequences' programs start first, so that the last ones to finish are short
-        order = ctx.decode_order
-        if order is None:  # a caller other than the runner: sort here, in the step's first layer, for all
-            if ctx.plan is None:
-                ctx.plan = torch.argsort(ctx.context_lens, descending=True)
-            order = ctx.plan
+        # the runner's order starts the longest sequences' programs first, so that the last ones to finish are
+        # short; a context without one (a direct caller) runs the rows in batch order
         return decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, None, None,
-                                *_scales(kv_scales), seq_order=order)
+                                *_scales(kv_scales), seq_order=ctx.decode_order)
 
 
 def _scales(kv_scales: KVScales | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -57,6 +57,38 @@ def test_fp8_cache_holds_more_blocks_in_the_same_memory(qwen3_path, monkeypatch,
         ratio * kv_cache.num_kvcache_blocks(plain, torch.device("cpu"), 1)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_head_major_blocks_keep_the_shape_and_store_each_heads_slots_together(qwen3_path, kv_cache_dtype):
+    config = Config(qwen3_path, kvcache_block_size=16, max_model_len=1024, device="cpu", dtype="float32",
+                    kv_cache_dtype=kv_cache_dtype)
+    plain = kv_cache.allocate_kv_cache(config, 5, torch.device("cpu"))
+    heads = kv_cache.allocate_kv_cache(config, 5, torch.device("cpu"), head_major=True)
+    assert heads.shape == plain.shape == (2, 2, 5, 16, 2, 16) and heads.dtype == plain.dtype
+    assert plain.is_contiguous() and not heads.is_contiguous()
+    # within a block one head's 16 slots are one run of 16 x 16 elements; blocks and layers as before
+    assert heads.stride()[3:] == (16, 16 * 16, 1) and heads.stride()[:3] == plain.stride()[:3]
+    assert not heads.float().any()  # zeroed like the plain one
+
+
+def test_the_runner_allocates_the_layout_its_backend_asks_for(qwen3_path, monkeypatch):
+    import nanovllm.engine.model_runner as model_runner
+    asked = []
+
+    def allocate(config, num_blocks, device, head_major=False):
+        asked.append(head_major)  # the torch backend itself reads contiguous caches only
+        return kv_cache.allocate_kv_cache(config, num_blocks, device)
+
+    class HeadMajor(TorchBackend):
+        head_major_blocks = True
+
+    monkeypatch.setattr(model_runner, "allocate_kv_cache", allocate)
+    for backend, expect in ((TorchBackend(), False), (HeadMajor(), True)):
+        monkeypatch.setattr(model_runner, "create_backend", lambda *args, **kwargs: backend)
+        with LLM(qwen3_path, kvcache_block_size=16, max_model_len=256) as llm:
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert asked.pop() is expect
+
+
 def test_scales_are_powers_of_two_with_headroom():
     amax = torch.tensor([3.5, 1.0, 0.0, 448.0, 300.0, float("nan")])
     # 3.5 * 8 / 448 = 1/16 exactly; 1 * 8 / 448 -> 2^-5.8 -> 2^-5; unseen or nan -> 1; 448 * 8 / 448 = 8

@@ -390,6 +390,40 @@ def _check_fused_rope_store():
                                                   torch.float32, "cpu"))
 
 
+def head_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same values, stored head by head within each block (the triton backend's layout; see kv_cache.py)."""
+    return cache.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _check_head_major_blocks():
+    """Every Triton kernel that reads or writes the cache gives the same result on a head-major copy of it."""
+    from nanovllm.kernels import fused
+    from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention
+    from nanovllm.kernels.store_kvcache import store_kvcache
+    q, k_cache, v_cache, ctx = decode_case([1, 16, 17, 90, 33], 16, 6, 2, 32, torch.float32, "cpu", extra_width=2)
+    kh, vh = head_major(k_cache), head_major(v_cache)
+    assert torch.equal(kh, k_cache) and kh.stride() != k_cache.stride()
+    for block_n, num_splits in ((16, None), (32, 3)):
+        args = (ctx.context_lens, ctx.block_tables, 0.3, TileConfig(16, block_n, 4, 1), num_splits)
+        assert torch.equal(decode_attention(q, kh, vh, *args), decode_attention(q, k_cache, v_cache, *args))
+    q, k, v, k_cache, v_cache, ctx = prefill_case([3, 20], [10, 37], 16, 4, 2, 32, torch.float32, "cpu", paged=True)
+    args = (ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.block_tables, 0.3)
+    assert torch.equal(prefill_attention(q, k, v, head_major(k_cache), head_major(v_cache), *args),
+                       prefill_attention(q, k, v, k_cache, v_cache, *args))
+    k, v, k_cache, v_cache, slots = store_case(9, 64, 16, 2, 32, torch.float32, "cpu")
+    kh, vh = head_major(k_cache), head_major(v_cache)
+    store_kvcache(k, v, kh, vh, slots)
+    store_kvcache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(kh, k_cache) and torch.equal(vh, v_cache)
+    positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, slots, _ = rope_store_case(7, 4, 2, 32, 4,
+                                                                                           torch.float32, "cpu")
+    kh, vh = head_major(k_cache), head_major(v_cache)
+    for kc, vc in ((kh, vh), (k_cache, v_cache)):
+        fused.rope_store(positions, q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
+                         rotary.sin_cache, kc, vc, slots, None, None)
+    assert torch.equal(kh, k_cache) and torch.equal(vh, v_cache)
+
+
 def _check_fused_silu_and_mul():
     from nanovllm.kernels import fused
     for num_tokens, size in ((4, 96), (1, 1500)):  # 1500: two 1024-wide column blocks, the second masked
@@ -513,6 +547,7 @@ INTERPRETER_CHECKS = {
     "fused_rope": _check_fused_rope,
     "fused_rope_store": _check_fused_rope_store,
     "fused_silu_and_mul": _check_fused_silu_and_mul,
+    "head_major_blocks": _check_head_major_blocks,
     "sampler_race_and_greedy": _check_sampler_race_and_greedy,
     "fill_in_flight": _check_fill_in_flight,
     "stage_decode_inputs": _check_stage_decode_inputs,
@@ -914,6 +949,25 @@ def test_triton_fp8_decode_cuda(block_size, num_heads, num_kv_heads, head_dim, l
     case = decode_case(DECODE_LENS[lens], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
     assert_backend_matches_torch(backend, "decode", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
                                  scales)
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_triton_head_major_blocks_equal_contiguous_cuda(fp8, block_size):
+    """The triton backend's cache layout (head-major blocks) gives bit-identical prefill and decode on the GPU."""
+    backend = gpu_backend("triton")
+    scales = fp8_scales(8, "cuda") if fp8 else None
+    case = decode_case(DECODE_LENS["mixed"], block_size, 16, 8, 128, torch.bfloat16, "cuda")
+    q, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
+    expect = backend.decode(q, k_cache, v_cache, ctx, 0.1, scales)
+    assert torch.equal(backend.decode(q, head_major(k_cache), head_major(v_cache), ctx, 0.1, scales), expect)
+    case = prefill_case([5, 300], [40, 700], block_size, 16, 8, 128, torch.bfloat16, "cuda", paged=True)
+    q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
+    expect = backend.prefill(q, k, v, k_cache, v_cache, ctx, 0.1, scales)
+    assert torch.equal(backend.prefill(q, k, v, head_major(k_cache), head_major(v_cache), ctx, 0.1, scales), expect)
 
 
 # ----------------------------------------------------------------------------------------------------------------

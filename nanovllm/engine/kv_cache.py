@@ -1,7 +1,9 @@
 """Sizing and allocating the paged KV cache.
 
 One tensor holds every layer's keys and values, [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim];
-the ModelRunner hands each attention layer the views of its k and v. An fp8 cache (kv_cache_dtype="fp8_e4m3")
+the ModelRunner hands each attention layer the views of its k and v. In memory a block holds its slots token by
+token (each token's heads together), or, for a backend that asks (`AttentionBackend.head_major_blocks`), head by
+head: the same shape as a strided view, so one KV head's keys of a block are one contiguous run. An fp8 cache (kv_cache_dtype="fp8_e4m3")
 takes 1 byte per element, so the same memory holds twice the tokens of a bf16 one.
 """
 import os
@@ -63,9 +65,14 @@ def _cpu_available_bytes() -> int:
         return CPU_KVCACHE_MAX_BYTES * 4
 
 
-def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device) -> torch.Tensor:
+def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device,
+                      head_major: bool = False) -> torch.Tensor:
+    """[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]; head_major: stored as
+    [..., num_kv_heads, block_size, head_dim] and returned as a view of that shape."""
     hf = config.hf_config
     num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
+    inner = (num_kv_heads, config.kvcache_block_size) if head_major else (config.kvcache_block_size, num_kv_heads)
     # zeros, not empty: masked-out cache entries still enter P @ V, and 0 * NaN garbage would be NaN
-    return torch.zeros(2, hf.num_hidden_layers, num_blocks, config.kvcache_block_size, num_kv_heads,
-                       head_dim_of(hf), dtype=config.kv_torch_dtype, device=device)
+    cache = torch.zeros(2, hf.num_hidden_layers, num_blocks, *inner, head_dim_of(hf), dtype=config.kv_torch_dtype,
+                        device=device)
+    return cache.transpose(3, 4) if head_major else cache

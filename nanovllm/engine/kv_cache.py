@@ -3,8 +3,8 @@
 One tensor holds every layer's keys and values, [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim];
 the ModelRunner hands each attention layer the views of its k and v. In memory a block holds its slots token by
 token (each token's heads together), or, for a backend that asks (`AttentionBackend.head_major_blocks`), head by
-head: the same shape as a strided view, so one KV head's keys of a block are one contiguous run. An fp8 cache (kv_cache_dtype="fp8_e4m3")
-takes 1 byte per element, so the same memory holds twice the tokens of a bf16 one.
+head: the same shape as a strided view, so one KV head's keys of a block are one contiguous run. An fp8 cache
+(kv_cache_dtype="fp8_e4m3") takes 1 byte per element, so the same memory holds twice the tokens of a bf16 one.
 """
 import os
 

@@ -1,12 +1,8 @@
 """The seam between the model and the attention kernels.
 
-Every backend sees the same paged KV cache layout, per layer:
+Every backend sees the same paged KV cache shape, per layer:
 
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
-
-with a unit stride along head_dim. Unless the backend sets `head_major_blocks`, the tensors are contiguous; with it,
-each block stores its slots head by head (strides: block, head_dim, block_size * head_dim, 1), so a kernel that
-reads one KV head's keys reads a contiguous run of a block, not one row per slot.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]   (unit stride along head_dim)
 
 and the same per-step metadata (`nanovllm.utils.context.Context`). A token's cache slot is
 `block_id * block_size + offset`; slot -1 marks a padded token (CUDA graphs) that must not be stored.
@@ -33,7 +29,9 @@ class AttentionBackend(ABC):
     name: str = ""
     # whether decode reads ctx.decode_order (the rows longest first), which the runner then uploads with the step
     orders_decode: bool = False
-    # whether the cache is allocated head-major within each block (same shape, other strides; see above)
+    # whether the cache is allocated head-major within each block: the same shape, contiguous per block and KV
+    # head (strides: block, head_dim, block_size * head_dim, 1), so one head's keys of a block are one run of
+    # memory; without it the caches are contiguous tensors
     head_major_blocks: bool = False
 
     def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,

@@ -19,7 +19,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     orders_decode = True
     # a decode program reads one KV head's keys: head-major blocks make each tile one contiguous run (an fp8
-    # tile of 128 keys: 16 KiB instead of 128 rows of 128 bytes); 3% less decode time with an fp8 cache on an
+    # tile of 128 keys: 16 KiB instead of 128 rows of 128 bytes); 2-3% less decode time with an fp8 cache on an
     # H200 at bench.py's batches, the same with bf16
     head_major_blocks = True
 

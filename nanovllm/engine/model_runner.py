@@ -220,7 +220,7 @@ class ModelRunner:
                 lay.block_tables, lay.logits_indices, pending)
             ctx = Context(True, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, slots,
                           block_tables=tables.view(len(rows), lay.width) if lay.width else None)
-            return self._fill_in_flight(ids, pending) if in_flight else ids, pos, ctx, logits_indices
+            return fill_in_flight(ids, pending, self.last_sampled) if in_flight else ids, pos, ctx, logits_indices
         ordered = self.attn_backend.orders_decode
         lay = decode_layout(rows, self.block_size, ordered)
         pending = self._pending_rows(rows, lay.input_ids) if in_flight else []
@@ -228,7 +228,7 @@ class ModelRunner:
             lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables, lay.order, pending)
         ctx = Context(False, slot_mapping=slots, context_lens=lens, block_tables=tables.view(len(rows), lay.width),
                       decode_order=order if ordered else None)
-        return self._fill_in_flight(ids, pending) if in_flight else ids, pos, ctx, None
+        return fill_in_flight(ids, pending, self.last_sampled) if in_flight else ids, pos, ctx, None
 
     def _pending_rows(self, rows: list[Row], input_ids: list[int]) -> list[int]:
         """Per input token: the row of the previous step's output that holds it (-1: known here)."""
@@ -239,9 +239,6 @@ class ModelRunner:
             if row.last_token is None:
                 pending[at - 1] = self.rows_of_last_step[row.seq_id]
         return pending
-
-    def _fill_in_flight(self, ids: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
-        return fill_in_flight(ids, pending, self.last_sampled)
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context,

@@ -9,7 +9,10 @@ sequence whose output is longer than s, each with its prompt and s + 1 tokens in
 this times one decode_attention call (one layer) over that batch, with the sequences' pages shuffled over a cache
 as large as the bench's, and reports the bytes of K and V the call must read divided by its time, next to
 torch.sum over 2 GiB (a plain read of HBM). Tile configurations next to the kernel's own are timed in the same run,
-each against it.
+each against it. The cache is laid out as the triton backend allocates it (head-major blocks, engine/kv_cache.py).
+
+A configuration faster here is not yet faster in bench.py: on 2026-12-01, 64-key tiles took 1.5-2% less time here
+(bf16 cache) and made bench.py's 0.6B run 1.5-3% slower on the same H200. Confirm a change with bench.py.
 """
 import argparse
 import random
@@ -65,6 +68,8 @@ def make_case(lens: list[int], args, dtype: torch.dtype, fp8: bool, gen: torch.G
     if fp8:
         k_cache, v_cache = k_cache.to(FP8_DTYPE), v_cache.to(FP8_DTYPE)
         scales = (torch.full((args.kv_heads,), 0.05, device="cuda"), torch.full((args.kv_heads,), 0.05, device="cuda"))
+    # head-major blocks: [pages, kv_heads, page, head_dim] in memory, seen as [pages, page, kv_heads, head_dim]
+    k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
     q = torch.randn(len(lens), args.heads, args.head_dim, dtype=dtype, device="cuda")
     return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device="cuda"), tables.cuda(), scales
 

@@ -72,11 +72,13 @@ class TestTwoReplicas:
     last test takes its model folder away."""
 
     @pytest.fixture(scope="class")
-    def model(self, qwen3_with_tokenizer, tmp_path_factory):
+    @classmethod
+    def model(cls, qwen3_with_tokenizer, tmp_path_factory):
         return str(shutil.copytree(qwen3_with_tokenizer, tmp_path_factory.mktemp("dp") / "model"))
 
     @pytest.fixture(scope="class")
-    def llm(self, cluster, model):
+    @classmethod
+    def llm(cls, cluster, model):
         llm = LLM(model, data_parallel_size=2, **OPTIONS)
         yield llm
         llm.exit()

@@ -11,8 +11,10 @@ as large as the bench's, and reports the bytes of K and V the call must read div
 torch.sum over 2 GiB (a plain read of HBM). Tile configurations next to the kernel's own are timed in the same run,
 each against it. The cache is laid out as the triton backend allocates it (head-major blocks, engine/kv_cache.py).
 
-A configuration faster here is not yet faster in bench.py: on 2026-12-01, 64-key tiles took 1.5-2% less time here
-(bf16 cache) and made bench.py's 0.6B run 1.5-3% slower on the same H200. Confirm a change with bench.py.
+The default steps sample the whole decode phase every 200 steps (256 sequences at step 50 down to 4 at step 1000),
+so their sum weighs large and small batches about as bench.py's run does. A configuration faster here is still to
+be confirmed with bench.py: on 2026-12-01, 64-key tiles took 1.5-2% less time here (bf16 cache; the steps were 50,
+300, 550 and 800 then, without the run's tail of small batches) and made bench.py's 0.6B run 1.5-3% slower.
 """
 import argparse
 import random
@@ -30,7 +32,7 @@ def parse_args():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page-size", type=int, default=256)
     p.add_argument("--num-pages", type=int, default=4485, help="cache pages (the 0.6B bench's bf16 cache: 4485)")
-    p.add_argument("--steps", type=int, nargs="+", default=[50, 300, 550, 800])
+    p.add_argument("--steps", type=int, nargs="+", default=[50, 250, 450, 650, 850, 1000])
     p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto", "fp8_e4m3"], choices=["auto", "fp8_e4m3"])
     p.add_argument("--iters", type=int, default=50)
     return p.parse_args()

@@ -3,6 +3,7 @@ replicas must give exactly the single engine's outputs, in input order, also whe
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -141,20 +142,17 @@ class TestTwoReplicas:
         """An interrupted generate cancels the replicas' shares: they stop at their next step, so the next call does
         not queue behind work nobody will read (uninterrupted, these shares run for half a minute or more)."""
         endless = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
-        done = threading.Event()
-
-        def press_ctrl_c():  # once a second until the call gives up: a full CI run once saw a single press lost
-            while not done.wait(1.0):
-                _thread.interrupt_main()
-
-        presser = threading.Thread(target=press_ctrl_c, daemon=True)
-        presser.start()
-        with pytest.raises(KeyboardInterrupt):
-            try:
+        # a process started in the background by a non-interactive shell ignores SIGINT, and then so would the
+        # simulated Ctrl-C: give it Python's usual handler for this test
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        ctrl_c = threading.Timer(1.0, _thread.interrupt_main)
+        ctrl_c.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
                 llm.generate(random_prompts([10] * 512, seed=5), endless, use_tqdm=False)
-            finally:
-                done.set()
-        presser.join()
+        finally:
+            ctrl_c.join()
+            signal.signal(signal.SIGINT, previous)
         prompts, sps = mixed_batch()
         start = time.perf_counter()
         outputs = llm.generate(prompts, sps, use_tqdm=False)

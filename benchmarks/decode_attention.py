@@ -18,6 +18,7 @@ be confirmed with bench.py: on 2026-12-01, 64-key tiles took 1.5-2% less time he
 """
 import argparse
 import random
+from dataclasses import replace
 
 import torch
 
@@ -101,7 +102,7 @@ def read_bandwidth() -> float:
 
 def variants(cfg: TileConfig) -> dict[str, TileConfig]:
     """The kernel's own tile configuration first, then neighbours of it."""
-    return {
+    out = {
         "default": cfg,
         "longest first": cfg,
         "longest first (argsort in the call)": cfg,
@@ -109,6 +110,9 @@ def variants(cfg: TileConfig) -> dict[str, TileConfig]:
         "half the keys, 3 stages": TileConfig(cfg.block_m, cfg.block_n // 2, cfg.num_warps, 3),
         "8 warps": TileConfig(cfg.block_m, cfg.block_n, 8, cfg.num_stages),
     }
+    if cfg.max_registers is not None:
+        out["no register cap"] = replace(cfg, max_registers=None)
+    return out
 
 
 def main():
@@ -121,7 +125,7 @@ def main():
     scale = args.head_dim ** -0.5
     for kv_dtype in args.kv_cache_dtypes:
         fp8 = kv_dtype == "fp8_e4m3"
-        cfg = decode_config(args.head_dim, args.heads // args.kv_heads, dtype)
+        cfg = decode_config(args.head_dim, args.heads // args.kv_heads, dtype, fp8)
         totals: dict[str, float] = {}
         failed: set[str] = set()
         total_bytes = 0

@@ -823,6 +823,17 @@ def test_decode_cuda(backend_name, block_size, num_heads, num_kv_heads, head_dim
     assert_backend_matches_torch(backend, "decode", case, head_dim ** -0.5, ATOL, RTOL)
 
 
+@needs_triton
+def test_decode_config_caps_registers_for_fp8_128_key_tiles_only():
+    from nanovllm.kernels.attention import decode_config
+    assert decode_config(128, 2, torch.bfloat16, kv_fp8=True).max_registers == 128
+    assert decode_config(64, 16, torch.float16, kv_fp8=True).max_registers == 128
+    assert decode_config(128, 2, torch.bfloat16).max_registers is None  # bf16 cache: held by shared memory
+    assert decode_config(256, 2, torch.bfloat16, kv_fp8=True).max_registers is None  # 32-key tiles
+    assert decode_config(128, 32, torch.bfloat16, kv_fp8=True).max_registers is None  # 32 query rows
+    assert decode_config(128, 2, torch.float32, kv_fp8=True).max_registers is None  # 64-key tiles
+
+
 @cuda
 @needs_cuda
 @needs_triton
@@ -949,6 +960,28 @@ def test_triton_fp8_decode_cuda(block_size, num_heads, num_kv_heads, head_dim, l
     case = decode_case(DECODE_LENS[lens], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
     assert_backend_matches_torch(backend, "decode", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
                                  scales)
+
+
+@cuda
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("num_heads, head_dim", [(16, 128), (64, 128), (16, 64), (8, 96)])
+def test_triton_fp8_decode_register_cap_changes_nothing_cuda(num_heads, head_dim):
+    """The fp8 decode kernel's default tiles cap registers (decode_config); capped or not, the same bits."""
+    from dataclasses import replace
+
+    from nanovllm.kernels.attention import decode_attention, decode_config
+    cfg = decode_config(head_dim, num_heads // 8, torch.bfloat16, kv_fp8=True)
+    assert cfg.max_registers == 128
+    scales = fp8_scales(8, "cuda")
+    for lens in ("mixed", "long"):
+        case = decode_case(DECODE_LENS[lens], 256, num_heads, 8, head_dim, torch.bfloat16, "cuda")
+        q, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
+        args = (q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.1)
+        for num_splits in (1, None):
+            capped = decode_attention(*args, cfg, num_splits, scales.k, scales.v)
+            uncapped = decode_attention(*args, replace(cfg, max_registers=None), num_splits, scales.k, scales.v)
+            assert torch.equal(capped, uncapped)
 
 
 @cuda

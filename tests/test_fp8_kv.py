@@ -1,4 +1,5 @@
-"""The fp8 KV cache (kv_cache_dtype="fp8_e4m3") on the CPU: option, sizing, torch-backend numerics, whole runs.
+"""The fp8 KV cache (kv_cache_dtype="fp8_e4m3") on the CPU: option, sizing, torch-backend numerics, whole runs;
+and the cache's allocation, which both cache dtypes share (the head-major blocks a backend may ask for).
 
 Hugging Face transformers has no fp8 KV cache, so the reference for whole runs is transformers with an attention
 function that rounds K and V through fp8 with the engine's scales (registered through its AttentionInterface):

@@ -280,6 +280,37 @@ def _check_decode_fp8():
         assert_matches_torch("decode", case, out, kv_scales=scales)
 
 
+
+def _check_decode_stale_nan():
+    """Cache slots that hold no key of the batch (the rest of each last page, unused blocks) may hold anything,
+    NaN included: the fp8 decode reads the K rows of a last tile unmasked, so they must not reach the output. The
+    kernel gives the same bits with every such slot NaN as with the case's own values there. (The interpreter reads
+    fp8 NaN as 480, so its fp8 cases hold huge finite values there; test_triton_decode_ignores_stale_slots_cuda
+    holds real NaN.)"""
+    from nanovllm.kernels.attention import TileConfig, decode_attention
+    lens = [1, 16, 17, 90, 33]
+    for fp8 in (False, True):
+        for block_size, block_n, num_splits in ((16, 16, None), (32, 16, None), (32, 16, 3), (16, 32, None)):
+            case = decode_case(lens, block_size, 6, 2, 32, torch.float32, "cpu", extra_width=2)
+            scales = fp8_scales(2, "cpu") if fp8 else None
+            if fp8:
+                case = with_fp8_cache(case, scales)
+            q, k_cache, v_cache, ctx = case
+            args = (ctx.context_lens, ctx.block_tables, 0.3, TileConfig(16, block_n, 4, 1), num_splits,
+                    *((scales.k, scales.v) if fp8 else (None, None)))
+            clean = decode_attention(q, k_cache, v_cache, *args)
+            assert_matches_torch("decode", case, clean, kv_scales=scales)
+            stale = torch.ones(k_cache.shape[:2], dtype=torch.bool)
+            for row, n in zip(ctx.block_tables.tolist(), lens):
+                for i in range(n):
+                    stale[row[i // block_size], i % block_size] = False
+            for cache in (k_cache, v_cache):
+                if fp8:
+                    cache.view(torch.uint8)[stale] = 0x7F  # e4m3fn's NaN
+                else:
+                    cache[stale] = float("nan")
+            assert torch.equal(decode_attention(q, k_cache, v_cache, *args), clean)
+
 # ---- the layers' fused element-wise ops (nanovllm.kernels.fused) against their PyTorch functions
 
 
@@ -543,6 +574,7 @@ INTERPRETER_CHECKS = {
     "store_kvcache_fp8": _check_store_kvcache_fp8,
     "prefill_fp8": _check_prefill_fp8,
     "decode_fp8": _check_decode_fp8,
+    "decode_stale_nan": _check_decode_stale_nan,
     "fused_norms": _check_fused_norms,
     "fused_rope": _check_fused_rope,
     "fused_rope_store": _check_fused_rope_store,
@@ -844,6 +876,38 @@ def test_triton_decode_splits_long_contexts_cuda():
     cfg = decode_config(128, 2, torch.bfloat16)
     num_splits, _ = decode_splits(ctx.block_tables.size(1) * 16, 2, 8, cfg.block_n, _target_programs(q.device))
     assert num_splits > 1
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_triton_decode_ignores_stale_slots_cuda(fp8, block_size):
+    """What the cache holds past each sequence's keys (the rest of its last page, other blocks) never reaches the
+    output, NaN included: the same bits as with the case's own values there. With 256-slot pages an fp8 cache's
+    last tile reads its K rows unmasked (the interpreter check cannot hold NaN there: it reads fp8 NaN as 480)."""
+    from nanovllm.kernels.attention import decode_attention
+    case = decode_case(DECODE_LENS["mixed"], block_size, 16, 8, 128, torch.bfloat16, "cuda")
+    scales = (None, None)
+    if fp8:
+        kv_scales = fp8_scales(8, "cuda")
+        case = with_fp8_cache(case, kv_scales)
+        scales = (kv_scales.k, kv_scales.v)
+    q, k_cache, v_cache, ctx = case
+    args = (ctx.context_lens, ctx.block_tables, 0.1, None, None, *scales)
+    clean = decode_attention(q, k_cache, v_cache, *args)
+    assert not clean.isnan().any()
+    stale = torch.ones(k_cache.shape[:2], dtype=torch.bool)
+    for row, n in zip(ctx.block_tables.tolist(), ctx.context_lens.tolist()):
+        for i in range(n):
+            stale[row[i // block_size], i % block_size] = False
+    stale = stale.cuda()
+    for cache in (k_cache, v_cache):
+        if fp8:
+            cache.view(torch.uint8)[stale] = 0x7F  # e4m3fn's NaN
+        else:
+            cache[stale] = float("nan")
+    assert torch.equal(decode_attention(q, k_cache, v_cache, *args), clean)
 
 
 @cuda

@@ -6,10 +6,11 @@ bandwidth.
 
 bench.py's workload (seed 0: 256 sequences, prompts and outputs of 100-1024 tokens) decodes, at step s, every
 sequence whose output is longer than s, each with its prompt and s + 1 tokens in the cache. For each step given
-this times one decode_attention call (one layer) over that batch, with the sequences' pages shuffled over a cache
-as large as the bench's, and reports the bytes of K and V the call must read divided by its time, next to
-torch.sum over 2 GiB (a plain read of HBM). Tile configurations next to the kernel's own are timed in the same run,
-each against it. The cache is laid out as the triton backend allocates it (head-major blocks, engine/kv_cache.py).
+this times one decode_attention call (one layer, replayed from a CUDA graph as the engine runs it) over that batch,
+with the sequences' pages shuffled over a cache as large as the bench's, and reports the bytes of K and V the call
+must read divided by its time, next to torch.sum over 2 GiB (a plain read of HBM). Tile configurations next to the
+kernel's own are timed in the same run, each against it. The cache is laid out as the triton backend allocates it
+(head-major blocks, engine/kv_cache.py).
 
 The default steps sample the whole decode phase every 200 steps (256 sequences at step 50 down to 4 at step 1000),
 so their sum weighs large and small batches about as bench.py's run does. A configuration faster here is still to
@@ -78,15 +79,22 @@ def make_case(lens: list[int], args, dtype: torch.dtype, fp8: bool, gen: torch.G
 
 
 def time_call(fn, iters: int) -> float:
-    """Seconds per call: the best of three rounds of iters back-to-back calls."""
-    fn()
+    """Seconds per call on the GPU: iters calls captured in one CUDA graph, the best of three replays. (Launched
+    from Python one by one, a small batch's call is bound by the launch: 65-120 us against 11.5 us on the GPU for
+    bench.py's last decode steps, varying from run to run, which swamped the kernels' differences.)"""
+    fn()  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     best = float("inf")
     for _ in range(3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
-            fn()
+        graph.replay()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3 / iters)

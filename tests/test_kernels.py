@@ -35,7 +35,7 @@ import torch
 from nanovllm import SamplingParams
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.backends.torch_sdpa import TorchBackend
-from nanovllm.layers.kv_quant import KVScales, fp8_round_trip, quantize_fp8
+from nanovllm.layers.kv_quant import FP8_DTYPE, KVScales, fp8_round_trip, quantize_fp8
 from nanovllm.layers.layernorm import RMSNorm, add_rms_norm, rms_norm
 from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, norm_rope, rope
 from nanovllm.utils.context import Context
@@ -108,6 +108,20 @@ def decode_case(context_lens, block_size, num_heads, num_kv_heads, head_dim, dty
                   block_tables=tables.to(device))
     return q, k_cache, v_cache, ctx
 
+
+def nan_in_stale_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context) -> None:
+    """NaN (an fp8 cache: e4m3fn's NaN byte) in every cache slot that holds no key of ctx's sequences."""
+    block_size = k_cache.size(1)
+    stale = torch.ones(k_cache.shape[:2], dtype=torch.bool)
+    for row, n in zip(ctx.block_tables.tolist(), ctx.context_lens.tolist()):
+        for i in range(n):
+            stale[row[i // block_size], i % block_size] = False
+    stale = stale.to(k_cache.device)
+    for cache in (k_cache, v_cache):
+        if cache.dtype == FP8_DTYPE:
+            cache.view(torch.uint8)[stale] = 0x7F
+        else:
+            cache[stale] = float("nan")
 
 def store_case(num_tokens, num_slots_free, block_size, num_kv_heads, head_dim, dtype, device, seed=0):
     """k, v as non-contiguous views of a fused qkv-like tensor, slots distinct with some -1 (padding)."""
@@ -300,16 +314,9 @@ def _check_decode_stale_nan():
                     *((scales.k, scales.v) if fp8 else (None, None)))
             clean = decode_attention(q, k_cache, v_cache, *args)
             assert_matches_torch("decode", case, clean, kv_scales=scales)
-            stale = torch.ones(k_cache.shape[:2], dtype=torch.bool)
-            for row, n in zip(ctx.block_tables.tolist(), lens):
-                for i in range(n):
-                    stale[row[i // block_size], i % block_size] = False
-            for cache in (k_cache, v_cache):
-                if fp8:
-                    cache.view(torch.uint8)[stale] = 0x7F  # e4m3fn's NaN
-                else:
-                    cache[stale] = float("nan")
+            nan_in_stale_slots(k_cache, v_cache, ctx)
             assert torch.equal(decode_attention(q, k_cache, v_cache, *args), clean)
+
 
 # ---- the layers' fused element-wise ops (nanovllm.kernels.fused) against their PyTorch functions
 
@@ -897,16 +904,7 @@ def test_triton_decode_ignores_stale_slots_cuda(fp8, block_size):
     args = (ctx.context_lens, ctx.block_tables, 0.1, None, None, *scales)
     clean = decode_attention(q, k_cache, v_cache, *args)
     assert not clean.isnan().any()
-    stale = torch.ones(k_cache.shape[:2], dtype=torch.bool)
-    for row, n in zip(ctx.block_tables.tolist(), ctx.context_lens.tolist()):
-        for i in range(n):
-            stale[row[i // block_size], i % block_size] = False
-    stale = stale.cuda()
-    for cache in (k_cache, v_cache):
-        if fp8:
-            cache.view(torch.uint8)[stale] = 0x7F  # e4m3fn's NaN
-        else:
-            cache[stale] = float("nan")
+    nan_in_stale_slots(k_cache, v_cache, ctx)
     assert torch.equal(decode_attention(q, k_cache, v_cache, *args), clean)
 
 

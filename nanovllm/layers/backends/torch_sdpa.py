@@ -94,10 +94,13 @@ def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tables = block_tables.long()  # [num_seqs, max_blocks]; -1 entries index the last block and are masked
     k = read_cache(k_cache[tables].flatten(1, 2), ks, q.dtype)  # [num_seqs, max_blocks * block_size, kv_heads, dim]
     v = read_cache(v_cache[tables].flatten(1, 2), vs, q.dtype)
+    visible = torch.arange(k.size(1), device=q.device)[None, :] < context_lens[:, None]
+    # the slots past a sequence's keys may hold anything; a NaN there would pass the mask (NaN * 0 weight)
+    hidden = ~visible[:, :, None, None]
+    k, v = k.masked_fill(hidden, 0), v.masked_fill(hidden, 0)
     group = num_heads // num_kv_heads
     k = k.permute(0, 2, 1, 3).repeat_interleave(group, 1)  # [num_seqs, heads, keys, dim]
     v = v.permute(0, 2, 1, 3).repeat_interleave(group, 1)
-    visible = torch.arange(k.size(2), device=q.device)[None, :] < context_lens[:, None]
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale)
     return o.squeeze(2)
 
@@ -105,7 +108,8 @@ def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @dataclass(slots=True)
 class DecodeGroup:
     """Decode rows with the same number of cache blocks, attended together: the cache slots of each row's keys,
-    padded to the group's longest row (so by less than a block), and the mask of that padding."""
+    padded to the group's longest row (so by less than a block) with its last key's slot, and the mask of that
+    padding."""
     rows: torch.Tensor | None  # None: every row of the step
     slots: torch.Tensor  # [num_rows * num_keys] int64, row after row
     num_keys: int
@@ -123,13 +127,18 @@ def decode_groups(context_lens: torch.Tensor, block_tables: torch.Tensor, block_
     for rows in by_blocks.values():
         group_lens = [lens[r] for r in rows]
         num_keys = max(group_lens)
-        keys = torch.arange(num_keys, device=block_tables.device)
+        keys = torch.arange(num_keys, device=block_tables.device)[None, :]
         index = None if len(rows) == len(lens) else torch.tensor(rows, device=block_tables.device)
         tables = block_tables if index is None else block_tables[index]
-        slots = (tables[:, keys // block_size].long() * block_size + keys % block_size).flatten()
         mask = None
         if min(group_lens) < num_keys:
-            mask = (keys[None, :] < torch.tensor(group_lens, device=keys.device)[:, None])[:, None, None, :]
+            group_lens = torch.tensor(group_lens, device=keys.device)[:, None]
+            mask = (keys < group_lens)[:, None, None, :]
+            # a padding key reads its row's last key: the stale slots past it may hold anything, and a NaN there
+            # would pass the mask (NaN * 0 weight)
+            keys = torch.minimum(keys, group_lens - 1)
+        keys = keys.expand(len(rows), num_keys)
+        slots = (tables.gather(1, keys // block_size).long() * block_size + keys % block_size).flatten()
         groups.append(DecodeGroup(index, slots, num_keys, mask))
     return groups
 

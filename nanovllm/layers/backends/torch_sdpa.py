@@ -132,11 +132,11 @@ def decode_groups(context_lens: torch.Tensor, block_tables: torch.Tensor, block_
         tables = block_tables if index is None else block_tables[index]
         mask = None
         if min(group_lens) < num_keys:
-            group_lens = torch.tensor(group_lens, device=keys.device)[:, None]
-            mask = (keys < group_lens)[:, None, None, :]
+            row_lens = torch.tensor(group_lens, device=keys.device)[:, None]
+            mask = (keys < row_lens)[:, None, None, :]
             # a padding key reads its row's last key: the stale slots past it may hold anything, and a NaN there
             # would pass the mask (NaN * 0 weight)
-            keys = torch.minimum(keys, group_lens - 1)
+            keys = torch.minimum(keys, row_lens - 1)
         keys = keys.expand(len(rows), num_keys)
         slots = (tables.gather(1, keys // block_size).long() * block_size + keys % block_size).flatten()
         groups.append(DecodeGroup(index, slots, num_keys, mask))

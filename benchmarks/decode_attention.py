@@ -10,7 +10,7 @@ this times one decode_attention call (one layer, replayed from a CUDA graph as t
 with the sequences' pages shuffled over a cache as large as the bench's, and reports the bytes of K and V the call
 must read divided by its time, next to torch.sum over 2 GiB (a plain read of HBM). Tile configurations next to the
 kernel's own are timed in the same run, each against it. The cache is laid out as the triton backend allocates it
-(head-major blocks, engine/kv_cache.py).
+(engine/kv_cache.py: head-major blocks, and key-major values for an fp8 cache where a tile fits in a page).
 
 The default steps sample the whole decode phase every 200 steps (256 sequences at step 50 down to 4 at step 1000),
 so their sum weighs large and small batches about as bench.py's run does. A configuration faster here is still to
@@ -24,6 +24,7 @@ from dataclasses import replace
 import torch
 
 from nanovllm.kernels.attention import TileConfig, decode_attention, decode_config
+from nanovllm.layers.backends.triton_attn import TritonBackend
 from nanovllm.layers.kv_quant import FP8_DTYPE
 
 
@@ -74,8 +75,14 @@ def make_case(lens: list[int], args, dtype: torch.dtype, fp8: bool, gen: torch.G
         scales = (torch.full((args.kv_heads,), 0.05, device="cuda"), torch.full((args.kv_heads,), 0.05, device="cuda"))
     # head-major blocks: [pages, kv_heads, page, head_dim] in memory, seen as [pages, page, kv_heads, head_dim]
     k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
+    if key_major_values(args, dtype, fp8):  # [pages, kv_heads, head_dim, page] in memory
+        v_cache = v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     q = torch.randn(len(lens), args.heads, args.head_dim, dtype=dtype, device="cuda")
     return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device="cuda"), tables.cuda(), scales
+
+
+def key_major_values(args, dtype: torch.dtype, fp8: bool) -> bool:
+    return TritonBackend().key_major_values(args.page_size, args.head_dim, dtype, "fp8_e4m3" if fp8 else "auto")
 
 
 def time_call(fn, iters: int) -> float:
@@ -133,7 +140,7 @@ def main():
     scale = args.head_dim ** -0.5
     for kv_dtype in args.kv_cache_dtypes:
         fp8 = kv_dtype == "fp8_e4m3"
-        cfg = decode_config(args.head_dim, args.heads // args.kv_heads, dtype, fp8)
+        cfg = decode_config(args.head_dim, args.heads // args.kv_heads, dtype, fp8, key_major_values(args, dtype, fp8))
         totals: dict[str, float] = {}
         failed: set[str] = set()
         total_bytes = 0

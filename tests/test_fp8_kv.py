@@ -15,7 +15,7 @@ from nanovllm.engine import kv_cache
 from nanovllm.engine.kv_calibration import calibration_token_ids
 from nanovllm.layers.backends import resolve_backend_name
 from nanovllm.layers.backends.torch_sdpa import TorchBackend
-from nanovllm.layers.kv_quant import FP8_DTYPE, FP8_MAX, KVScales, fp8_round_trip, scales_from_amax
+from nanovllm.layers.kv_quant import FP8_DTYPE, FP8_MAX, KVScales, fp8_round_trip, quantize_fp8, scales_from_amax
 from nanovllm.utils.context import Context
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -59,35 +59,68 @@ def test_fp8_cache_holds_more_blocks_in_the_same_memory(qwen3_path, monkeypatch,
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
-def test_head_major_blocks_keep_the_shape_and_store_each_heads_slots_together(qwen3_path, kv_cache_dtype):
+def test_cache_layouts_keep_the_shape_and_store_each_heads_slots_together(qwen3_path, kv_cache_dtype):
     config = Config(qwen3_path, kvcache_block_size=16, max_model_len=1024, device="cpu", dtype="float32",
                     kv_cache_dtype=kv_cache_dtype)
-    plain = kv_cache.allocate_kv_cache(config, 5, torch.device("cpu"))
-    heads = kv_cache.allocate_kv_cache(config, 5, torch.device("cpu"), head_major=True)
-    assert heads.shape == plain.shape == (2, 2, 5, 16, 2, 16) and heads.dtype == plain.dtype
-    assert plain.is_contiguous() and not heads.is_contiguous()
-    # within a block one head's 16 slots are one run of 16 x 16 elements; blocks and layers as before
-    assert heads.stride()[3:] == (16, 16 * 16, 1) and heads.stride()[:3] == plain.stride()[:3]
-    assert not heads.float().any()  # zeroed like the plain one
+    cpu = torch.device("cpu")
+    plain = kv_cache.allocate_kv_cache(config, 5, cpu)
+    heads = kv_cache.allocate_kv_cache(config, 5, cpu, head_major=True)
+    values = kv_cache.allocate_kv_cache(config, 5, cpu, head_major=True, key_major_values=True)
+    for k, v in (plain, heads, values):
+        assert k.shape == v.shape == (2, 5, 16, 2, 16) and k.dtype == v.dtype == config.kv_torch_dtype
+        assert not k.float().any() and not v.float().any()  # zeroed
+        # K and V of all layers in one allocation: K's then V's, layer by layer, block by block
+        assert v.data_ptr() - k.data_ptr() == k.numel() * k.element_size()
+        assert k.stride()[:2] == v.stride()[:2] == (5 * 16 * 2 * 16, 16 * 2 * 16)
+    assert plain[0].is_contiguous() and plain[1].is_contiguous()
+    # head-major: within a block one head's 16 slots are one run of 16 x 16 elements
+    assert heads[0].stride()[2:] == heads[1].stride()[2:] == (16, 16 * 16, 1) == values[0].stride()[2:]
+    # key-major values: one head's values of a block as [head_dim, block_size]
+    assert values[1].stride()[2:] == (1, 16 * 16, 16)
 
 
 def test_the_runner_allocates_the_layout_its_backend_asks_for(qwen3_path, monkeypatch):
     import nanovllm.engine.model_runner as model_runner
     asked = []
 
-    def allocate(config, num_blocks, device, head_major=False):
-        asked.append(head_major)  # the torch backend itself reads contiguous caches only
+    def allocate(config, num_blocks, device, head_major=False, key_major_values=False):
+        asked.append((head_major, key_major_values))  # the torch backend itself reads contiguous caches only
         return kv_cache.allocate_kv_cache(config, num_blocks, device)
 
     class HeadMajor(TorchBackend):
         head_major_blocks = True
 
+        def key_major_values(self, block_size, head_dim, dtype, kv_cache_dtype):
+            return (block_size, head_dim, dtype, kv_cache_dtype) == (16, 16, torch.float32, "fp8_e4m3")
+
     monkeypatch.setattr(model_runner, "allocate_kv_cache", allocate)
-    for backend, expect in ((TorchBackend(), False), (HeadMajor(), True)):
+    for backend, kv_cache_dtype, expect in ((TorchBackend(), "fp8", (False, False)),
+                                            (HeadMajor(), "auto", (True, False)), (HeadMajor(), "fp8", (True, True))):
         monkeypatch.setattr(model_runner, "create_backend", lambda *args, **kwargs: backend)
-        with LLM(qwen3_path, kvcache_block_size=16, max_model_len=256) as llm:
+        with LLM(qwen3_path, kvcache_block_size=16, max_model_len=256, kv_cache_dtype=kv_cache_dtype) as llm:
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
-        assert asked.pop() is expect
+        assert asked.pop() == expect
+
+
+@pytest.mark.parametrize("block_size, head_dim, dtype, kv_cache_dtype, expect", [
+    (256, 128, torch.bfloat16, "fp8_e4m3", True), (128, 64, torch.float16, "fp8_e4m3", True),
+    (64, 128, torch.bfloat16, "fp8_e4m3", False),  # a decode tile (128 keys) spans blocks: per-key path
+    (256, 128, torch.bfloat16, "auto", False),  # bf16 values load through ldmatrix's transposing form
+    (64, 128, torch.float32, "fp8_e4m3", True),  # float32 models: 64-key tiles
+])
+def test_triton_backend_asks_for_key_major_values_where_its_decode_tiles_fit(block_size, head_dim, dtype,
+                                                                          kv_cache_dtype, expect):
+    pytest.importorskip("triton")
+    from nanovllm.layers.backends.triton_attn import TritonBackend
+    assert TritonBackend().key_major_values(block_size, head_dim, dtype, kv_cache_dtype) is expect
+
+
+def test_a_nan_is_stored_as_zero_and_inf_saturates():
+    scale = torch.tensor([0.5, 2.0])
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 1.0]] * 2)
+    stored = quantize_fp8(x, scale)
+    assert not stored.float().isnan().any()
+    assert stored.float().tolist() == [[0.0, 448.0, -448.0, 2.0], [0.0, 448.0, -448.0, 0.5]]
 
 
 def test_scales_are_powers_of_two_with_headroom():

@@ -109,8 +109,9 @@ def decode_case(context_lens, block_size, num_heads, num_kv_heads, head_dim, dty
     return q, k_cache, v_cache, ctx
 
 
-def nan_in_stale_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context) -> None:
-    """NaN (an fp8 cache: e4m3fn's NaN byte) in every cache slot that holds no key of ctx's sequences."""
+def fill_stale_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context) -> None:
+    """In every cache slot that holds no key of ctx's sequences, the worst an earlier owner of its block can leave
+    there: NaN in a float cache; in an fp8 cache, which never holds NaN (kv_quant), e4m3's largest value (448)."""
     block_size = k_cache.size(1)
     stale = torch.ones(k_cache.shape[:2], dtype=torch.bool)
     for row, n in zip(ctx.block_tables.tolist(), ctx.context_lens.tolist()):
@@ -119,7 +120,7 @@ def nan_in_stale_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Contex
     stale = stale.to(k_cache.device)
     for cache in (k_cache, v_cache):
         if cache.dtype == FP8_DTYPE:
-            cache.view(torch.uint8)[stale] = 0x7F
+            cache.view(torch.uint8)[stale] = 0x7E
         else:
             cache[stale] = float("nan")
 
@@ -258,12 +259,14 @@ def _check_store_kvcache_fp8():
         scales = fp8_scales(2, "cpu")
         k, v = fp8_round_trip(k, scales.k), fp8_round_trip(v, scales.v)  # on the grid (see the module docstring)
         k[1, 0, :2] = torch.tensor([1e6, -1e6])
+        v[1, 1, 3] = float("nan")  # stored as 0: an fp8 cache never holds NaN
         k_cache, v_cache = quantize_fp8(k_cache, scales.k), quantize_fp8(v_cache, scales.v)
         expect_k, expect_v = k_cache.clone(), v_cache.clone()
         TorchBackend().store_kvcache(k, v, expect_k, expect_v, slots, scales)
         store_kvcache(k, v, k_cache, v_cache, slots, scales.k, scales.v)
         assert torch.equal(k_cache.view(torch.uint8), expect_k.view(torch.uint8))
         assert torch.equal(v_cache.view(torch.uint8), expect_v.view(torch.uint8))
+        assert v_cache.view(-1, 2, head_dim)[slots[1], 1, 3].item() == 0
 
 
 def _check_prefill_fp8():
@@ -296,11 +299,10 @@ def _check_decode_fp8():
 
 
 def _check_decode_stale_nan():
-    """Cache slots that hold no key of the batch (the rest of each last page, unused blocks) may hold anything,
-    NaN included: the fp8 decode reads the K rows of a last tile unmasked, so they must not reach the output. The
-    kernel gives the same bits with every such slot NaN as with the case's own values there. (The interpreter reads
-    fp8 NaN as 480, so its fp8 cases hold huge finite values there; test_triton_decode_ignores_stale_slots_cuda
-    holds real NaN.)"""
+    """Cache slots that hold no key of the batch (the rest of each last page, unused blocks) hold what earlier
+    owners left, NaN included in a float cache (fill_stale_slots): the decode kernel reads the K rows of a last
+    tile unmasked, and an fp8 cache's key-major V tiles whole, so they must not reach the output. The kernel gives
+    the same bits with every such slot filled as with the case's own values there, in both V layouts."""
     from nanovllm.kernels.attention import TileConfig, decode_attention
     lens = [1, 16, 17, 90, 33]
     for fp8 in (False, True):
@@ -314,8 +316,9 @@ def _check_decode_stale_nan():
                     *((scales.k, scales.v) if fp8 else (None, None)))
             clean = decode_attention(q, k_cache, v_cache, *args)
             assert_matches_torch("decode", case, clean, kv_scales=scales)
-            nan_in_stale_slots(k_cache, v_cache, ctx)
-            assert torch.equal(decode_attention(q, k_cache, v_cache, *args), clean)
+            for kc, vc in ((k_cache.clone(), v_cache.clone()), (head_major(k_cache), key_major(v_cache))):
+                fill_stale_slots(kc, vc, ctx)
+                assert torch.equal(decode_attention(q, kc, vc, *args), clean)
 
 
 # ---- the layers' fused element-wise ops (nanovllm.kernels.fused) against their PyTorch functions
@@ -462,6 +465,62 @@ def _check_head_major_blocks():
     assert torch.equal(kh, k_cache) and torch.equal(vh, v_cache)
 
 
+def key_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same values, stored key-major within each block: one head's values as [head_dim, block_size] (the
+    triton backend's V layout for an fp8 cache; see kv_cache.py)."""
+    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def triton_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    """The caches laid out as the triton backend's engine allocates them for a `dtype` model (kv_cache.py):
+    head-major blocks, and key-major values where TritonBackend.key_major_values asks for them (fp8)."""
+    from nanovllm.layers.backends.triton_attn import TritonBackend
+    kv_cache_dtype = "fp8_e4m3" if k_cache.dtype == FP8_DTYPE else "auto"
+    if TritonBackend().key_major_values(k_cache.size(1), k_cache.size(3), dtype, kv_cache_dtype):
+        return head_major(k_cache), key_major(v_cache)
+    return head_major(k_cache), head_major(v_cache)
+
+
+def _check_key_major_values():
+    """Every Triton kernel that reads or writes V gives the same result on a key-major copy of it: decode by tiles
+    inside a block (float32: V masked; fp8: read whole) and by keys across blocks, split or not, paged prefill, the
+    store and the fused rotary store."""
+    from nanovllm.kernels import fused
+    from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention, values_key_major
+    from nanovllm.kernels.store_kvcache import store_kvcache
+    lens = [1, 16, 17, 90, 33]
+    for fp8 in (False, True):
+        scales = fp8_scales(2, "cpu") if fp8 else None
+        scale_args = (scales.k, scales.v) if fp8 else (None, None)
+        for block_size, block_n, num_splits in ((32, 16, None), (32, 16, 3), (16, 16, None), (16, 32, None)):
+            case = decode_case(lens, block_size, 6, 2, 32, torch.float32, "cpu", extra_width=2)
+            q, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
+            kh, vk = head_major(k_cache), key_major(v_cache)
+            assert torch.equal(vk.float(), v_cache.float()) and values_key_major(vk) and vk.stride(1) == 1
+            args = (ctx.context_lens, ctx.block_tables, 0.3, TileConfig(16, block_n, 4, 1), num_splits, *scale_args)
+            assert torch.equal(decode_attention(q, kh, vk, *args), decode_attention(q, k_cache, v_cache, *args))
+        case = prefill_case([3, 20, 1], [10, 37, 40], 16, 4, 2, 32, torch.float32, "cpu", paged=True)
+        q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
+        if fp8:
+            k, v = fp8_round_trip(k, scales.k), fp8_round_trip(v, scales.v)  # on the grid (module docstring)
+        args = (ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.block_tables, 0.3,
+                TileConfig(16, 16, 4, 1), *scale_args)
+        assert torch.equal(prefill_attention(q, k, v, head_major(k_cache), key_major(v_cache), *args),
+                           prefill_attention(q, k, v, k_cache, v_cache, *args))
+    k, v, k_cache, v_cache, slots = store_case(9, 64, 16, 2, 32, torch.float32, "cpu")
+    kh, vk = head_major(k_cache), key_major(v_cache)
+    store_kvcache(k, v, kh, vk, slots)
+    store_kvcache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(kh, k_cache) and torch.equal(vk, v_cache)
+    positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, slots, _ = rope_store_case(7, 4, 2, 32, 4,
+                                                                                           torch.float32, "cpu")
+    kh, vk = head_major(k_cache), key_major(v_cache)
+    for kc, vc in ((kh, vk), (k_cache, v_cache)):
+        fused.rope_store(positions, q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
+                         rotary.sin_cache, kc, vc, slots, None, None)
+    assert torch.equal(kh, k_cache) and torch.equal(vk, v_cache)
+
+
 def _check_fused_silu_and_mul():
     from nanovllm.kernels import fused
     for num_tokens, size in ((4, 96), (1, 1500)):  # 1500: two 1024-wide column blocks, the second masked
@@ -587,6 +646,7 @@ INTERPRETER_CHECKS = {
     "fused_rope_store": _check_fused_rope_store,
     "fused_silu_and_mul": _check_fused_silu_and_mul,
     "head_major_blocks": _check_head_major_blocks,
+    "key_major_values": _check_key_major_values,
     "sampler_race_and_greedy": _check_sampler_race_and_greedy,
     "fill_in_flight": _check_fill_in_flight,
     "stage_decode_inputs": _check_stage_decode_inputs,
@@ -871,6 +931,8 @@ def test_decode_config_caps_registers_for_fp8_128_key_tiles_only():
     assert decode_config(256, 2, torch.bfloat16, kv_fp8=True).max_registers is None  # 32-key tiles
     assert decode_config(128, 32, torch.bfloat16, kv_fp8=True).max_registers is None  # 32 query rows
     assert decode_config(128, 2, torch.float32, kv_fp8=True).max_registers is None  # 64-key tiles
+    # key-major values (the triton backend's fp8 layout): 157 registers, faster uncapped
+    assert decode_config(128, 2, torch.bfloat16, kv_fp8=True, values_key_major=True).max_registers is None
 
 
 @cuda
@@ -890,9 +952,10 @@ def test_triton_decode_splits_long_contexts_cuda():
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_triton_decode_ignores_stale_slots_cuda(fp8, block_size):
-    """What the cache holds past each sequence's keys (the rest of its last page, other blocks) never reaches the
-    output, NaN included: the same bits as with the case's own values there. With 256-slot pages an fp8 cache's
-    last tile reads its K rows unmasked (the interpreter check cannot hold NaN there: it reads fp8 NaN as 480)."""
+    """What the cache holds past each sequence's keys (the rest of its last page, other blocks; fill_stale_slots:
+    NaN in a bf16 cache) never reaches the output: the same bits as with the case's own values there, in the
+    triton backend's layout. With 256-slot pages the last tile's K rows are read unmasked, and with an fp8 cache
+    its key-major V tile too (the interpreter check cannot hold NaN in bf16: it runs float32 only)."""
     from nanovllm.kernels.attention import decode_attention
     case = decode_case(DECODE_LENS["mixed"], block_size, 16, 8, 128, torch.bfloat16, "cuda")
     scales = (None, None)
@@ -901,10 +964,11 @@ def test_triton_decode_ignores_stale_slots_cuda(fp8, block_size):
         case = with_fp8_cache(case, kv_scales)
         scales = (kv_scales.k, kv_scales.v)
     q, k_cache, v_cache, ctx = case
+    k_cache, v_cache = triton_layout(k_cache, v_cache)
     args = (ctx.context_lens, ctx.block_tables, 0.1, None, None, *scales)
     clean = decode_attention(q, k_cache, v_cache, *args)
     assert not clean.isnan().any()
-    nan_in_stale_slots(k_cache, v_cache, ctx)
+    fill_stale_slots(k_cache, v_cache, ctx)
     assert torch.equal(decode_attention(q, k_cache, v_cache, *args), clean)
 
 
@@ -979,15 +1043,23 @@ if __name__ == "__main__":
 def test_store_kvcache_fp8_cuda_equals_torch_bytes(head_dim):
     from nanovllm.kernels.store_kvcache import store_kvcache
     k, v, k_cache, v_cache, slots = store_case(300, 1024, 16, 8, head_dim, torch.bfloat16, "cuda")
-    k[0, :, :4] = torch.tensor([1e5, -1e5, 3e38, -3e38], dtype=torch.bfloat16)  # saturate, never nan / inf
+    k[1, :, :4] = torch.tensor([1e5, -1e5, 3e38, -3e38], dtype=torch.bfloat16)  # saturate, never nan / inf
+    v[1, :, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.bfloat16)  # 0, +-448
+    assert slots[1] >= 0
     scales = fp8_scales(8, "cuda")
     k_cache, v_cache = quantize_fp8(k_cache, scales.k), quantize_fp8(v_cache, scales.v)
     expect_k, expect_v = k_cache.clone(), v_cache.clone()
     TorchBackend().store_kvcache(k, v, expect_k, expect_v, slots, scales)
-    store_kvcache(k, v, k_cache, v_cache, slots, scales.k, scales.v)
-    assert torch.equal(k_cache.view(torch.uint8), expect_k.view(torch.uint8))
-    assert torch.equal(v_cache.view(torch.uint8), expect_v.view(torch.uint8))
-    assert not k_cache.float().isnan().any()
+    layouts = ((k_cache, v_cache), triton_layout(k_cache.clone(), v_cache.clone()))
+    for kc, vc in layouts:
+        store_kvcache(k, v, kc, vc, slots, scales.k, scales.v)
+        assert torch.equal(kc.view(torch.uint8), expect_k.view(torch.uint8))
+        assert torch.equal(vc.view(torch.uint8), expect_v.view(torch.uint8))
+        assert not kc.float().isnan().any() and not vc.float().isnan().any()
+    slot = slots[1].item()
+    stored = v_cache[slot // 16, slot % 16, :, :3].float() * scales.v[:, None]
+    assert stored[:, 0].eq(0).all() and torch.equal(stored[:, 1:], 448 * scales.v[:, None] * torch.tensor(
+        [1.0, -1.0], device="cuda"))
 
 
 @cuda
@@ -1006,8 +1078,9 @@ def test_triton_fp8_prefill_cuda(block_size, num_heads, num_kv_heads, head_dim):
     q_lens, k_lens = [1, 7, 300, 64, 513, 100], [1, 300, 300, 1000, 700, 2049]
     case = prefill_case(q_lens, k_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda",
                         paged=True)
-    assert_backend_matches_torch(backend, "prefill", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
-                                 scales)
+    q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
+    case = (q, k, v, *triton_layout(k_cache, v_cache), ctx)  # the engine's layout (key-major V at 256 slots)
+    assert_backend_matches_torch(backend, "prefill", case, head_dim ** -0.5, ATOL, RTOL, scales)
 
 
 @cuda
@@ -1020,8 +1093,9 @@ def test_triton_fp8_decode_cuda(block_size, num_heads, num_kv_heads, head_dim, l
     backend = gpu_backend("triton")
     scales = fp8_scales(num_kv_heads, "cuda")
     case = decode_case(DECODE_LENS[lens], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
-    assert_backend_matches_torch(backend, "decode", with_fp8_cache(case, scales), head_dim ** -0.5, ATOL, RTOL,
-                                 scales)
+    q, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
+    case = (q, *triton_layout(k_cache, v_cache), ctx)  # the engine's layout (key-major V at 256 slots)
+    assert_backend_matches_torch(backend, "decode", case, head_dim ** -0.5, ATOL, RTOL, scales)
 
 
 @cuda
@@ -1051,18 +1125,21 @@ def test_triton_fp8_decode_register_cap_changes_nothing_cuda(num_heads, head_dim
 @needs_triton
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("block_size", [16, 256])
-def test_triton_head_major_blocks_equal_contiguous_cuda(fp8, block_size):
-    """The triton backend's cache layout (head-major blocks) gives bit-identical prefill and decode on the GPU."""
+def test_triton_cache_layouts_equal_contiguous_cuda(fp8, block_size):
+    """The triton backend's cache layouts (head-major blocks; key-major values for fp8, which take the decode
+    kernel's other V path) give bit-identical prefill and decode on the GPU."""
     backend = gpu_backend("triton")
     scales = fp8_scales(8, "cuda") if fp8 else None
     case = decode_case(DECODE_LENS["mixed"], block_size, 16, 8, 128, torch.bfloat16, "cuda")
     q, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
     expect = backend.decode(q, k_cache, v_cache, ctx, 0.1, scales)
-    assert torch.equal(backend.decode(q, head_major(k_cache), head_major(v_cache), ctx, 0.1, scales), expect)
+    for kc, vc in ((head_major(k_cache), head_major(v_cache)), (head_major(k_cache), key_major(v_cache))):
+        assert torch.equal(backend.decode(q, kc, vc, ctx, 0.1, scales), expect)
     case = prefill_case([5, 300], [40, 700], block_size, 16, 8, 128, torch.bfloat16, "cuda", paged=True)
     q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
     expect = backend.prefill(q, k, v, k_cache, v_cache, ctx, 0.1, scales)
-    assert torch.equal(backend.prefill(q, k, v, head_major(k_cache), head_major(v_cache), ctx, 0.1, scales), expect)
+    for kc, vc in ((head_major(k_cache), head_major(v_cache)), (head_major(k_cache), key_major(v_cache))):
+        assert torch.equal(backend.prefill(q, k, v, kc, vc, ctx, 0.1, scales), expect)
 
 
 # ----------------------------------------------------------------------------------------------------------------

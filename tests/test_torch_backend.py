@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_decode, reference_prefill
-from test_kernels import decode_case, fp8_scales, nan_in_stale_slots, prefill_case, with_fp8_cache
+from test_kernels import decode_case, fill_stale_slots, fp8_scales, prefill_case, with_fp8_cache
 
 SCALE = 0.3
 HEADS = [(4, 4), (4, 2), (14, 2)]  # query heads, KV heads: groups of 1, 2 and 7
@@ -81,8 +81,8 @@ def test_grouped_decode_leaves_rows_without_context_zero():
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_decode_ignores_what_stale_slots_hold(fp8):
-    """The slots past each sequence's keys (the rest of its last block, other blocks) may hold anything, NaN
-    included (a block's earlier owner wrote it): neither decode may let it through its mask."""
+    """The slots past each sequence's keys (the rest of its last block, other blocks) hold what a block's earlier
+    owner wrote, NaN included in a float cache (fill_stale_slots): neither decode may let it through its mask."""
     case = decode_case(MIXED_LENS, 16, 14, 2, 8, torch.float32, "cpu", seed=5, extra_width=2)
     scales = fp8_scales(2, "cpu") if fp8 else None
     if fp8:
@@ -90,7 +90,7 @@ def test_decode_ignores_what_stale_slots_hold(fp8):
     q, k_cache, v_cache, ctx = case
     args = (ctx.context_lens, ctx.block_tables, SCALE, scales)
     clean = grouped_decode(q, k_cache, v_cache, *args), reference_decode(q, k_cache, v_cache, *args)
-    nan_in_stale_slots(k_cache, v_cache, ctx)
+    fill_stale_slots(k_cache, v_cache, ctx)
     for fn, expected in zip((grouped_decode, reference_decode), clean):
         out = fn(q, k_cache, v_cache, *args)
         assert not out.isnan().any(), fn.__name__

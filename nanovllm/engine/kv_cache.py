@@ -1,10 +1,12 @@
 """Sizing and allocating the paged KV cache.
 
-One tensor holds every layer's keys and values, [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim];
-the ModelRunner hands each attention layer the views of its k and v. In memory a block holds its slots token by
-token (each token's heads together), or, for a backend that asks (`AttentionBackend.head_major_blocks`), head by
-head: the same shape as a strided view, so one KV head's keys of a block are one contiguous run. An fp8 cache
-(kv_cache_dtype="fp8_e4m3") takes 1 byte per element, so the same memory holds twice the tokens of a bf16 one.
+One zeroed allocation holds every layer's keys and values, seen as two tensors [num_layers, num_blocks, block_size,
+num_kv_heads, head_dim]; the ModelRunner hands each attention layer its k and v. In memory a block holds its slots
+token by token (each token's heads together), or, for a backend that asks (`AttentionBackend.head_major_blocks`),
+head by head, so one KV head's keys of a block are one contiguous run; a backend may also ask for key-major values
+(`AttentionBackend.key_major_values`): one KV head's values of a block stored as [head_dim, block_size]. Every
+layout is the same shape, as a strided view. An fp8 cache (kv_cache_dtype="fp8_e4m3") takes 1 byte per element,
+so the same memory holds twice the tokens of a bf16 one.
 """
 import os
 
@@ -65,14 +67,24 @@ def _cpu_available_bytes() -> int:
         return CPU_KVCACHE_MAX_BYTES * 4
 
 
-def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device,
-                      head_major: bool = False) -> torch.Tensor:
-    """[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]; head_major: stored as
-    [..., num_kv_heads, block_size, head_dim] and returned as a view of that shape."""
+def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device, head_major: bool = False,
+                      key_major_values: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_caches, v_caches), each [num_layers, num_blocks, block_size, num_kv_heads, head_dim]. Within a block:
+    slot-major ([block_size, num_kv_heads, head_dim]) by default; head_major: [num_kv_heads, block_size, head_dim];
+    key_major_values: V as [num_kv_heads, head_dim, block_size]. Non-default layouts are views of that shape."""
     hf = config.hf_config
-    num_kv_heads = hf.num_key_value_heads // config.tensor_parallel_size
-    inner = (num_kv_heads, config.kvcache_block_size) if head_major else (config.kvcache_block_size, num_kv_heads)
-    # zeros, not empty: masked-out cache entries still enter P @ V, and 0 * NaN garbage would be NaN
-    cache = torch.zeros(2, hf.num_hidden_layers, num_blocks, *inner, head_dim_of(hf), dtype=config.kv_torch_dtype,
-                        device=device)
-    return cache.transpose(3, 4) if head_major else cache
+    sizes = {"slot": config.kvcache_block_size, "head": hf.num_key_value_heads // config.tensor_parallel_size,
+             "dim": head_dim_of(hf)}
+    # zeros, not empty: masked-out cache entries still enter P @ V, and 0 * NaN garbage would be NaN; an fp8
+    # cache relies on it (it never holds a NaN, see kv_quant)
+    cache = torch.zeros(2, hf.num_hidden_layers, num_blocks, sizes["slot"] * sizes["head"] * sizes["dim"],
+                        dtype=config.kv_torch_dtype, device=device)
+
+    def view(part: torch.Tensor, order: tuple[str, str, str]) -> torch.Tensor:
+        # `order`: the block's dimensions as laid out in memory, outermost first
+        stored = part.view(hf.num_hidden_layers, num_blocks, *(sizes[d] for d in order))
+        return stored.permute(0, 1, *(2 + order.index(d) for d in ("slot", "head", "dim")))
+
+    keys = ("head", "slot", "dim") if head_major else ("slot", "head", "dim")
+    values = ("head", "dim", "slot") if key_major_values else keys
+    return view(cache[0], keys), view(cache[1], values)

@@ -88,10 +88,13 @@ class ModelRunner:
             self.warmup_model()
         kv_scales = self.calibrate_kv_scales() if config.kv_cache_dtype != "auto" else [None] * len(self.layers)
         self.num_kvcache_blocks = num_kvcache_blocks(config, device, self.world_size)
+        key_major_values = self.attn_backend.key_major_values(self.block_size, head_dim_of(config.hf_config),
+                                                              config.torch_dtype, config.kv_cache_dtype)
         self.kv_cache = allocate_kv_cache(config, self.num_kvcache_blocks, device,
-                                          head_major=self.attn_backend.head_major_blocks)
+                                          head_major=self.attn_backend.head_major_blocks,
+                                          key_major_values=key_major_values)
         for i, layer in enumerate(self.layers):
-            layer.set_cache(self.kv_cache[0, i], self.kv_cache[1, i], kv_scales[i])
+            layer.set_cache(self.kv_cache[0][i], self.kv_cache[1][i], kv_scales[i])
         if self.on_cuda:  # nothing compiles on the CPU
             self.warmup_compiled_paths()
             if rank == 0:

@@ -5,6 +5,10 @@ Keys are read from the paged cache through a block table. Key n of a sequence li
     page = block_table[seq, n // page_size]            (physical block id)
     k_cache[page, n % page_size, kv_head, :]
 
+V may instead be stored key-major within each page, v_cache[page, :, kv_head, d] one contiguous run of
+page_size values (`values_key_major`; the triton backend's layout for an fp8 cache), so that the decode
+kernel's P.V product reads V contiguously along its inner dimension, as Q.K^T reads K.
+
 A KV tile of BLOCK_N keys either lies inside one page (BLOCK_N <= page_size: one scalar block-table read per
 tile, because tiles start at multiples of BLOCK_N and BLOCK_N divides page_size) or spans several pages
 (BLOCK_N > page_size: one block-table read per key).
@@ -72,13 +76,14 @@ def _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_page, stride_slot,
 def _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d,
                   stride_kpage, stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale, dtype: tl.constexpr,
                   MASK_ROWS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_D: tl.constexpr, KV_FP8: tl.constexpr):
+                  MASK_D: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr):
     """The K and V tiles ([BLOCK_N, BLOCK_D], as `dtype`) of keys offs_n of one sequence; k_ptr/v_ptr point at
-    its KV head. KV_FP8: the values of the fp8 cache, unscaled (fresh unpaged K/V are quantised first)."""
+    its KV head. KV_FP8: the values of the fp8 cache, unscaled (fresh unpaged K/V are quantised first).
+    STRIDE_VD: V's stride along head_dim (1, or the block size for key-major values)."""
     k_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_kpage, stride_kslot, PAGED, PAGE_SIZE, BLOCK_N)
     v_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_vpage, stride_vslot, PAGED, PAGE_SIZE, BLOCK_N)
     k = _load_2d(k_ptr + k_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASK_ROWS, MASK_D)
-    v = _load_2d(v_ptr + v_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASK_ROWS, MASK_D)
+    v = _load_2d(v_ptr + v_rows[:, None] + offs_d[None, :] * STRIDE_VD, mask_n, mask_d, MASK_ROWS, MASK_D)
     if KV_FP8:
         if not PAGED:
             k = quantize_fp8(k, k_scale)
@@ -150,12 +155,12 @@ def _fp8_dot_query(q, KV_FP8: tl.constexpr):
 def _prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start_n, offs_m, offs_d, mask_d, shift, k_len,
                   qk_scale, stride_kpage, stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale,
                   MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_D: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+                  MASK_D: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < k_len
     k, v = _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d, stride_kpage,
                          stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale, q.dtype, MASKED, PAGED,
-                         PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8)
+                         PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8, STRIDE_VD)
     # query row i sits at key position shift + i (bottom-right causal alignment)
     visible = (offs_n[None, :] <= (shift + offs_m)[:, None]) & mask_n[None, :]
     return _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED, PRECISION)
@@ -171,7 +176,7 @@ def _prefill_kernel(
     stride_kpage, stride_kslot, stride_kh, stride_vpage, stride_vslot, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr,
 ):
     # the last query tiles of a sequence see the most keys: hand them out first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -218,12 +223,12 @@ def _prefill_kernel(
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_row_ptr, start_n, offs_m, offs_d,
                                       mask_d, shift, k_len, qk_scale, stride_kpage, stride_kslot, stride_vpage,
                                       stride_vslot, k_scale, v_scale, False, PAGED, PAGE_SIZE, BLOCK_N, MASK_D,
-                                      PRECISION, KV_FP8)
+                                      PRECISION, KV_FP8, STRIDE_VD)
     for start_n in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_row_ptr, start_n, offs_m, offs_d,
                                       mask_d, shift, k_len, qk_scale, stride_kpage, stride_kslot, stride_vpage,
                                       stride_vslot, k_scale, v_scale, True, PAGED, PAGE_SIZE, BLOCK_N, MASK_D,
-                                      PRECISION, KV_FP8)
+                                      PRECISION, KV_FP8, STRIDE_VD)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -262,7 +267,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     """Causal varlen prefill. q: [num_tokens, num_heads, head_dim]; returns the same shape.
 
     block_tables None: keys/values are k, v ([num_tokens, num_kv_heads, head_dim], k_len == q_len).
-    Otherwise they come from k_cache/v_cache through block_tables ([num_seqs, max_blocks] int32), with
+    Otherwise they come from k_cache/v_cache (v_cache may be key-major, see decode_attention) through block_tables
+    ([num_seqs, max_blocks] int32), with
     cu_seqlens_k giving each sequence's key count (cached prefix + new tokens). An fp8 cache needs
     k_scale, v_scale (float32 [num_kv_heads]); then fresh k, v are attended as the cache would hold them.
     """
@@ -287,6 +293,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         tables, stride_bt = cu_seqlens_q, 0  # a dummy pointer, never read
     num_kv_heads = kt.size(-2)
     assert q.stride(2) == 1 and kt.stride(3 if paged else 2) == 1 and num_heads % num_kv_heads == 0
+    assert vt.stride(-1) == 1 or paged and values_key_major(v_cache)
     fp8 = _check_kv_scales(k_cache, k_scale, v_scale)
     grid = (triton.cdiv(max_seqlen_q, cfg.block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
@@ -295,10 +302,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides_k, *strides_v, stride_bt,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged, PAGE_SIZE=page_size,
-        PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        maxnreg=cfg.max_registers,
+        PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, STRIDE_VD=vt.stride(-1), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     return out
+
+
+def values_key_major(v_cache: torch.Tensor) -> bool:
+    """Whether a [num_blocks, block_size, num_kv_heads, head_dim] V cache is stored key-major within its blocks
+    (unit stride along the slots, block_size along head_dim: one head's values of a block as [head_dim,
+    block_size]); otherwise it must have unit stride along head_dim."""
+    if v_cache.stride(3) == 1:
+        return False
+    assert v_cache.stride(1) == 1 and v_cache.stride(3) == v_cache.size(1), "unsupported V cache layout"
+    return True
 
 
 def _check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
@@ -332,6 +349,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
     ORDERED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, STRIDE_KSLOT: tl.constexpr, STRIDE_VSLOT: tl.constexpr,
+    STRIDE_VD: tl.constexpr,
 ):
     if ORDERED:  # grid (num_seqs * num_kv_heads, 1, splits): every head of the longest sequence first
         pid = tl.program_id(0)
@@ -366,32 +384,45 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     arange_n = tl.arange(0, BLOCK_N)
-    # fp8 cache, a tile inside one page: its elements' offsets from its first key are the same for every tile (the
-    # slot strides are compile-time constants), so they are computed once here and the loop adds one scalar
-    # address per tile; K rows past the end are read unmasked (they stay inside the tile's page, allocated memory,
-    # and only reach scores the softmax replaces by -inf, whatever they hold) while V rows stay masked (a NaN in a
-    # stale slot would survive 0 * v). The fp8 loop then issues 1,042 instead of 1,243 instructions a tile and
-    # thread (sm_90) and took 3.3-3.5% less time on an H200 (graph-replayed over bench.py's decode batches). A bf16
-    # cache keeps per-key addresses and masks: hoisted it was no faster alone and took more registers (head_dim 64:
-    # 139 instead of 127); its constant strides alone cut its loop from 830 to 655 instructions (0.6% less time).
-    HOIST: tl.constexpr = KV_FP8 and BLOCK_N <= PAGE_SIZE
+    # A tile inside one page (fp8 or key-major values): its elements' offsets from its first key are the same for
+    # every tile (the strides are compile-time constants), so they are computed once here and the loop adds one
+    # scalar address per tile. K rows past the end are read unmasked (they stay inside the tile's page, allocated
+    # memory, and only reach scores the softmax replaces by -inf, whatever they hold). V rows past the end meet
+    # zero weights, but a NaN there would survive 0 * v: they are masked, except in an fp8 cache, which never
+    # holds a NaN (it starts zeroed and stores NaN as 0, see kv_quant). So: fp8 slot-major values 1,042 instead
+    # of 1,243 loop instructions a tile and thread (sm_90), 3.3-3.5% less time on an H200; fp8 key-major values
+    # (the triton backend's layout for fp8, see TritonBackend.key_major_values) enter the P.V product like K
+    # enters Q.K^T, 8 bytes a shared-memory load instead of one: 689 instructions, 12% less time than slot-major
+    # (graph-replayed over bench.py's decode batches). A bf16 cache (slot-major values) keeps per-key addresses
+    # and masks: hoisted it was no faster and took more registers; its constant strides cut its loop from 830
+    # to 655 instructions (0.6% less time).
+    V_KEY_MAJOR: tl.constexpr = STRIDE_VD != 1
+    HOIST: tl.constexpr = (KV_FP8 or V_KEY_MAJOR) and BLOCK_N <= PAGE_SIZE
     if HOIST:
         tile_k = arange_n[:, None] * STRIDE_KSLOT + offs_d[None, :]
-        tile_v = arange_n[:, None] * STRIDE_VSLOT + offs_d[None, :]
+        if V_KEY_MAJOR:
+            tile_v = offs_d[:, None] * STRIDE_VD + arange_n[None, :]  # [BLOCK_D, BLOCK_N]: V^T
+        else:
+            tile_v = arange_n[:, None] * STRIDE_VSLOT + offs_d[None, :]
     for start_n in range(start, end, BLOCK_N):
         mask_n = arange_n < end - start_n
         if HOIST:
             page = tl.load(bt_row_ptr + start_n // PAGE_SIZE).to(tl.int64)
-            row = start_n % PAGE_SIZE
+            # tiles start at multiples of BLOCK_N (split_size is one): key-major rows are aligned runs
+            row = tl.multiple_of(start_n % PAGE_SIZE, BLOCK_N)
             k = _load_2d(k_base + page * stride_kpage + row * STRIDE_KSLOT + tile_k, mask_n, mask_d, False, MASK_D)
-            v = _load_2d(v_base + page * stride_vpage + row * STRIDE_VSLOT + tile_v, mask_n, mask_d, True, MASK_D)
             k = k.to(q.dtype)
-            v = v.to(q.dtype)
+            if V_KEY_MAJOR:  # rows: head_dim, columns: keys
+                vt = _load_2d(v_base + page * stride_vpage + row + tile_v, mask_d, mask_n, MASK_D, not KV_FP8)
+                v = tl.trans(vt.to(q.dtype))
+            else:
+                v = _load_2d(v_base + page * stride_vpage + row * STRIDE_VSLOT + tile_v, mask_n, mask_d, True,
+                             MASK_D).to(q.dtype)
         else:
             offs_n = start_n + arange_n
             k, v = _load_kv_tile(k_base, v_base, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d,
                                  stride_kpage, STRIDE_KSLOT, stride_vpage, STRIDE_VSLOT, k_scale, v_scale, q.dtype,
-                                 True, True, PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8)
+                                 True, True, PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8, STRIDE_VD)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, mask_n[None, :], True, PRECISION)
 
     # an empty split or sequence (l = 0, acc = 0) yields 0, not nan
@@ -445,7 +476,8 @@ def _target_programs(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def decode_config(head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = False) -> TileConfig:
+def decode_config(head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = False,
+                  values_key_major: bool = False) -> TileConfig:
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     block_d = head_block(head_dim)
     # 128 keys, 4 warps, 2 stages: the best of 54 configurations (32-128 keys, 1-4 warps, 2-3 stages, with and
@@ -459,8 +491,9 @@ def decode_config(head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = 
     # fits (compiled for head_dims up to 128, 1-16 query heads a KV head: no spills, or one register spilled
     # outside the loop and reloaded once a tile at head_dim 128 with 2 or 4 query heads) and 4 programs do:
     # bench.py's 0.6B fp8 run 1.7% faster on an H200 (32.1k vs 31.5k tok/s, 8B 10.5k either way). The bf16
-    # kernel (138 registers) is held at 3 programs by shared memory and spills under the cap.
-    max_registers = 128 if kv_fp8 and block_n == 128 and block_h == 16 else None
+    # kernel (138 registers) is held at 3 programs by shared memory and spills under the cap. With key-major
+    # values the fp8 kernel takes 157 registers (3 programs) and ran 3% faster uncapped than capped at 128.
+    max_registers = 128 if kv_fp8 and not values_key_major and block_n == 128 and block_h == 16 else None
     return TileConfig(block_m=block_h, block_n=block_n, num_warps=4, num_stages=2, max_registers=max_registers)
 
 
@@ -484,6 +517,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token per sequence against its paged context. q: [B, num_heads, head_dim] -> same shape.
 
+    v_cache may be key-major within its blocks (values_key_major; the triton backend's layout for an fp8 cache).
     context_lens: [B] int32 keys per sequence (the new token included, already stored);
     block_tables: [B, max_blocks] int32; k_scale, v_scale: an fp8 cache's float32 [num_kv_heads] scales.
     seq_order: [B] the sequences in the order their programs start (e.g. longest first), or None (0..B-1).
@@ -491,11 +525,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     num_seqs, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.size(1), k_cache.size(2)
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    assert num_heads % num_kv_heads == 0
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and num_heads % num_kv_heads == 0
+    key_major = values_key_major(v_cache)
     fp8 = _check_kv_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
-    cfg = config or decode_config(head_dim, group, q.dtype, fp8)
+    cfg = config or decode_config(head_dim, group, q.dtype, fp8, key_major)
     assert cfg.block_m >= group
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
@@ -530,7 +564,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, ORDERED=ordered,
         NUM_KV_HEADS=num_kv_heads, STRIDE_KSLOT=k_cache.stride(1), STRIDE_VSLOT=v_cache.stride(1),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
+        STRIDE_VD=v_cache.stride(3), num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     if num_splits > 1:
         # one tile width for every split count (masked past num_splits): no per-shape variants

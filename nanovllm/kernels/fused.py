@@ -131,19 +131,21 @@ def _rotate_heads(x_ptr, stride_h, w_ptr, out_ptr, cos, sin, eps, NUM_HEADS: tl.
 
 @triton.jit
 def _store_half_rows(cache_ptr, base, stride_ch, scale_ptr, x1, x2, NUM_HEADS: tl.constexpr,
-                     HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, FP8: tl.constexpr):
+                     HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, FP8: tl.constexpr,
+                     STRIDE_CD: tl.constexpr):
     """One token's heads, given as halves [BLOCK_HEADS, BLOCK_HALF], into its cache slot at `base`; an fp8
-    cache gets them quantised with its per-head scales, as store_kvcache does."""
+    cache gets them quantised with its per-head scales, as store_kvcache does. STRIDE_CD: the cache's stride
+    along head_dim (1, or the block size for key-major values)."""
     offs_h = tl.arange(0, BLOCK_HEADS)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (offs_h < NUM_HEADS) & (offs_d < HALF)
-    ptrs = cache_ptr + base + offs_h * stride_ch + offs_d
+    ptrs = cache_ptr + base + offs_h * stride_ch + offs_d * STRIDE_CD
     if FP8:
         scale = tl.load(scale_ptr + offs_h + offs_d * 0, mask=mask, other=1.0)  # [BLOCK_HEADS, BLOCK_HALF]
         x1, x2 = quantize_fp8(x1, scale), quantize_fp8(x2, scale)
     dtype = cache_ptr.dtype.element_ty
     tl.store(ptrs, x1.to(dtype), mask=mask)
-    tl.store(ptrs + HALF, x2.to(dtype), mask=mask)
+    tl.store(ptrs + HALF * STRIDE_CD, x2.to(dtype), mask=mask)
 
 
 # positions and slot_mapping are slices of the step's packed inputs: not specialised on their alignment, so any
@@ -152,10 +154,11 @@ def _store_half_rows(cache_ptr, base, stride_ch, scale_ptr, x1, x2, NUM_HEADS: t
 def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                  eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
                  v_ptr, stride_vt, stride_vh, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr,
-                 v_scale_ptr, stride_cb, stride_cs, stride_ch,
+                 v_scale_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
+                 NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+                 STRIDE_VCD: tl.constexpr):
     """Grid (num_tokens, 2): program (t, 0) does token t's q heads, (t, 1) its k heads and, with STORE, writes
     the rotated k and the v heads to the token's cache slot (none for slot -1, a padded token)."""
     t = tl.program_id(0).to(tl.int64)
@@ -175,16 +178,16 @@ def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_pt
             slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
             if slot >= 0:
                 half: tl.constexpr = HEAD_DIM // 2
-                base = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-                _store_half_rows(k_cache_ptr, base, stride_ch, k_scale_ptr, k1, k2, NUM_K_HEADS, half,
-                                 BLOCK_K_HEADS, BLOCK_HALF, FP8)
+                block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+                _store_half_rows(k_cache_ptr, block * stride_kcb + offset * stride_kcs, stride_kch, k_scale_ptr,
+                                 k1, k2, NUM_K_HEADS, half, BLOCK_K_HEADS, BLOCK_HALF, FP8, 1)
                 offs_h = tl.arange(0, BLOCK_K_HEADS)[:, None]
                 mask = (offs_h < NUM_K_HEADS) & (offs_d[None, :] < half)
                 v1_ptrs = v_ptr + t * stride_vt + offs_h * stride_vh + offs_d[None, :]
                 v1 = tl.load(v1_ptrs, mask=mask, other=0.0)
                 v2 = tl.load(v1_ptrs + half, mask=mask, other=0.0)
-                _store_half_rows(v_cache_ptr, base, stride_ch, v_scale_ptr, v1, v2, NUM_K_HEADS, half,
-                                 BLOCK_K_HEADS, BLOCK_HALF, FP8)
+                _store_half_rows(v_cache_ptr, block * stride_vcb + offset * stride_vcs, stride_vch, v_scale_ptr,
+                                 v1, v2, NUM_K_HEADS, half, BLOCK_K_HEADS, BLOCK_HALF, FP8, STRIDE_VCD)
 
 
 def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
@@ -204,10 +207,11 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
         v, k_cache, v_cache, slot_mapping, k_scale, v_scale = store
         fp8 = check_store_args(k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         cache_args = (v, v.stride(0), v.stride(1), k_cache, v_cache, slot_mapping, k_scale if fp8 else q,
-                      v_scale if fp8 else q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
-        block_size = k_cache.size(1)
+                      v_scale if fp8 else q, *k_cache.stride()[:3], *v_cache.stride()[:3])
+        block_size, stride_vcd = k_cache.size(1), v_cache.stride(3)
     else:  # dummy pointers and strides, never read
-        fp8, cache_args, block_size = False, (k, 0, 0, k, k, positions, q, q, 0, 0, 0), 1
+        fp8, block_size, stride_vcd = False, 1, 1
+        cache_args = (k, 0, 0, k, k, positions, q, q, 0, 0, 0, 0, 0, 0)
     block_half = triton.next_power_of_2(head_dim // 2)
     block_q_heads, block_k_heads = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_k_heads)
     _rope_kernel[(num_tokens, 2)](
@@ -215,7 +219,7 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), sin_cache.stride(0), *cache_args,
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, BLOCK_Q_HEADS=block_q_heads,
         BLOCK_K_HEADS=block_k_heads, BLOCK_HALF=block_half, NORM=norm, STORE=store is not None,
-        BLOCK_SIZE=block_size, FP8=fp8, num_warps=_num_warps(2 * block_q_heads * block_half),
+        BLOCK_SIZE=block_size, FP8=fp8, STRIDE_VCD=stride_vcd, num_warps=_num_warps(2 * block_q_heads * block_half),
     )
     return q_out, k_out
 
@@ -242,7 +246,8 @@ def rope_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """norm_rope (weights given) or rope, and the rotated k and v written to the paged cache as store_kvcache
     writes them: v: [num_tokens, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
-    head_dim]; slot_mapping: [num_tokens] (-1: not stored); k_scale, v_scale: an fp8 cache's per-head scales."""
+    head_dim] (V may be key-major); slot_mapping: [num_tokens] (-1: not stored); k_scale, v_scale: an fp8
+    cache's per-head scales."""
     if q_weight is not None:
         assert q_weight.shape == (q.size(2),) and k_weight.shape == (k.size(2),)
         assert q_weight.is_contiguous() and k_weight.is_contiguous()

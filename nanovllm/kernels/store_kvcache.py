@@ -6,6 +6,8 @@
                  |           |
              slot // bs   slot % bs
 
+(any strides; unit stride along head_dim for K, along head_dim or, key-major values, along the slots for V).
+
 One program per token copies its whole [num_kv_heads, head_dim] row of K and of V. An fp8 cache gets
 fp8(clamp(x / scale[head], -448, 448)) (see nanovllm.layers.kv_quant).
 """
@@ -20,8 +22,10 @@ _FP8_MAX = tl.constexpr(FP8_MAX)
 
 @triton.jit
 def quantize_fp8(x, scale):
-    """x / scale saturated to the e4m3 range, as float8 e4m3 (division by a power of two: exact)."""
+    """x / scale saturated to the e4m3 range, as float8 e4m3 (division by a power of two: exact); NaN -> 0, so
+    that an fp8 cache never holds a NaN (see nanovllm.layers.kv_quant)."""
     x = tl.math.div_rn(x.to(tl.float32), scale)
+    x = tl.where(x != x, 0.0, x)
     return tl.clamp(x, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
 
 
@@ -29,9 +33,9 @@ def quantize_fp8(x, scale):
 def _store_kvcache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch,  # k_cache and v_cache share one layout
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK_ROW: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, STRIDE_VCD: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -46,9 +50,10 @@ def _store_kvcache_kernel(
     if FP8:
         k = quantize_fp8(k, tl.load(k_scale_ptr + head, mask=mask, other=1.0))
         v = quantize_fp8(v, tl.load(v_scale_ptr + head, mask=mask, other=1.0))
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch + dim
-    tl.store(k_cache_ptr + dst, k, mask=mask)
-    tl.store(v_cache_ptr + dst, v, mask=mask)
+    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    tl.store(k_cache_ptr + block * stride_kcb + offset * stride_kcs + head * stride_kch + dim, k, mask=mask)
+    tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + head * stride_vch + dim * STRIDE_VCD, v,
+             mask=mask)
 
 
 def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -56,8 +61,8 @@ def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_
     """Asserts the shapes a kernel writing k, v to the cache needs (shared by the rotary kernel's fused store);
     returns whether the cache is fp8."""
     assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
-    assert k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
+    assert v_cache.stride(3) == 1 or v_cache.stride(1) == 1  # V: unit stride along head_dim, or key-major
     assert slot_mapping.numel() == k.size(0)
     fp8 = k_cache.dtype == FP8_DTYPE
     assert fp8 == (k_scale is not None and v_scale is not None)
@@ -76,9 +81,8 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     row = num_kv_heads * head_dim
     _store_kvcache_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k_scale if fp8 else k, v_scale if fp8 else v,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         BLOCK_SIZE=k_cache.size(1), HEAD_DIM=head_dim, ROW=row, BLOCK_ROW=triton.next_power_of_2(row),
-        FP8=fp8,
+        FP8=fp8, STRIDE_VCD=v_cache.stride(3),
         num_warps=max(1, min(8, triton.next_power_of_2(row) // 256)),
     )

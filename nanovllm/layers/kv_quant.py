@@ -2,6 +2,11 @@
 
     stored = fp8(clamp(x / scale, -448, 448))          read = stored * scale
 
+A NaN is stored as 0: with the cache allocated zeroed, an fp8 cache never holds a NaN, so a kernel may read the
+slots of a block past a sequence's end (an earlier owner's values) and give them zero weight without masking
+them (0 * v is 0 for every finite v; the triton backend's decode kernel reads key-major V tiles so). A NaN in
+K or V means the model's hidden state is NaN already, so its sequence's output is NaN either way.
+
 Scales are powers of two: dividing by one is exact, so every path (torch, Triton, fresh keys or cached ones)
 stores the same bytes, and a scale only moves e4m3's fixed window (15 binades with 3 mantissa bits, 3 more
 subnormal) to where a head's values live. One scale per (layer, KV head): heads of one layer differ by up
@@ -36,8 +41,9 @@ def scales_from_amax(amax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x: [..., num_kv_heads, head_dim]; scale: [num_kv_heads]. Saturates at +-FP8_MAX."""
-    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """x: [..., num_kv_heads, head_dim]; scale: [num_kv_heads]. Saturates at +-FP8_MAX; NaN -> 0."""
+    x = x.float() / scale[:, None]
+    return x.masked_fill(x.isnan(), 0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,6 +4,9 @@ Every backend sees the same paged KV cache shape, per layer:
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]   (unit stride along head_dim)
 
+in the memory layout it asks for (`head_major_blocks`, `key_major_values`; engine/kv_cache.py allocates it):
+key-major values have unit stride along the block's slots instead.
+
 and the same per-step metadata (`nanovllm.utils.context.Context`). A token's cache slot is
 `block_id * block_size + offset`; slot -1 marks a padded token (CUDA graphs) that must not be stored.
 
@@ -33,6 +36,11 @@ class AttentionBackend(ABC):
     # head (strides: block, head_dim, block_size * head_dim, 1), so one head's keys of a block are one run of
     # memory; without it the caches are contiguous tensors
     head_major_blocks: bool = False
+
+    def key_major_values(self, block_size: int, head_dim: int, dtype: torch.dtype, kv_cache_dtype: str) -> bool:
+        """Whether V is to be stored key-major within each block: one KV head's values of a block as [head_dim,
+        block_size] in memory (strides: block, 1, block_size * head_dim, block_size), the same shape as a view."""
+        return False
 
     def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
                      kv_cache_dtype: str = "auto") -> None:

@@ -438,9 +438,7 @@ def head_major(cache: torch.Tensor) -> torch.Tensor:
 
 def _check_head_major_blocks():
     """Every Triton kernel that reads or writes the cache gives the same result on a head-major copy of it."""
-    from nanovllm.kernels import fused
     from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention
-    from nanovllm.kernels.store_kvcache import store_kvcache
     q, k_cache, v_cache, ctx = decode_case([1, 16, 17, 90, 33], 16, 6, 2, 32, torch.float32, "cpu", extra_width=2)
     kh, vh = head_major(k_cache), head_major(v_cache)
     assert torch.equal(kh, k_cache) and kh.stride() != k_cache.stride()
@@ -451,18 +449,26 @@ def _check_head_major_blocks():
     args = (ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.block_tables, 0.3)
     assert torch.equal(prefill_attention(q, k, v, head_major(k_cache), head_major(v_cache), *args),
                        prefill_attention(q, k, v, k_cache, v_cache, *args))
+    assert_stores_equal_in_layout(head_major)
+
+
+def assert_stores_equal_in_layout(v_layout):
+    """store_kvcache and the fused rotary store write into head-major K and `v_layout(V)` caches what they write
+    into contiguous ones."""
+    from nanovllm.kernels import fused
+    from nanovllm.kernels.store_kvcache import store_kvcache
     k, v, k_cache, v_cache, slots = store_case(9, 64, 16, 2, 32, torch.float32, "cpu")
-    kh, vh = head_major(k_cache), head_major(v_cache)
-    store_kvcache(k, v, kh, vh, slots)
+    kl, vl = head_major(k_cache), v_layout(v_cache)
+    store_kvcache(k, v, kl, vl, slots)
     store_kvcache(k, v, k_cache, v_cache, slots)
-    assert torch.equal(kh, k_cache) and torch.equal(vh, v_cache)
+    assert torch.equal(kl, k_cache) and torch.equal(vl, v_cache)
     positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, slots, _ = rope_store_case(7, 4, 2, 32, 4,
                                                                                            torch.float32, "cpu")
-    kh, vh = head_major(k_cache), head_major(v_cache)
-    for kc, vc in ((kh, vh), (k_cache, v_cache)):
+    kl, vl = head_major(k_cache), v_layout(v_cache)
+    for kc, vc in ((kl, vl), (k_cache, v_cache)):
         fused.rope_store(positions, q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
                          rotary.sin_cache, kc, vc, slots, None, None)
-    assert torch.equal(kh, k_cache) and torch.equal(vh, v_cache)
+    assert torch.equal(kl, k_cache) and torch.equal(vl, v_cache)
 
 
 def key_major(cache: torch.Tensor) -> torch.Tensor:
@@ -485,9 +491,7 @@ def _check_key_major_values():
     """Every Triton kernel that reads or writes V gives the same result on a key-major copy of it: decode by tiles
     inside a block (float32: V masked; fp8: read whole) and by keys across blocks, split or not, paged prefill, the
     store and the fused rotary store."""
-    from nanovllm.kernels import fused
     from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention, values_key_major
-    from nanovllm.kernels.store_kvcache import store_kvcache
     lens = [1, 16, 17, 90, 33]
     for fp8 in (False, True):
         scales = fp8_scales(2, "cpu") if fp8 else None
@@ -507,18 +511,7 @@ def _check_key_major_values():
                 TileConfig(16, 16, 4, 1), *scale_args)
         assert torch.equal(prefill_attention(q, k, v, head_major(k_cache), key_major(v_cache), *args),
                            prefill_attention(q, k, v, k_cache, v_cache, *args))
-    k, v, k_cache, v_cache, slots = store_case(9, 64, 16, 2, 32, torch.float32, "cpu")
-    kh, vk = head_major(k_cache), key_major(v_cache)
-    store_kvcache(k, v, kh, vk, slots)
-    store_kvcache(k, v, k_cache, v_cache, slots)
-    assert torch.equal(kh, k_cache) and torch.equal(vk, v_cache)
-    positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, slots, _ = rope_store_case(7, 4, 2, 32, 4,
-                                                                                           torch.float32, "cpu")
-    kh, vk = head_major(k_cache), key_major(v_cache)
-    for kc, vc in ((kh, vk), (k_cache, v_cache)):
-        fused.rope_store(positions, q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
-                         rotary.sin_cache, kc, vc, slots, None, None)
-    assert torch.equal(kh, k_cache) and torch.equal(vk, v_cache)
+    assert_stores_equal_in_layout(key_major)
 
 
 def _check_fused_silu_and_mul():

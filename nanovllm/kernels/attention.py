@@ -267,10 +267,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     """Causal varlen prefill. q: [num_tokens, num_heads, head_dim]; returns the same shape.
 
     block_tables None: keys/values are k, v ([num_tokens, num_kv_heads, head_dim], k_len == q_len).
-    Otherwise they come from k_cache/v_cache (v_cache may be key-major, see decode_attention) through block_tables
-    ([num_seqs, max_blocks] int32), with
-    cu_seqlens_k giving each sequence's key count (cached prefix + new tokens). An fp8 cache needs
-    k_scale, v_scale (float32 [num_kv_heads]); then fresh k, v are attended as the cache would hold them.
+    Otherwise they come from k_cache/v_cache (v_cache may be key-major, see decode_attention) through
+    block_tables ([num_seqs, max_blocks] int32), with cu_seqlens_k giving each sequence's key count (cached
+    prefix + new tokens). An fp8 cache needs k_scale, v_scale (float32 [num_kv_heads]); then fresh k, v are
+    attended as the cache would hold them.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.numel() - 1

@@ -105,7 +105,8 @@ def parse_args():
     if args.decode_batch and min(args.decode_batch) < 1:
         p.error(f"--decode-batch sizes must be >= 1, got {args.decode_batch}")
     if args.decode_batch and args.max_output_len < 2:
-        p.error(f"--decode-batch needs --max-output-len >= 2 (one prefill token, then decode), got {args.max_output_len}")
+        p.error(f"--decode-batch needs --max-output-len >= 2 (one prefill token, then decode), "
+                f"got {args.max_output_len}")
     return args
 
 

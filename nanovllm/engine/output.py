@@ -94,7 +94,8 @@ class OutputProcessor:
             return c.text
         if self.tokenizer is None:
             return None
-        return self.tokenizer.decode(text_token_ids(c.seq), skip_special_tokens=c.seq.sampling_params.skip_special_tokens)
+        skip_special = c.seq.sampling_params.skip_special_tokens
+        return self.tokenizer.decode(text_token_ids(c.seq), skip_special_tokens=skip_special)
 
     # ---- what the user sees ------------------------------------------------------------------------------------
 

@@ -42,8 +42,7 @@ def scales_from_amax(amax: torch.Tensor) -> torch.Tensor:
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: [..., num_kv_heads, head_dim]; scale: [num_kv_heads]. Saturates at +-FP8_MAX; NaN -> 0."""
-    x = x.float() / scale[:, None]
-    return x.masked_fill(x.isnan(), 0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (x.float() / scale[:, None]).nan_to_num(nan=0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

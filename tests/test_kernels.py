@@ -27,6 +27,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import traceback
 
 import pytest
@@ -39,6 +41,7 @@ from nanovllm.layers.kv_quant import FP8_DTYPE, KVScales, fp8_round_trip, quanti
 from nanovllm.layers.layernorm import RMSNorm, add_rms_norm, rms_norm
 from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, norm_rope, rope
 from nanovllm.utils.context import Context
+from nanovllm.utils.kernels import run_warm_up
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -1272,3 +1275,71 @@ def test_fused_kernels_compile_once_for_every_token_count_cuda():
     for name, out in eager.items():
         outs, graph_outs = (out, captured[name]) if isinstance(out, tuple) else ((out,), (captured[name],))
         assert all(torch.equal(a, b) for a, b in zip(outs, graph_outs)), name
+
+
+# ---- run_warm_up: start-up tasks at once, their Triton compiles in one pool ----------------------------------------
+
+def test_run_warm_up_serially_runs_the_tasks_in_order_on_the_calling_thread():
+    seen = []
+    tasks = [lambda i=i: seen.append((i, threading.get_ident())) for i in range(3)]
+    run_warm_up(tasks, torch.device("cpu"), concurrently=False)
+    assert seen == [(i, threading.get_ident()) for i in range(3)]
+
+
+@needs_triton
+def test_run_warm_up_runs_the_tasks_at_once_under_one_compile_mode_and_raises_the_first_error():
+    """Four tasks pass a four-party barrier only if they run at the same time; each sees the same active
+    triton.AsyncCompileMode (so a kernel two tasks need compiles once), which is off again afterwards. A failing
+    task's error comes after the other tasks have finished."""
+    from triton.runtime._async_compile import active_mode
+    barrier, seen = threading.Barrier(4, timeout=30), []
+
+    def task():
+        barrier.wait()
+        seen.append((threading.get_ident(), active_mode.get()))
+
+    run_warm_up([task] * 4, torch.device("cpu"))
+    assert len({ident for ident, _ in seen}) == 4 and threading.get_ident() not in {ident for ident, _ in seen}
+    modes = {id(mode) for _, mode in seen}
+    assert len(modes) == 1 and seen[0][1] is not None and active_mode.get() is None
+    finished = []
+
+    def fails():
+        raise ValueError("task failed")
+
+    def slow():
+        time.sleep(0.3)
+        finished.append(True)
+
+    with pytest.raises(ValueError, match="task failed"):
+        run_warm_up([fails, slow], torch.device("cpu"))
+    assert finished == [True] and active_mode.get() is None
+
+
+@cuda
+@needs_cuda
+@needs_triton
+def test_run_warm_up_tasks_launch_a_new_kernel_at_once_cuda():
+    """Six tasks launch a kernel no one compiled yet, three with each of two constants, at the same time: every
+    output is right, and the kernel holds two compiled variants."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_kernel(x_ptr, out_ptr, ADD: tl.constexpr):
+        offs = tl.arange(0, 128)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs) + ADD)
+
+    x = torch.arange(128, dtype=torch.float32, device="cuda")
+    outs = {i: torch.zeros_like(x) for i in range(6)}
+    barrier = threading.Barrier(6, timeout=60)
+
+    def task(i):
+        barrier.wait()
+        add_kernel[(1,)](x, outs[i], ADD=1 + i % 2)
+
+    run_warm_up([lambda i=i: task(i) for i in range(6)], torch.device("cuda"))
+    torch.cuda.synchronize()
+    for i, out in outs.items():
+        assert torch.equal(out, x + 1 + i % 2), i
+    assert sum(len(caches[0]) for caches in add_kernel.device_caches.values()) == 2

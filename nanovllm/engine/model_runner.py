@@ -18,11 +18,11 @@ from nanovllm.engine.step_inputs import Row, SeqState, apply_step, decode_layout
 from nanovllm.layers.attention import attention_layers
 from nanovllm.layers.kv_quant import KVScales
 from nanovllm.layers.backends import create_backend
-from nanovllm.layers.sampler import sample, sampling_tensors, warm_up_sampler
+from nanovllm.layers.sampler import sample, sampler_warm_up_tasks, sampling_tensors
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import Context, forward_context
-from nanovllm.utils.kernels import fused_kernel
+from nanovllm.utils.kernels import fused_kernel, run_warm_up
 from nanovllm.utils.loader import init_dummy_weights, load_model
 from nanovllm.utils.math import cdiv
 from nanovllm.utils.packing import packed_starts
@@ -97,8 +97,6 @@ class ModelRunner:
             layer.set_cache(self.kv_cache[0][i], self.kv_cache[1][i], kv_scales[i])
         if self.on_cuda:  # nothing compiles on the CPU
             self.warmup_compiled_paths()
-            if rank == 0:
-                warm_up_sampler(config.hf_config.vocab_size, config.torch_dtype, device)
         warm = perf_counter()
         if self.on_cuda and not config.enforce_eager:
             self.graphs = CUDAGraphRunner(self.model, config, device, ordered=self.attn_backend.orders_decode)
@@ -149,23 +147,28 @@ class ModelRunner:
 
     def warmup_compiled_paths(self):
         """Compile, before any real request, every variant that serving could otherwise compile mid-step: a plain
-        prefill, a prefill reading keys from the paged cache, a one-token chunk, and eager decode over a short and
-        over the longest context. Block 0 is scribbled on; no sequence owns it yet."""
+        prefill, a prefill reading keys from the paged cache, a one-token chunk, eager decode over a short and over
+        the longest context, the sampler's kinds (rank 0) and the in-flight token fill. The steps run at once on
+        one GPU (run_warm_up: their Triton compiles in parallel); they all scribble on block 0, which no sequence
+        owns yet, and their outputs are dropped."""
         n, max_len = min(self.block_size, self.config.max_model_len), self.config.max_model_len
 
-        def rows(*specs):
-            return [self._warmup_row(total, cached, scheduled, in_block_0=True) for total, cached, scheduled in specs]
+        def step(kind: StepKind, *specs: tuple[int, int, int]) -> Callable[[], None]:
+            rows = [self._warmup_row(total, cached, scheduled, in_block_0=True) for total, cached, scheduled in specs]
+            return lambda: self._run_rows(rows, kind)
 
-        self._run_rows(rows((n, 0, n), (n, 0, n)), StepKind.PREFILL)
-        for cached in (n // 2, n - 1):
-            self._run_rows(rows((n, cached, n - cached)), StepKind.PREFILL)
-        self._run_rows(rows((n, n - 1, 1)), StepKind.DECODE)
-        self._run_rows(rows((max_len, max_len - 1, 1)), StepKind.DECODE)
-        if self.on_cuda:
-            # overlapped steps read tokens still in flight through fill_in_flight: uploaded parts as a step's
+        def in_flight_fill():  # overlapped steps read tokens still in flight through fill_in_flight
             ids, pending = self._upload([0], [0])
             fill_in_flight(ids, pending, torch.zeros(1, dtype=torch.int64, device=self.device))
-            torch.cuda.synchronize(self.device)
+
+        tasks = [step(StepKind.PREFILL, (n, 0, n), (n, 0, n)),
+                 *(step(StepKind.PREFILL, (n, cached, n - cached)) for cached in (n // 2, n - 1)),
+                 step(StepKind.DECODE, (n, n - 1, 1)), step(StepKind.DECODE, (max_len, max_len - 1, 1)),
+                 in_flight_fill]
+        if self.rank == 0:
+            tasks += sampler_warm_up_tasks(self.config.hf_config.vocab_size, self.config.torch_dtype, self.device)
+        run_warm_up(tasks, self.device, concurrently=self.world_size == 1)
+        torch.cuda.synchronize(self.device)
 
     def _warmup_row(self, num_tokens: int, cached: int, scheduled: int, in_block_0: bool) -> Row:
         """Zeros with `cached` tokens already cached and `scheduled` to run. in_block_0: all its blocks are block

@@ -14,6 +14,8 @@ draw. `SamplerOutput.logprobs` is the raw log-softmax of the logits, before any 
 A row's draw depends only on its logits, its seed and its output position: the noise of token v is a hash of
 (seed, position, v), so a seeded request samples the same tokens alone or in any batch.
 """
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Sequence
@@ -163,21 +165,28 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
 def warm_up_sampler(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
     """Compile, before serving, every kernel variant a step could otherwise compile mid-way: the race, the greedy
     argmax, the filtered draw and the penalties, on the model's logits dtype and, after penalties, on float32."""
-    with torch.inference_mode():
-        _warm_up(vocab_size, dtype, device)
+    for task in sampler_warm_up_tasks(vocab_size, dtype, device):
+        task()
 
 
-def _warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+def sampler_warm_up_tasks(vocab_size: int, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
+    """warm_up_sampler's work as independent tasks, one per kind of sampling, to run at once (utils.kernels.
+    run_warm_up)."""
     rows = 2
-    logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
-    counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
-    mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
-    for kwargs in (dict(), dict(temperature=0), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
-                   dict(repetition_penalty=1.5, temperature=0), dict(repetition_penalty=1.5, top_k=2),
-                   dict(repetition_penalty=1.5, top_p=0.5)):
+    kinds = (dict(), dict(temperature=0), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
+             dict(repetition_penalty=1.5, temperature=0), dict(repetition_penalty=1.5, top_k=2),
+             dict(repetition_penalty=1.5, top_p=0.5))
+
+    @torch.inference_mode()
+    def task(kwargs: dict) -> None:
+        logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
+        counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
+        mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
         params = [SamplingParams(**{"temperature": 1.0, **kwargs})] * rows
         sample(logits, sampling_tensors(params, [0] * rows, [0] * rows, device, output_counts=counts,
                                         prompt_mask=mask))
+
+    return [functools.partial(task, kwargs) for kwargs in kinds]
 
 
 # ---- the device functions (Triton kernels on CUDA) ----------------------------------------------------------------

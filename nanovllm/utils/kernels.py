@@ -9,9 +9,12 @@ take.
 NANOVLLM_FUSED_KERNELS=0 keeps the PyTorch ops everywhere (to compare, or to debug a kernel).
 """
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -58,3 +61,39 @@ def fused_kernels(enabled: bool):
         yield
     finally:
         _settings["enabled"] = saved
+
+
+def run_warm_up(tasks: list[Callable[[], object]], device: torch.device, concurrently: bool = True) -> None:
+    """Run start-up work that launches kernels on `device`, the tasks at once where `concurrently`.
+
+    Most of a cold start is Triton compiling kernels one after another, each on the first call that needs it.
+    Here each task runs in its own thread and all of them share one Triton compile pool (`triton.AsyncCompileMode`:
+    a kernel several tasks need is compiled once, and compiles run in parallel because Triton's compiler and ptxas
+    release the GIL), so one task's compile no longer waits for another's. The tasks' results are dropped and their
+    kernels interleave on the device, so give only warm-up work that is safe to race (scratch memory, no
+    collectives: under tensor parallelism pass concurrently=False, as every rank must join collectives in one
+    order). Without Triton the tasks run one after another. The first task error is raised once all have ended."""
+    if not concurrently or len(tasks) < 2:
+        for task in tasks:
+            task()
+        return
+    try:
+        import triton
+    except ImportError:
+        return run_warm_up(tasks, device, concurrently=False)
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" \
+        else None
+
+    def on_device(task: Callable[[], object]) -> None:
+        if index is not None:
+            torch.cuda.set_device(index)  # a new thread starts on device 0
+        task()
+
+    workers = min(len(tasks), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers, thread_name_prefix="nanovllm-compile") as compiler, \
+            triton.AsyncCompileMode(compiler):
+        with ThreadPoolExecutor(len(tasks), thread_name_prefix="nanovllm-warm-up") as pool:
+            # each task in a copy of this context, where the compile mode is active
+            futures = [pool.submit(contextvars.copy_context().run, on_device, task) for task in tasks]
+        for future in futures:
+            future.result()

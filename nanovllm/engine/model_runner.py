@@ -168,7 +168,8 @@ class ModelRunner:
         if self.rank == 0:
             tasks += sampler_warm_up_tasks(self.config.hf_config.vocab_size, self.config.torch_dtype, self.device)
         run_warm_up(tasks, self.device, concurrently=self.world_size == 1)
-        torch.cuda.synchronize(self.device)
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
 
     def _warmup_row(self, num_tokens: int, cached: int, scheduled: int, in_block_0: bool) -> Row:
         """Zeros with `cached` tokens already cached and `scheduled` to run. in_block_0: all its blocks are block

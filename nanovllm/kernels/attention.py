@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.store_kvcache import quantize_fp8
+from nanovllm.kernels.store_kvcache import quantize_fp8, values_key_major
 from nanovllm.layers.kv_quant import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
@@ -306,16 +306,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     return out
-
-
-def values_key_major(v_cache: torch.Tensor) -> bool:
-    """Whether a [num_blocks, block_size, num_kv_heads, head_dim] V cache is stored key-major within its blocks
-    (unit stride along the slots, block_size along head_dim: one head's values of a block as [head_dim,
-    block_size]); otherwise it must have unit stride along head_dim."""
-    if v_cache.stride(3) == 1:
-        return False
-    assert v_cache.stride(1) == 1 and v_cache.stride(3) == v_cache.size(1), "unsupported V cache layout"
-    return True
 
 
 def _check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:

@@ -56,13 +56,23 @@ def _store_kvcache_kernel(
              mask=mask)
 
 
+def values_key_major(v_cache: torch.Tensor) -> bool:
+    """Whether a [num_blocks, block_size, num_kv_heads, head_dim] V cache is stored key-major within its blocks
+    (unit stride along the slots, block_size along head_dim: one head's values of a block as [head_dim,
+    block_size]); otherwise it must have unit stride along head_dim."""
+    if v_cache.stride(3) == 1:
+        return False
+    assert v_cache.stride(1) == 1 and v_cache.stride(3) == v_cache.size(1), "unsupported V cache layout"
+    return True
+
+
 def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slot_mapping: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
     """Asserts the shapes a kernel writing k, v to the cache needs (shared by the rotary kernel's fused store);
     returns whether the cache is fp8."""
     assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
-    assert v_cache.stride(3) == 1 or v_cache.stride(1) == 1  # V: unit stride along head_dim, or key-major
+    values_key_major(v_cache)  # V: unit stride along head_dim, or key-major (asserts the layout)
     assert slot_mapping.numel() == k.size(0)
     fp8 = k_cache.dtype == FP8_DTYPE
     assert fp8 == (k_scale is not None and v_scale is not None)

@@ -81,8 +81,9 @@ def run_warm_up(tasks: list[Callable[[], object]], device: torch.device, concurr
         import triton
     except ImportError:
         return run_warm_up(tasks, device, concurrently=False)
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" \
-        else None
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
 
     def on_device(task: Callable[[], object]) -> None:
         if index is not None:

@@ -16,7 +16,9 @@ without any download; throughput does not depend on the weights' values.
 
 Prefill and decode tok/s come from a run driven one step at a time (LLM.step), each step timed. On the CPU that is
 the only run (its steps cannot overlap anyway); on a GPU the headline is `generate()` with overlapped steps and
-`--phases` adds the step-by-step run.
+`--phases` adds the step-by-step run. `--kernels` runs the headline under the torch profiler instead and splits its
+GPU time by kind of kernel (attention, GEMMs, norms, ...), with the idle time between kernels and the bandwidth at
+which decode attention read the KV cache.
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ from random import Random, randint, seed
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.kv_cache import block_bytes
 
 QWEN3_COMMON = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, head_dim=128,
                     max_position_embeddings=40960, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
@@ -85,6 +88,8 @@ def parse_args():
                         "exactly --max-output-len new tokens each (EOS ignored)")
     p.add_argument("--phases", action="store_true", help="GPU: also time prefill and decode steps apart")
     p.add_argument("--profile", action="store_true", help="split the time into host launching and GPU (CUDA)")
+    p.add_argument("--kernels", action="store_true",
+                   help="GPU: the headline run under the torch profiler, its GPU time by kind of kernel (rank 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for every request (vLLM's meaning)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling for every request (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="for every request (1 = off)")
@@ -100,8 +105,11 @@ def parse_args():
         SamplingParams(**sampling_settings(args))
     except (ValueError, TypeError) as e:
         p.error(str(e))
-    if args.data_parallel_size > 1 and (args.profile or args.phases or args.decode_batch):
-        p.error("--profile, --phases and --decode-batch time one engine in this process: use --data-parallel-size 1")
+    if args.data_parallel_size > 1 and (args.profile or args.phases or args.decode_batch or args.kernels):
+        p.error("--profile, --phases, --kernels and --decode-batch time one engine in this process: use "
+                "--data-parallel-size 1")
+    if args.kernels and (args.profile or args.decode_batch):
+        p.error("--kernels profiles the headline run alone: leave out --profile and --decode-batch")
     if args.decode_batch and min(args.decode_batch) < 1:
         p.error(f"--decode-batch sizes must be >= 1, got {args.decode_batch}")
     if args.decode_batch and args.max_output_len < 2:
@@ -219,6 +227,72 @@ def timed_steps(llm, work: Workload) -> PhaseTimes:
     return times
 
 
+KERNEL_KINDS = (  # (kind, parts of kernel names, lower case): the first kind with a part in the name wins
+    # flash-attn's paged kernels are its "splitkv" ones, which its prefill over cached prefixes runs too
+    ("decode attention", ("_decode_split_kernel", "_decode_merge_kernel", "splitkv")),
+    ("prefill attention", ("_prefill_kernel", "flash_fwd")),
+    ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "cublas")),
+    ("all-reduce", ("nccl", "all_reduce", "allreduce", "one_shot", "two_shot", "multimem")),
+    ("RMSNorm", ("_rms_norm_kernel",)),
+    ("q/k norm, rotary, KV store", ("_rope_kernel", "_store_kvcache_kernel")),
+    ("SiLU and mul", ("_silu_and_mul_kernel",)),
+    ("sampler", ("_race_part_kernel", "_race_merge_kernel", "_thresholds_kernel", "_penalties_kernel")),
+    ("step inputs", ("_stage_decode_kernel", "_fill_in_flight_kernel")),
+    ("copies", ("memcpy", "memset")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(part in low for part in parts)), "other")
+
+
+def decode_slots_read(prompt_lens: list[int], output_lens: list[int]) -> int:
+    """KV cache slots the decode steps read when each reads every running sequence's cache once: the prefill
+    samples a sequence's first token, then its decode step s (1 <= s < output len) attends over prompt + s slots."""
+    return sum((n - 1) * length + (n - 1) * n // 2 for length, n in zip(prompt_lens, output_lens))
+
+
+def kernel_report(kernels: list[tuple[float, float, str]], wall: float, kv_bytes_read: int) -> str:
+    """kernels: (start, end, name) in microseconds, one per kernel the GPU ran in a wall of `wall` seconds."""
+    kernels = sorted(kernels)
+    busy, count = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["other"], 0.0), {}
+    for start, end, name in kernels:
+        kind = kernel_kind(name)
+        busy[kind] += (end - start) / 1e6
+        count[kind] = count.get(kind, 0) + 1
+    total = sum(busy.values())
+    lines = [f"GPU time by kind of kernel ({len(kernels)} kernels, {total:.3f}s busy of {wall:.3f}s wall):"]
+    lines += [f"  {kind:28s} {t:8.3f}s {100 * t / total:5.1f}% {count[kind]:9d} kernels"
+              for kind, t in sorted(busy.items(), key=lambda kv: -kv[1]) if kind in count]
+    gaps = [b[0] - a[1] for a, b in zip(kernels, kernels[1:])]
+    span = (kernels[-1][1] - kernels[0][0]) / 1e6 if kernels else 0.0
+    lines.append(f"between kernels: {sum(g for g in gaps if 0 < g <= 2) / 1e6:.3f}s in gaps of at most 2 us, "
+                 f"{sum(g for g in gaps if g > 2) / 1e6:.3f}s idle in longer ones; {wall - span:.3f}s before the "
+                 f"first kernel and after the last")
+    if busy["decode attention"] > 0:
+        lines.append(f"decode attention read {kv_bytes_read / 1e12:.2f} TB of KV cache (each running sequence's "
+                     f"once a decode step): {kv_bytes_read / busy['decode attention'] / 1e12:.2f} TB/s")
+    return "\n".join(lines)
+
+
+def profiled_generate(llm, work: Workload):
+    """The headline run under the torch profiler (this process: rank 0 under tensor parallelism)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
+        t = time.perf_counter()
+        llm.generate(work.prompts, work.sampling_params, use_tqdm=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter() - t
+    print(f"Total: {work.output_tokens}tok, Time: {t:.2f}s, Throughput: {work.output_tokens / t:.2f}tok/s "
+          f"(under the profiler)")
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    slots = decode_slots_read([len(p) for p in work.prompts], [sp.max_tokens for sp in work.sampling_params])
+    print(kernel_report(kernels, t, slots * block_bytes(llm.config) // llm.config.kvcache_block_size))
+
+
 def timed_generate(llm, work: Workload, profile: StepProfile | None) -> float:
     t = time.perf_counter()
     llm.generate(work.prompts, work.sampling_params, use_tqdm=False)
@@ -256,6 +330,9 @@ def main():
         print(f"{args.data_parallel_size} replicas ready in {time.perf_counter() - t:.1f}s: {llm.replicas}")
     else:
         on_cpu = llm.config.device.type == "cpu"
+        if on_cpu and args.kernels:
+            llm.exit()
+            raise SystemExit("bench.py: error: --kernels profiles CUDA kernels, and this run is on the CPU")
         print(f"attention backend: {llm.executor.runner.attn_backend.name}, KV blocks: "
               f"{llm.config.num_kvcache_blocks}, device: {llm.config.device}, dtype: {llm.config.torch_dtype}, "
               f"torch threads: {torch.get_num_threads()}")
@@ -271,7 +348,9 @@ def main():
             print(f"decode at batch {batch}: {tps:.2f}tok/s, {tps / decode_tps[base]:.2f}x batch {base}")
     else:
         work = random_workload(args)
-        if not on_cpu:  # the headline: overlapped steps, as users run them
+        if args.kernels:
+            profiled_generate(llm, work)
+        elif not on_cpu:  # the headline: overlapped steps, as users run them
             timed_generate(llm, work, StepProfile(llm) if args.profile else None)
         if on_cpu or args.phases:
             times = timed_steps(llm, work)

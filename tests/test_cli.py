@@ -16,6 +16,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("bench.py", ["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0, got 0.0"),
     ("bench.py", ["--size", "tiny", "--device", "cpu", "--kvcache-block-size", "100"],
      "kvcache_block_size must be a power of two >= 16, got 100"),
+    ("bench.py", ["--kernels", "--decode-batch", "4"], "--kernels profiles the headline run alone"),
+    ("bench.py", ["--size", "tiny", "--device", "cpu", "--kernels"], "--kernels profiles CUDA kernels"),
     ("example.py", ["--model", "."], "has no config.json"),
     ("benchmarks/cpu_vs_transformers.py", ["--num-prompts", "200"], "--num-prompts must be in 1..168"),
     ("benchmarks/cpu_vs_transformers.py", ["--repeats", "0"], "--repeats must be >= 1, got 0"),

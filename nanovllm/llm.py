@@ -32,7 +32,7 @@ class LLM(LLMEngine):
         """vLLM's defaults with what the model folder's generation_config.json sets (see README)."""
         return SamplingParams(**self.config.generation_defaults)
 
-    def generate(self, prompts: list[str] | list[list[int]],
+    def generate(self, prompts: list[str] | list[list[int]] | list[dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
         """One output dict per prompt, in order; with n > 1 its completions are in "outputs"."""
@@ -56,7 +56,7 @@ class LLM(LLMEngine):
         chat_template_kwargs={"enable_thinking": False})."""
         return self.generate(self.requests.render_chat(messages, chat_template_kwargs), sampling_params, use_tqdm)
 
-    def stream(self, prompts: list[str] | list[list[int]],
+    def stream(self, prompts: list[str] | list[list[int]] | list[dict],
                sampling_params: SamplingParams | list[SamplingParams] | None = None,
                use_tqdm: bool = False) -> Iterator[dict]:
         """Events as tokens arrive: {"index", "completion", "text" (new text), "token_ids" (new ids), "finished",

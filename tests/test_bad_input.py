@@ -32,7 +32,16 @@ def expected(llm):
     ([[1, 2.5]], GREEDY, TypeError, "2.5"),
     ([[1, True]], GREEDY, TypeError, "token ids must be ints, got True (bool)"),
     ([(1, "2")], GREEDY, TypeError, "token ids must be ints, got '2' (str)"),
-    ([3], GREEDY, TypeError, "a prompt must be a str or a list of token ids, got int"),
+    ([3], GREEDY, TypeError, "a prompt must be a str, a list of token ids or a prompt dict, got int"),
+    ([{"prompt_token_ids": [1], "multi_modal_data": {}}], GREEDY, ValueError,
+     "prompt dict keys ['multi_modal_data'] are not supported: only 'prompt_token_ids' is read"),
+    ([{"prompt": [1, 2]}], GREEDY, TypeError, "a prompt dict's 'prompt' is text (str), got list"),
+    ([{"prompt_token_ids": 7}], GREEDY, TypeError, "'prompt_token_ids' is a list of token ids, got int"),
+    ([{"prompt_token_ids": "1 2"}], GREEDY, TypeError, "'prompt_token_ids' is a list of token ids, got str"),
+    ([{"prompt_token_ids": []}], GREEDY, ValueError, "empty"),
+    ([{"prompt_token_ids": [1, 600]}], GREEDY, ValueError, "token id 600"),
+    ([{}], GREEDY, ValueError, "a prompt dict needs exactly one of 'prompt' (text) and 'prompt_token_ids', got keys []"),
+    ([{"prompt": "a", "prompt_token_ids": [1]}], GREEDY, ValueError, "needs exactly one of"),
     (5, GREEDY, TypeError, "prompts must be"),
     ([[1] * 190], SamplingParams(max_tokens=20), ValueError, "190 + max_tokens 20 = 210 exceeds max_model_len=200"),
     ([[1] * 100], SamplingParams(max_tokens=40), ValueError, "can never fit"),
@@ -55,6 +64,18 @@ def test_bad_requests_raise_and_engine_survives(llm, expected, prompts, sp, erro
 def test_a_bare_token_list_is_not_a_batch(llm):
     with pytest.raises(TypeError, match="wrap a single token-id list"):
         llm.generate([1, 2, 3], GREEDY, use_tqdm=False)
+
+
+def test_vllm_prompt_dicts_are_prompts(llm, expected):
+    """vLLM's TokensPrompt ({"prompt_token_ids": ids}), alone or in a list, mixed with plain prompts."""
+    import numpy as np
+    want = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY, use_tqdm=False) == want
+    assert llm.generate({"prompt_token_ids": (1, 2, 3)}, GREEDY, use_tqdm=False) == want
+    assert llm.generate([{"prompt_token_ids": np.array([1, 2, 3])}], GREEDY, use_tqdm=False) == want
+    mixed = llm.generate([[4, 5], {"prompt_token_ids": [1, 2, 3]}], GREEDY, use_tqdm=False)
+    assert mixed[1] == want[0] and mixed[0] == llm.generate([[4, 5]], GREEDY, use_tqdm=False)[0]
+    assert sum((e["token_ids"] for e in llm.stream({"prompt_token_ids": [1, 2, 3]}, GREEDY)), []) == expected
 
 
 def test_numpy_token_ids_are_accepted(llm, expected):

@@ -210,6 +210,11 @@ def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_referenc
     texts = ["w5 w17 w300", "w1 " * 40 + "w2"]
     with LLM(qwen3_with_tokenizer, kvcache_block_size=16) as llm:
         outputs = llm.generate(texts, GREEDY, use_tqdm=False)
+        # vLLM's TextPrompt dicts are the same prompts (served from the prefix cache now)
+        again = llm.generate([{"prompt": t} for t in texts], GREEDY, use_tqdm=False)
+        again += llm.generate({"prompt": texts[0]}, GREEDY, use_tqdm=False)
+    assert [(o["prompt_token_ids"], o["token_ids"], o["text"]) for o in again] == \
+        [(o["prompt_token_ids"], o["token_ids"], o["text"]) for o in outputs + outputs[:1]]
     for text, out in zip(texts, outputs):
         ids = tokenizer.encode(text)
         assert out["token_ids"] == hf_reference(qwen3_with_tokenizer, ids, GREEDY.max_tokens)

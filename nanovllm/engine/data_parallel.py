@@ -356,7 +356,7 @@ class DataParallelLLM:
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self._config.generation_defaults)
 
-    def generate(self, prompts: list[str] | list[list[int]],
+    def generate(self, prompts: list[str] | list[list[int]] | list[dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
         requests = self._requests(prompts, sampling_params)
@@ -371,7 +371,7 @@ class DataParallelLLM:
         prompts = self._requests_builder.render_chat(messages, chat_template_kwargs)
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def stream(self, prompts: list[str] | list[list[int]],
+    def stream(self, prompts: list[str] | list[list[int]] | list[dict],
                sampling_params: SamplingParams | list[SamplingParams] | None = None,
                use_tqdm: bool = False) -> Iterator[dict]:
         """The engine's stream events from every replica as they come, "index" being the prompt's place in this

@@ -26,6 +26,28 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model)
 
 
+PROMPT_DICT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
+
+
+def prompt_of_dict(prompt: dict):
+    """The text or token ids of vLLM's prompt dicts: {"prompt": text} or {"prompt_token_ids": ids}."""
+    keys = set(prompt)
+    given = [key for key in PROMPT_DICT_KEYS if key in keys]
+    if len(given) != 1:
+        raise ValueError(f"a prompt dict needs exactly one of 'prompt' (text) and 'prompt_token_ids', got keys "
+                         f"{sorted(map(str, keys))}")
+    if keys - set(given):
+        raise ValueError(f"prompt dict keys {sorted(map(str, keys - set(given)))} are not supported: only "
+                         f"'{given[0]}' is read")
+    value = prompt[given[0]]
+    if given[0] == "prompt" and not isinstance(value, str):
+        raise TypeError(f"a prompt dict's 'prompt' is text (str), got {type(value).__name__}: token ids go under "
+                        "'prompt_token_ids'")
+    if given[0] == "prompt_token_ids" and (isinstance(value, (str, dict)) or not hasattr(value, "__len__")):
+        raise TypeError(f"a prompt dict's 'prompt_token_ids' is a list of token ids, got {type(value).__name__}")
+    return value
+
+
 class RequestBuilder:
 
     def __init__(self, config: Config, tokenizer):
@@ -54,10 +76,11 @@ class RequestBuilder:
     def build(self, prompts, sampling_params, defaults: bool = False) -> list[Request]:
         """defaults: sampling_params are the model folder's defaults, not the caller's: a default max_tokens that
         would run past max_model_len is cut to fit (a caller's own is refused)."""
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
+            raise TypeError(f"prompts must be a list of str, token-id lists or prompt dicts, got "
+                            f"{type(prompts).__name__}")
         if prompts and all(isinstance(p, Integral) and not isinstance(p, bool) for p in prompts):
             raise TypeError("prompts must be a list of prompts: wrap a single token-id list as [token_ids]")
         if isinstance(sampling_params, (list, tuple)):
@@ -82,6 +105,8 @@ class RequestBuilder:
         return Request(token_ids, sampling_params)
 
     def tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, dict):
+            prompt = prompt_of_dict(prompt)
         if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
             prompt = prompt.tolist()
         if isinstance(prompt, str):
@@ -97,7 +122,8 @@ class RequestBuilder:
                     if isinstance(t, bool) or not isinstance(t, int):
                         raise TypeError(f"token ids must be ints, got {t!r} ({type(t).__name__})")
         else:
-            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+            raise TypeError(f"a prompt must be a str, a list of token ids or a prompt dict, got "
+                            f"{type(prompt).__name__}")
         if not token_ids:
             raise ValueError(f"prompt {prompt!r} is empty: a prompt needs at least one token")
         vocab_size = self.config.hf_config.vocab_size

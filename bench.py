@@ -265,11 +265,16 @@ def kernel_report(kernels: list[tuple[float, float, str]], wall: float, kv_bytes
     lines = [f"GPU time by kind of kernel ({len(kernels)} kernels, {total:.3f}s busy of {wall:.3f}s wall):"]
     lines += [f"  {kind:28s} {t:8.3f}s {100 * t / total:5.1f}% {count[kind]:9d} kernels"
               for kind, t in sorted(busy.items(), key=lambda kv: -kv[1]) if kind in count]
-    gaps = [b[0] - a[1] for a, b in zip(kernels, kernels[1:])]
+    gaps = [(b[0] - a[1], a[1]) for a, b in zip(kernels, kernels[1:])]  # (length, start)
     span = (kernels[-1][1] - kernels[0][0]) / 1e6 if kernels else 0.0
-    lines.append(f"between kernels: {sum(g for g in gaps if 0 < g <= 2) / 1e6:.3f}s in gaps of at most 2 us, "
-                 f"{sum(g for g in gaps if g > 2) / 1e6:.3f}s idle in longer ones; {wall - span:.3f}s before the "
+    lines.append(f"between kernels: {sum(g for g, _ in gaps if 0 < g <= 2) / 1e6:.3f}s in gaps of at most 2 us, "
+                 f"{sum(g for g, _ in gaps if g > 2) / 1e6:.3f}s idle in longer ones; {wall - span:.3f}s before the "
                  f"first kernel and after the last")
+    tenths = [0.0] * 10
+    for g, start in gaps:
+        if g > 2:
+            tenths[min(int((start - kernels[0][0]) / 1e6 / span * 10), 9)] += g / 1e3
+    lines.append("idle in gaps over 2 us by tenth of the run (ms): " + " ".join(f"{t:.1f}" for t in tenths))
     if busy["decode attention"] > 0:
         lines.append(f"decode attention read {kv_bytes_read / 1e12:.2f} TB of KV cache (each running sequence's "
                      f"once a decode step): {kv_bytes_read / busy['decode attention'] / 1e12:.2f} TB/s")

@@ -85,7 +85,9 @@ def test_kernel_report_splits_busy_time_and_idle(bench):
     span = last + 750_000
     assert lines[3] == (f"between kernels: 0.001s in gaps of at most 2 us, 0.250s idle in longer ones; "
                         f"{1.0 - span / 1e6:.3f}s before the first kernel and after the last")
-    assert lines[4] == ("decode attention read 0.40 TB of KV cache (each running sequence's once a decode step): "
+    # the idle spell starts at 0.101 s of the 0.851 s span: the second tenth
+    assert lines[4] == "idle in gaps over 2 us by tenth of the run (ms): 0.0 250.0 0.0 0.0 0.0 0.0 0.0 0.0 0.0 0.0"
+    assert lines[5] == ("decode attention read 0.40 TB of KV cache (each running sequence's once a decode step): "
                         "4.00 TB/s")
     assert "decode attention read" not in bench.kernel_report([(0.0, 5.0, "nvjet_a")], 0.1, 10)
 

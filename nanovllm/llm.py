@@ -32,6 +32,10 @@ class LLM(LLMEngine):
         """vLLM's defaults with what the model folder's generation_config.json sets (see README)."""
         return SamplingParams(**self.config.generation_defaults)
 
+    def get_tokenizer(self):
+        """The model folder's tokenizer (None when it has none), as vLLM's LLM.get_tokenizer()."""
+        return self.tokenizer
+
     def generate(self, prompts: list[str] | list[list[int]] | list[dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:

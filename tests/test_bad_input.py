@@ -61,6 +61,10 @@ def test_bad_requests_raise_and_engine_survives(llm, expected, prompts, sp, erro
     assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"] == expected
 
 
+def test_no_tokenizer(llm):
+    assert llm.get_tokenizer() is None
+
+
 def test_a_bare_token_list_is_not_a_batch(llm):
     with pytest.raises(TypeError, match="wrap a single token-id list"):
         llm.generate([1, 2, 3], GREEDY, use_tqdm=False)

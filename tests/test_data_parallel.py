@@ -115,6 +115,10 @@ class TestTwoReplicas:
         conversation = [{"role": "user", "content": "w5 w6"}]
         with pytest.raises(ValueError, match="chat template"):  # this tokenizer has none, as one engine says
             llm.chat([conversation])
+        assert llm.get_tokenizer() is llm.tokenizer is not None
+        greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)  # vLLM's prompt dicts, as one engine
+        assert llm.generate({"prompt": "w5 w6"}, greedy, use_tqdm=False)[0]["token_ids"] == \
+            llm.generate(["w5 w6"], greedy, use_tqdm=False)[0]["token_ids"]
 
     def test_a_call_from_inside_its_own_stream_is_refused(self, llm):
         """As one engine: a generate inside the stream loop raises at once, where waiting would never end."""

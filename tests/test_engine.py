@@ -209,6 +209,7 @@ def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_referenc
     tokenizer = AutoTokenizer.from_pretrained(qwen3_with_tokenizer)
     texts = ["w5 w17 w300", "w1 " * 40 + "w2"]
     with LLM(qwen3_with_tokenizer, kvcache_block_size=16) as llm:
+        assert llm.get_tokenizer().encode(texts[0]) == tokenizer.encode(texts[0])
         outputs = llm.generate(texts, GREEDY, use_tqdm=False)
         # vLLM's TextPrompt dicts are the same prompts (served from the prefix cache now)
         again = llm.generate([{"prompt": t} for t in texts], GREEDY, use_tqdm=False)

@@ -356,6 +356,9 @@ class DataParallelLLM:
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self._config.generation_defaults)
 
+    def get_tokenizer(self):
+        return self.tokenizer
+
     def generate(self, prompts: list[str] | list[list[int]] | list[dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:

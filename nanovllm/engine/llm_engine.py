@@ -109,7 +109,7 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
+    def add_request(self, prompt: str | list[int] | dict, sampling_params: SamplingParams) -> Sequence:
         request = self.requests.one(prompt, sampling_params)
         with self._exclusive():
             return self._enqueue(request.token_ids, request.sampling_params)

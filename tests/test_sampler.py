@@ -10,7 +10,7 @@ from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsPr
 
 from nanovllm import SamplingParams
 from nanovllm.layers.sampler import (count_tokens_, processed_logits, prompt_token_mask, row_noise_keys, sample,
-                                     sampling_tensors, token_counts, uniform_noise, warm_up_sampler)
+                                     sampler_warm_up_tasks, sampling_tensors, token_counts, uniform_noise)
 from nanovllm.utils.kernels import fused_kernels
 
 CPU = torch.device("cpu")
@@ -546,7 +546,8 @@ def test_cuda_kernels_draw_what_the_cpu_draws_and_stay_batch_invariant(kwargs, d
 def test_cuda_warm_up_compiles_every_kernel_and_the_kernels_draw_as_pytorch():
     from triton import knobs
     device, vocab, compiled = torch.device("cuda"), 151936, []
-    warm_up_sampler(vocab, torch.bfloat16, device)
+    for task in sampler_warm_up_tasks(vocab, torch.bfloat16, device):
+        task()
     knobs.runtime.jit_cache_hook = lambda **kw: compiled.append(kw["fn"].name if "fn" in kw else "?")
     try:
         with torch.inference_mode():  # as the runner samples

@@ -162,16 +162,11 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
     return TokenLogprobs(logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_ids, top_logprobs)
 
 
-def warm_up_sampler(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile, before serving, every kernel variant a step could otherwise compile mid-way: the race, the greedy
-    argmax, the filtered draw and the penalties, on the model's logits dtype and, after penalties, on float32."""
-    for task in sampler_warm_up_tasks(vocab_size, dtype, device):
-        task()
-
-
 def sampler_warm_up_tasks(vocab_size: int, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
-    """warm_up_sampler's work as independent tasks, one per kind of sampling, to run at once (utils.kernels.
-    run_warm_up)."""
+    """Tasks that compile, before serving, every kernel variant a step could otherwise compile mid-way: the race,
+    the greedy argmax, the filtered draw and the penalties, on the model's logits dtype and, after penalties, on
+    float32. One task per kind of sampling, independent of each other (the runner runs them at once through
+    utils.kernels.run_warm_up)."""
     rows = 2
     kinds = (dict(), dict(temperature=0), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
              dict(repetition_penalty=1.5, temperature=0), dict(repetition_penalty=1.5, top_k=2),

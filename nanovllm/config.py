@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from numbers import Integral
 
@@ -56,7 +57,12 @@ class Config:
         unknown = sorted(set(options) - set(cls.options()))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for LLM(); valid options are {cls.options()}")
-        return cls(model, **options)
+        config = cls(model, **options)
+        asked = options.get("max_model_len")
+        if asked is not None and asked > config.max_model_len:  # nano-vllm cuts it to the model's limit; say so
+            warnings.warn(f"max_model_len={asked} is longer than the model's max_position_embeddings="
+                          f"{config.max_model_len}; using {config.max_model_len}", stacklevel=4)  # LLM(...)'s line
+        return config
 
     def __post_init__(self):
         self._check_numbers()

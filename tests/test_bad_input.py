@@ -4,6 +4,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -104,6 +105,21 @@ def test_numpy_scalars_are_numbers(qwen3_path):
         assert engine.config.torch_dtype == torch.float32  # "float" is vLLM's spelling of float32, "half" of float16
         assert engine.generate([[1, 2]], SamplingParams(max_tokens=np.int64(3)), use_tqdm=False)[0]["token_ids"]
 
+
+
+def test_a_max_model_len_past_the_model_is_cut_to_it_with_a_warning(qwen3_path):
+    with pytest.warns(UserWarning, match=r"max_model_len=5000 is longer than the model's "
+                                         r"max_position_embeddings=1024; using 1024") as record:
+        engine = LLM(qwen3_path, kvcache_block_size=16, max_model_len=5000)
+    with engine:
+        assert engine.config.max_model_len == 1024
+        with pytest.raises(ValueError, match="exceeds max_model_len=1024"):
+            engine.generate([[1] * 1000], SamplingParams(max_tokens=30), use_tqdm=False)
+    assert [w.filename for w in record] == [__file__]  # it points at the LLM(...) line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default 4096 is cut silently, as in nano-vllm
+        with LLM(qwen3_path, kvcache_block_size=16) as engine:
+            assert engine.config.max_model_len == 1024
 
 def test_max_logprobs_sets_the_cap(qwen3_path):
     with LLM(qwen3_path, kvcache_block_size=16, max_model_len=64, max_logprobs=-1) as engine:

@@ -3,9 +3,9 @@
 The other tests pin one option at a time on the shared tiny models; here a seed draws them all at once (heads,
 head_dim, layers, vocabulary, tied embeddings, biases, rope_theta; block size, token budget, sequence limit, a pool
 that holds only the longest sequence, mixed or prefill-first steps, overlapped or step-by-step, prefix caching;
-prompts that share prefixes, logprobs and prompt logprobs), so that a combination nobody wrote down is still checked. Every
-seed must give transformers' greedy tokens exactly, its log-softmax within 1e-4, the same tokens again on a second
-call (now from the prefix cache) and an empty pool afterwards.
+prompts that share prefixes, logprobs and prompt logprobs), so that a combination nobody wrote down is still
+checked. Every seed must give transformers' greedy tokens exactly, its log-softmax within 1e-4, the same tokens
+again on a second call (now from the prefix cache) and an empty pool afterwards.
 """
 import math
 import random
@@ -37,15 +37,14 @@ def draw_model(rng: random.Random) -> tuple[str, dict]:
 
 
 def draw_options(rng: random.Random) -> dict:
-    options = dict(device="cpu", dtype="float32", enforce_eager=True, kvcache_block_size=rng.choice([16, 32, 256]),
-                   max_num_batched_tokens=rng.choice([16, 40, 128, 1024]), max_num_seqs=rng.choice([1, 2, 3, 8]),
-                   mixed_steps=rng.random() < 0.7, async_scheduling=rng.random() < 0.7,
-                   enable_prefix_caching=rng.random() < 0.8, max_model_len=rng.choice([128, 256]))
-    return options
+    return dict(device="cpu", dtype="float32", enforce_eager=True, kvcache_block_size=rng.choice([16, 32, 256]),
+                max_num_batched_tokens=rng.choice([16, 40, 128, 1024]), max_num_seqs=rng.choice([1, 2, 3, 8]),
+                mixed_steps=rng.random() < 0.7, async_scheduling=rng.random() < 0.7,
+                enable_prefix_caching=rng.random() < 0.8, max_model_len=rng.choice([128, 256]))
 
 
 def tight_pool(options: dict, prompts: list[list[int]], params: list[SamplingParams]) -> int:
-    """Blocks for the longest sequence alone: the sequences that grow beside it preempt each other."""
+    """Blocks for the longest sequence alone: the others wait for room, or preempt each other as they grow."""
     block_size = options["kvcache_block_size"]
     return max(math.ceil((len(p) + sp.max_tokens) / block_size) for p, sp in zip(prompts, params))
 

@@ -14,6 +14,8 @@ class SamplingParams:
     min_p. top_k 0 or -1 is off. stop and stop_token_ids end a completion; min_tokens suppresses EOS and the stop
     tokens until that many tokens exist. logprobs=N returns the top-N alternatives of every generated token plus
     the sampled one (raw log-softmax of the model's logits); prompt_logprobs likewise for the prompt tokens.
+    truncate_prompt_tokens=k keeps the prompt's last k tokens (-1: the last max_model_len); detokenize=False leaves
+    the output text empty (token ids only, no detokenising cost).
     """
     temperature: float = 1.0
     max_tokens: int = 16
@@ -33,6 +35,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -40,10 +44,10 @@ class SamplingParams:
             setattr(self, name, _number(name, getattr(self, name)))
         for name in ("max_tokens", "top_k", "min_tokens", "n"):
             setattr(self, name, _integer(name, getattr(self, name)))
-        for name in ("seed", "logprobs", "prompt_logprobs"):
+        for name in ("seed", "logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name)))
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         self.stop = _stop_strings(self.stop)
@@ -76,6 +80,12 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 _check(value >= 0, name, value, "None or >= 0")
+        if self.truncate_prompt_tokens is not None:
+            _check(self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1, "truncate_prompt_tokens",
+                   self.truncate_prompt_tokens, "None, -1 (max_model_len) or >= 1")
+        if self.stop and not self.detokenize:
+            raise ValueError(f"stop strings {self.stop!r} are matched on the text: they need detokenize=True "
+                             "(stop_token_ids work without it)")
 
 
 def _number(name: str, value) -> float:

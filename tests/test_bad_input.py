@@ -192,6 +192,13 @@ def test_empty_prompt_list_returns_nothing(llm):
     (dict(ignore_eos="yes"), TypeError, r"ignore_eos must be a bool, got str"),
     (dict(include_stop_str_in_output=1), TypeError, r"include_stop_str_in_output must be a bool, got int"),
     (dict(skip_special_tokens=None), TypeError, r"skip_special_tokens must be a bool, got NoneType"),
+    (dict(detokenize="no"), TypeError, r"detokenize must be a bool, got str"),
+    (dict(detokenize=False, stop=["w1"]), ValueError, r"stop strings \['w1'\] are matched on the text: they need "
+                                                        r"detokenize=True"),
+    (dict(truncate_prompt_tokens=0), ValueError, r"truncate_prompt_tokens must be None, -1 \(max_model_len\) or "
+                                                 r">= 1, got 0"),
+    (dict(truncate_prompt_tokens=-2), ValueError, r"truncate_prompt_tokens must be .*, got -2"),
+    (dict(truncate_prompt_tokens=5.0), TypeError, r"truncate_prompt_tokens must be an int, got float"),
 ])
 def test_sampling_params_validate_themselves(kwargs, error, words):
     with pytest.raises(error, match=words):

@@ -505,6 +505,40 @@ def test_leaving_a_stream_early_and_generate_inside_a_stream(word_llm):
     assert_events_add_up(events, expected)
 
 
+
+def test_detokenize_false_gives_the_same_tokens_and_no_text(word_llm):
+    prompts = STREAM_PROMPTS
+    with_text = word_llm.generate(prompts, greedy(8, stop_token_ids=[7]), use_tqdm=False)
+    sp = greedy(8, stop_token_ids=[7], detokenize=False)
+    without = word_llm.generate(prompts, sp, use_tqdm=False)
+    assert ids_of(without) == ids_of(with_text) and all(o["text"] for o in with_text)
+    assert [o["text"] for o in without] == [""] * len(prompts)
+    assert [o["finish_reason"] for o in without] == [o["finish_reason"] for o in with_text]
+    events = list(word_llm.stream(prompts, sp))
+    assert {e["text"] for e in events} == {""}
+    for index, out in enumerate(without):
+        assert [t for e in events if e["index"] == index for t in e["token_ids"]] == out["token_ids"]
+    sp.stop = ["w1"]  # set after construction: refused at the call, as at construction
+    with pytest.raises(ValueError, match="they need detokenize=True"):
+        word_llm.generate(prompts, sp, use_tqdm=False)
+    assert_pool_empty(word_llm)
+
+
+def test_truncate_prompt_tokens_keeps_the_end_of_the_prompt(qwen3_path, hf_reference):
+    prompts = random_prompts([30, 5, 12], seed=45)
+    with LLM(qwen3_path, kvcache_block_size=BLOCK, max_model_len=40) as engine:
+        outs = engine.generate(prompts, greedy(6, truncate_prompt_tokens=10), use_tqdm=False)
+        assert [o["prompt_token_ids"] for o in outs] == [p[-10:] for p in prompts]
+        assert ids_of(outs) == [hf_reference(qwen3_path, p[-10:], 6) for p in prompts]
+        with pytest.raises(ValueError, match="prompt length 60 \\+ max_tokens 6 = 66 exceeds max_model_len=40"):
+            engine.generate([prompts[0] * 2], greedy(6), use_tqdm=False)
+        # -1: the last max_model_len tokens, still checked against max_tokens
+        with pytest.raises(ValueError, match="prompt length 40 \\+ max_tokens 6 = 46 exceeds max_model_len=40"):
+            engine.generate([prompts[0] * 2], greedy(6, truncate_prompt_tokens=-1), use_tqdm=False)
+        kept = engine.generate([prompts[0] * 2], greedy(6, truncate_prompt_tokens=34), use_tqdm=False)[0]
+        assert kept["token_ids"] == hf_reference(qwen3_path, (prompts[0] * 2)[-34:], 6)
+        assert_pool_empty(engine)
+
 # ---- 9: defaults from the model folder ----------------------------------------------------------------------------
 
 def test_generation_config_supplies_the_defaults(qwen3_path, hf_model, tmp_path):

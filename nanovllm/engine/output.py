@@ -41,7 +41,7 @@ class OutputProcessor:
         for branches in requests:
             for seq in branches:
                 sp = seq.sampling_params
-                incremental = tokenizer is not None and (stream or bool(sp.stop))
+                incremental = tokenizer is not None and sp.detokenize and (stream or bool(sp.stop))
                 decoder = DecodeStream(skip_special_tokens=sp.skip_special_tokens) if incremental else None
                 self.completions[seq.seq_id] = Completion(seq, decoder)
 
@@ -94,6 +94,8 @@ class OutputProcessor:
             return c.text
         if self.tokenizer is None:
             return None
+        if not c.seq.sampling_params.detokenize:
+            return ""
         skip_special = c.seq.sampling_params.skip_special_tokens
         return self.tokenizer.decode(text_token_ids(c.seq), skip_special_tokens=skip_special)
 

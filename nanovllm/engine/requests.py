@@ -94,6 +94,9 @@ class RequestBuilder:
     def one(self, prompt, sampling_params: SamplingParams, defaults: bool = False) -> Request:
         token_ids = self.tokenize(prompt)
         if isinstance(sampling_params, SamplingParams):
+            keep = sampling_params.truncate_prompt_tokens
+            if keep is not None:  # the prompt's end, as vLLM's left truncation
+                token_ids = token_ids[-(self.config.max_model_len if keep == -1 else keep):]
             # the request's own copy, checked again: fields set after construction (sp.temperature = -1) are
             # refused here like constructor arguments, and later edits of the caller's object change nothing
             room = self.config.max_model_len - len(token_ids)

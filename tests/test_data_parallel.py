@@ -119,6 +119,10 @@ class TestTwoReplicas:
         greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)  # vLLM's prompt dicts, as one engine
         assert llm.generate({"prompt": "w5 w6"}, greedy, use_tqdm=False)[0]["token_ids"] == \
             llm.generate(["w5 w6"], greedy, use_tqdm=False)[0]["token_ids"]
+        cut = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=3, detokenize=False)
+        out = llm.generate(["w5 w6 w7 w8 w9"], cut, use_tqdm=False)[0]
+        assert (out["prompt_token_ids"], out["text"]) == ([7, 8, 9], "")
+        assert out["token_ids"] == llm.generate([[7, 8, 9]], greedy, use_tqdm=False)[0]["token_ids"]
 
     def test_a_call_from_inside_its_own_stream_is_refused(self, llm):
         """As one engine: a generate inside the stream loop raises at once, where waiting would never end."""

@@ -18,7 +18,7 @@ class SamplingParams:
     the output text empty (token ids only, no detokenising cost).
     """
     temperature: float = 1.0
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to max_model_len
     ignore_eos: bool = False
     top_p: float = 1.0
     top_k: int = 0
@@ -42,9 +42,9 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             setattr(self, name, _number(name, getattr(self, name)))
-        for name in ("max_tokens", "top_k", "min_tokens", "n"):
+        for name in ("top_k", "min_tokens", "n"):
             setattr(self, name, _integer(name, getattr(self, name)))
-        for name in ("seed", "logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
+        for name in ("max_tokens", "seed", "logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name)))
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
@@ -70,9 +70,12 @@ class SamplingParams:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
         _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
                "repetition_penalty", self.repetition_penalty, "a finite number > 0")
-        _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
-        _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
-               f"in [0, max_tokens={self.max_tokens}]")
+        if self.max_tokens is None:
+            _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
+        else:
+            _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "None or >= 1")
+            _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"in [0, max_tokens={self.max_tokens}]")
         _check(self.n >= 1, "n", self.n, ">= 1")
         if self.n > 1 and self.temperature == 0:
             raise ValueError(f"n must be 1 with temperature=0 (greedy gives n equal completions), got {self.n}")

@@ -539,6 +539,22 @@ def test_truncate_prompt_tokens_keeps_the_end_of_the_prompt(qwen3_path, hf_refer
         assert kept["token_ids"] == hf_reference(qwen3_path, (prompts[0] * 2)[-34:], 6)
         assert_pool_empty(engine)
 
+
+def test_max_tokens_none_runs_up_to_max_model_len(qwen3_path, hf_reference):
+    prompts = random_prompts([10, 33, 1], seed=46)
+    with LLM(qwen3_path, kvcache_block_size=BLOCK, max_model_len=40) as engine:
+        sp = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, min_tokens=5)
+        outs = engine.generate(prompts, sp, use_tqdm=False)
+        assert ids_of(outs) == [hf_reference(qwen3_path, p, 40 - len(p)) for p in prompts]
+        assert [o["finish_reason"] for o in outs] == ["length"] * 3
+        assert sp.max_tokens is None  # the caller's object is left as it was
+        with pytest.raises(ValueError, match="prompt length 40 leaves no room for a completion under "
+                                             "max_model_len=40"):
+            engine.generate([prompts[0] * 4], sp, use_tqdm=False)
+        with pytest.raises(ValueError, match=r"min_tokens must be in \[0, max_tokens=7\], got 8"):
+            engine.generate([prompts[1]], SamplingParams(max_tokens=None, min_tokens=8), use_tqdm=False)
+        assert_pool_empty(engine)
+
 # ---- 9: defaults from the model folder ----------------------------------------------------------------------------
 
 def test_generation_config_supplies_the_defaults(qwen3_path, hf_model, tmp_path):
@@ -638,7 +654,7 @@ def edited(field: str, value) -> SamplingParams:
     (lambda e: e.generate(["w1"], edited("temperature", -1.0), use_tqdm=False), ValueError,
      "temperature must be a finite number >= 0, got -1.0"),
     (lambda e: e.generate(["w1", "w2"], [GOOD, edited("max_tokens", 0)], use_tqdm=False), ValueError,
-     "max_tokens must be >= 1, got 0"),
+     "max_tokens must be None or >= 1, got 0"),
     (lambda e: e.stream(["w1"], edited("top_p", 0.0)), ValueError, "top_p must be in (0, 1], got 0.0"),
     (lambda e: e.generate(["w1"], edited("ignore_eos", 1), use_tqdm=False), TypeError, "ignore_eos must be a bool"),
 ])

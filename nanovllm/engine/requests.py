@@ -101,7 +101,12 @@ class RequestBuilder:
             # refused here like constructor arguments, and later edits of the caller's object change nothing
             room = self.config.max_model_len - len(token_ids)
             cut = {}
-            if defaults and 1 <= room < sampling_params.max_tokens:
+            if sampling_params.max_tokens is None:  # vLLM's "up to max_model_len"
+                if room < 1:
+                    raise ValueError(f"prompt length {len(token_ids)} leaves no room for a completion under "
+                                     f"max_model_len={self.config.max_model_len}")
+                cut = dict(max_tokens=room)
+            elif defaults and 1 <= room < sampling_params.max_tokens:
                 cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
             sampling_params = dataclasses.replace(sampling_params, **cut)
         self.check(token_ids, sampling_params)

@@ -55,10 +55,15 @@ class LLM(LLMEngine):
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[dict]:
+             chat_template_kwargs: dict | None = None, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict] | None = None) -> list[dict]:
         """generate() over conversations rendered by the tokenizer's chat template (e.g. Qwen3's
-        chat_template_kwargs={"enable_thinking": False})."""
-        return self.generate(self.requests.render_chat(messages, chat_template_kwargs), sampling_params, use_tqdm)
+        chat_template_kwargs={"enable_thinking": False}); the keyword options are vLLM's."""
+        prompts = self.requests.render_chat(messages, chat_template_kwargs, chat_template=chat_template,
+                                            add_generation_prompt=add_generation_prompt,
+                                            continue_final_message=continue_final_message, tools=tools)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def stream(self, prompts: list[str] | list[list[int]] | list[dict],
                sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -453,6 +453,38 @@ def test_chat_renders_the_template_and_generates(word_llm):
     assert greeted == word_llm.generate([[510, 1, 5, 6, 42, 3]], sp, use_tqdm=False)
 
 
+# vLLM's LLM.chat options: another template, no generation prompt, continuing the last message, tools
+OWN_TEMPLATE = ("{{ bos_token }}{% if tools %} w4{% endif %}{% for m in messages %} {{ m['content'] }} w9{% endfor %}"
+                "{% if add_generation_prompt %} w3{% endif %}")
+
+
+@pytest.mark.parametrize("options, prompt", [
+    (dict(), [510, 5, 6, 9, 7, 9, 3]),
+    (dict(add_generation_prompt=False), [510, 5, 6, 9, 7, 9]),
+    (dict(add_generation_prompt=False, continue_final_message=True), [510, 5, 6, 9, 7]),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), [510, 4, 5, 6, 9, 7, 9, 3]),
+])
+def test_chat_options_as_vllm(word_llm, options, prompt):
+    talk = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"}]
+    out = word_llm.chat(talk, greedy(4), use_tqdm=False, chat_template=OWN_TEMPLATE, **options)[0]
+    assert out["prompt_token_ids"] == prompt
+    assert out["token_ids"] == word_llm.generate([prompt], greedy(4), use_tqdm=False)[0]["token_ids"]
+
+
+@pytest.mark.parametrize("options, error, words", [
+    (dict(continue_final_message=True), ValueError, "continue_final_message=True goes on writing the last message, "
+                                                    "so it needs add_generation_prompt=False"),
+    (dict(add_generation_prompt="no"), TypeError, "add_generation_prompt must be a bool, got 'no'"),
+    (dict(continue_final_message=1), TypeError, "continue_final_message must be a bool, got 1"),
+    (dict(chat_template=b"{{ x }}"), TypeError, r"chat_template must be a Jinja template \(str\) or None, got bytes"),
+    (dict(tools={"name": "f"}), TypeError, "tools must be a list of tool dicts or None, got dict"),
+])
+def test_bad_chat_options_are_refused_by_name(word_llm, options, error, words):
+    with pytest.raises(error, match=words):
+        word_llm.chat([{"role": "user", "content": "w5"}], greedy(2), use_tqdm=False, **options)
+    assert_pool_empty(word_llm)
+
+
 # ---- 8: streaming -----------------------------------------------------------------------------------------------
 
 def stop_params(llm: LLM, prompts: list[str], stop: str) -> list[SamplingParams]:

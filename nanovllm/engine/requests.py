@@ -48,19 +48,40 @@ def prompt_of_dict(prompt: dict):
     return value
 
 
+def check_chat_options(chat_template, add_generation_prompt, continue_final_message, tools) -> dict:
+    """LLM.chat's template options, checked, as apply_chat_template's keyword arguments."""
+    for name, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("continue_final_message=True goes on writing the last message, so it needs "
+                         "add_generation_prompt=False")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise TypeError(f"chat_template must be a Jinja template (str) or None, got {type(chat_template).__name__}")
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        raise TypeError(f"tools must be a list of tool dicts or None, got {type(tools).__name__}")
+    return dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tools=tools)
+
+
 class RequestBuilder:
 
     def __init__(self, config: Config, tokenizer):
         self.config = config
         self.tokenizer = tokenizer
 
-    def render_chat(self, conversations, chat_template_kwargs: dict | None) -> list[list[int]]:
+    def render_chat(self, conversations, chat_template_kwargs: dict | None = None, *, chat_template: str | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    tools: list[dict] | None = None) -> list[list[int]]:
         """One conversation (a list of {"role", "content"} messages) or a list of them, through the tokenizer's
-        chat template with the generation prompt, as token ids (the template writes the special tokens itself)."""
+        chat template (or `chat_template`) as token ids (the template writes the special tokens itself); the
+        keyword options are vLLM's LLM.chat ones, handed to apply_chat_template."""
         if self.tokenizer is None:
             raise ValueError(f"model folder {self.config.model!r} has no tokenizer: chat needs its chat template")
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, or a list of such lists")
+        template_options = check_chat_options(chat_template, add_generation_prompt, continue_final_message, tools)
         if isinstance(conversations[0], dict):
             conversations = [conversations]
         kwargs = dict(chat_template_kwargs or {})
@@ -68,8 +89,7 @@ class RequestBuilder:
         for conversation in conversations:
             if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
                 raise TypeError(f"a conversation must be a list of message dicts, got {conversation!r}")
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
-                                                      **kwargs)
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **template_options, **kwargs)
             prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
         return prompts
 

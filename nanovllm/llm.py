@@ -47,7 +47,7 @@ class LLM(LLMEngine):
         returns None and the requests are dropped."""
         with self._exclusive():
             groups = self._enqueue_all(requests)
-            outputs = OutputProcessor(self.tokenizer, groups, stream=False)
+            outputs = OutputProcessor(self.tokenizer, groups, stream=False, prompts=[r.prompt for r in requests])
             for _ in self._run(groups, outputs, use_tqdm):
                 if cancelled is not None and cancelled():
                     return None

@@ -123,6 +123,8 @@ class TestTwoReplicas:
         chat = llm.chat([conversation], greedy, use_tqdm=False, chat_template=own)[0]  # vLLM's option: a template
         assert chat["prompt_token_ids"] == [5, 6, 3]
         assert chat["token_ids"] == llm.generate([[5, 6, 3]], greedy, use_tqdm=False)[0]["token_ids"]
+        text_out = llm.generate(["w5 w6"], greedy, use_tqdm=False)[0]  # vLLM's attributes, through Ray
+        assert (text_out.prompt, text_out.outputs[0].token_ids) == ("w5 w6", text_out["token_ids"])
         cut = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=3, detokenize=False)
         out = llm.generate(["w5 w6 w7 w8 w9"], cut, use_tqdm=False)[0]
         assert (out["prompt_token_ids"], out["text"]) == ([7, 8, 9], "")

@@ -425,7 +425,7 @@ def test_n_completions_share_the_prompt_blocks(word_model, overlap, prompt_logpr
     assert len(completions) == n and len(set(map(tuple, completions))) == n
     assert all(len(c) == max_tokens for c in completions)
     assert_events_add_up(events, outs)
-    assert {k: v for k, v in outs[0].items() if k not in ("outputs", "prompt_token_ids", "prompt_logprobs",
+    assert {k: v for k, v in outs[0].items() if k not in ("outputs", "prompt", "prompt_token_ids", "prompt_logprobs",
                                                           "num_cached_tokens")} == outs[0]["outputs"][0]
     assert outs[0]["prompt_token_ids"] == prompt
     if prompt_logprobs is not None:
@@ -452,6 +452,22 @@ def test_chat_renders_the_template_and_generates(word_llm):
     assert greeted[0]["prompt_token_ids"] == [510, 1, 5, 6, 42, 3]
     assert greeted == word_llm.generate([[510, 1, 5, 6, 42, 3]], sp, use_tqdm=False)
 
+
+
+def test_outputs_read_as_vllm_request_outputs(word_llm):
+    """vLLM's quickstart loop runs unchanged: output.prompt, output.outputs[0].text; the outputs stay dicts."""
+    prompts = ["w5 w6", {"prompt": "w7"}, [8, 9], {"prompt_token_ids": [10]}]
+    outs = word_llm.generate(prompts, greedy(3), use_tqdm=False)
+    assert [o.prompt for o in outs] == ["w5 w6", "w7", None, None]
+    assert [o.prompt_token_ids for o in outs] == [[5, 6], [7], [8, 9], [10]]
+    for o in outs:
+        first = o.outputs[0]
+        assert (first.text, first.token_ids, first.finish_reason) == (o["text"], o["token_ids"], "length")
+        assert first.text == " ".join(f"w{t}" for t in first.token_ids)
+    with pytest.raises(AttributeError, match=r"an output has no field 'request_id'; its fields: \['cumulative_logp"):
+        outs[0].request_id
+    assert json.loads(json.dumps(outs)) == outs
+    assert [o.prompt for o in word_llm.chat([{"role": "user", "content": "w5"}], greedy(2), use_tqdm=False)] == [None]
 
 # vLLM's LLM.chat options: another template, no generation prompt, continuing the last message, tools
 OWN_TEMPLATE = ("{{ bos_token }}{% if tools %} w4{% endif %}{% for m in messages %} {{ m['content'] }} w9{% endfor %}"

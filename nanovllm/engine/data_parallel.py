@@ -466,6 +466,7 @@ class DataParallelLLM:
                         job = jobs.pop(ref)
                         outputs = self._collect(ref, job, requests, jobs)
                         for i, out in zip(job.indices, outputs):
+                            out["prompt"] = requests[i].prompt  # the replica saw token ids; the text is here
                             results[i] = out
                             num_tokens += sum(len(o["token_ids"]) for o in out["outputs"])
                         bar.update(len(outputs))

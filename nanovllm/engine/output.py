@@ -17,6 +17,18 @@ def text_token_ids(seq: Sequence) -> list[int]:
     return ids
 
 
+class Output(dict):
+    """An output dict (nano-vllm's) whose keys also read as attributes, as vLLM's RequestOutput and
+    CompletionOutput: `out["text"]` or `out.outputs[0].text`."""
+    __slots__ = ()
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"an output has no field {name!r}; its fields: {sorted(self)}") from None
+
+
 @dataclass(slots=True)
 class Completion:
     """One completion's text as its tokens arrive."""
@@ -33,9 +45,10 @@ class OutputProcessor:
     """Tracks the completions of one generate/stream call. `update` takes the sequences that received tokens in
     a step and returns those a stop string has ended; `events` and `outputs` give what the user sees."""
 
-    def __init__(self, tokenizer, requests: list[list[Sequence]], stream: bool):
+    def __init__(self, tokenizer, requests: list[list[Sequence]], stream: bool, prompts: list[str | None] = ()):
         self.tokenizer = tokenizer
         self.requests = requests
+        self.prompts = list(prompts) or [None] * len(requests)  # the prompts' text, where given as text
         self.completions: dict[int, Completion] = {}
         self.stream = stream
         for branches in requests:
@@ -130,18 +143,19 @@ class OutputProcessor:
 
     def outputs(self) -> list[dict]:
         results = []
-        for branches in self.requests:
+        for branches, prompt in zip(self.requests, self.prompts, strict=True):
             completions = [self._completion(seq) for seq in branches]
             first = branches[0]
             prompt_logprobs = first.prompt_logprobs
             if prompt_logprobs is None and first.sampling_params.prompt_logprobs is not None:
                 prompt_logprobs = [None]  # a one-token prompt goes straight to decode: nothing scored it
-            results.append({**completions[0], "prompt_token_ids": first.token_ids[:first.num_prompt_tokens],
-                            "prompt_logprobs": prompt_logprobs,
-                            "num_cached_tokens": first.num_cached_prompt_tokens or 0, "outputs": completions})
+            results.append(Output(completions[0], prompt=prompt,
+                                  prompt_token_ids=first.token_ids[:first.num_prompt_tokens],
+                                  prompt_logprobs=prompt_logprobs,
+                                  num_cached_tokens=first.num_cached_prompt_tokens or 0, outputs=completions))
         return results
 
-    def _completion(self, seq: Sequence) -> dict:
-        return {"text": self.text(self.completions[seq.seq_id]), "token_ids": seq.completion_token_ids,
-                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason, "logprobs": seq.logprobs,
-                "cumulative_logprob": seq.cumulative_logprob}
+    def _completion(self, seq: Sequence) -> Output:
+        return Output(text=self.text(self.completions[seq.seq_id]), token_ids=seq.completion_token_ids,
+                      finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=seq.logprobs,
+                      cumulative_logprob=seq.cumulative_logprob)

@@ -18,6 +18,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 class Request:
     token_ids: list[int]
     sampling_params: SamplingParams
+    prompt: str | None = None  # the caller's text, reported in the output as vLLM's RequestOutput.prompt
 
 
 def load_tokenizer(model: str):
@@ -63,6 +64,13 @@ def check_chat_options(chat_template, add_generation_prompt, continue_final_mess
         raise TypeError(f"tools must be a list of tool dicts or None, got {type(tools).__name__}")
     return dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools)
+
+
+def prompt_text(prompt) -> str | None:
+    """The text of a prompt given as text (plain or {"prompt": text}); None for token ids."""
+    if isinstance(prompt, dict):
+        prompt = prompt.get("prompt")
+    return prompt if isinstance(prompt, str) else None
 
 
 class RequestBuilder:
@@ -130,7 +138,7 @@ class RequestBuilder:
                 cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
             sampling_params = dataclasses.replace(sampling_params, **cut)
         self.check(token_ids, sampling_params)
-        return Request(token_ids, sampling_params)
+        return Request(token_ids, sampling_params, prompt_text(prompt))
 
     def tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, dict):

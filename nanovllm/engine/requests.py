@@ -66,13 +66,6 @@ def check_chat_options(chat_template, add_generation_prompt, continue_final_mess
                 continue_final_message=continue_final_message, tools=tools)
 
 
-def prompt_text(prompt) -> str | None:
-    """The text of a prompt given as text (plain or {"prompt": text}); None for token ids."""
-    if isinstance(prompt, dict):
-        prompt = prompt.get("prompt")
-    return prompt if isinstance(prompt, str) else None
-
-
 class RequestBuilder:
 
     def __init__(self, config: Config, tokenizer):
@@ -120,29 +113,33 @@ class RequestBuilder:
         return [self.one(prompt, sp, defaults) for prompt, sp in zip(prompts, sampling_params)]
 
     def one(self, prompt, sampling_params: SamplingParams, defaults: bool = False) -> Request:
+        if isinstance(prompt, dict):
+            prompt = prompt_of_dict(prompt)
         token_ids = self.tokenize(prompt)
         if isinstance(sampling_params, SamplingParams):
             keep = sampling_params.truncate_prompt_tokens
             if keep is not None:  # the prompt's end, as vLLM's left truncation
                 token_ids = token_ids[-(self.config.max_model_len if keep == -1 else keep):]
-            # the request's own copy, checked again: fields set after construction (sp.temperature = -1) are
-            # refused here like constructor arguments, and later edits of the caller's object change nothing
-            room = self.config.max_model_len - len(token_ids)
-            cut = {}
-            if sampling_params.max_tokens is None:  # vLLM's "up to max_model_len"
-                if room < 1:
-                    raise ValueError(f"prompt length {len(token_ids)} leaves no room for a completion under "
-                                     f"max_model_len={self.config.max_model_len}")
-                cut = dict(max_tokens=room)
-            elif defaults and 1 <= room < sampling_params.max_tokens:
-                cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
-            sampling_params = dataclasses.replace(sampling_params, **cut)
+            sampling_params = self.own_copy(sampling_params, len(token_ids), defaults)
         self.check(token_ids, sampling_params)
-        return Request(token_ids, sampling_params, prompt_text(prompt))
+        return Request(token_ids, sampling_params, prompt if isinstance(prompt, str) else None)
+
+    def own_copy(self, sampling_params: SamplingParams, prompt_len: int, defaults: bool) -> SamplingParams:
+        """The request's own copy, checked again: fields set after construction (sp.temperature = -1) are refused
+        here like constructor arguments, and later edits of the caller's object change nothing. max_tokens=None
+        (vLLM's "up to max_model_len") becomes the room left; so does a default max_tokens that would not fit."""
+        room = self.config.max_model_len - prompt_len
+        cut = {}
+        if sampling_params.max_tokens is None:
+            if room < 1:
+                raise ValueError(f"prompt length {prompt_len} leaves no room for a completion under "
+                                 f"max_model_len={self.config.max_model_len}")
+            cut = dict(max_tokens=room)
+        elif defaults and 1 <= room < sampling_params.max_tokens:
+            cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
+        return dataclasses.replace(sampling_params, **cut)
 
     def tokenize(self, prompt) -> list[int]:
-        if isinstance(prompt, dict):
-            prompt = prompt_of_dict(prompt)
         if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
             prompt = prompt.tolist()
         if isinstance(prompt, str):

@@ -281,6 +281,11 @@ def kernel_report(kernels: list[tuple[float, float, str]], wall: float, kv_bytes
     return "\n".join(lines)
 
 
+def print_throughput(tokens: int, seconds: float, note: str = "") -> None:
+    """nano-vllm's result line (scripts read it)."""
+    print(f"Total: {tokens}tok, Time: {seconds:.2f}s, Throughput: {tokens / seconds:.2f}tok/s{note}")
+
+
 def profiled_generate(llm, work: Workload):
     """The headline run under the torch profiler (this process: rank 0 under tensor parallelism)."""
     from torch.profiler import ProfilerActivity, profile
@@ -290,8 +295,7 @@ def profiled_generate(llm, work: Workload):
         llm.generate(work.prompts, work.sampling_params, use_tqdm=False)
         torch.cuda.synchronize()
         t = time.perf_counter() - t
-    print(f"Total: {work.output_tokens}tok, Time: {t:.2f}s, Throughput: {work.output_tokens / t:.2f}tok/s "
-          f"(under the profiler)")
+    print_throughput(work.output_tokens, t, " (under the profiler)")
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
     slots = decode_slots_read([len(p) for p in work.prompts], [sp.max_tokens for sp in work.sampling_params])
@@ -302,7 +306,7 @@ def timed_generate(llm, work: Workload, profile: StepProfile | None) -> float:
     t = time.perf_counter()
     llm.generate(work.prompts, work.sampling_params, use_tqdm=False)
     t = time.perf_counter() - t
-    print(f"Total: {work.output_tokens}tok, Time: {t:.2f}s, Throughput: {work.output_tokens / t:.2f}tok/s")
+    print_throughput(work.output_tokens, t)
     if profile:
         profile.report(t)
     return t
@@ -361,9 +365,7 @@ def main():
             times = timed_steps(llm, work)
             times.report()
             if on_cpu:
-                total = times.prefill_s + times.decode_s
-                print(f"Total: {work.output_tokens}tok, Time: {total:.2f}s, "
-                      f"Throughput: {work.output_tokens / total:.2f}tok/s")
+                print_throughput(work.output_tokens, times.prefill_s + times.decode_s)
     llm.exit()
 
 

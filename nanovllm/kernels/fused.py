@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.store_kvcache import check_store_args, quantize_fp8
+from nanovllm.kernels.store_kvcache import check_store_args, quantize_fp8, row_warps
 
 
 # ---- shared pieces -------------------------------------------------------------------------------------------
@@ -41,11 +41,6 @@ def _weigh(x, rstd, w, dtype: tl.constexpr):
 def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype the PyTorch reference returns (in the models, all inputs share one dtype)."""
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-
-
-def _num_warps(block_elems: int) -> int:
-    """About 256 elements per warp, 1 to 8 warps."""
-    return max(1, min(8, block_elems // 256))
 
 
 # ---- RMSNorm -------------------------------------------------------------------------------------------------
@@ -78,7 +73,7 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     _rms_norm_kernel[(num_tokens,)](
         x, x if residual is None else residual, weight, out, out if residual_out is None else residual_out, eps,
         x.stride(0), x.stride(0) if residual is None else residual.stride(0),
-        N=n, BLOCK=block, ADD=residual is not None, num_warps=_num_warps(block),
+        N=n, BLOCK=block, ADD=residual is not None, num_warps=row_warps(block),
     )
 
 
@@ -219,7 +214,7 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), sin_cache.stride(0), *cache_args,
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, BLOCK_Q_HEADS=block_q_heads,
         BLOCK_K_HEADS=block_k_heads, BLOCK_HALF=block_half, NORM=norm, STORE=store is not None,
-        BLOCK_SIZE=block_size, FP8=fp8, STRIDE_VCD=stride_vcd, num_warps=_num_warps(2 * block_q_heads * block_half),
+        BLOCK_SIZE=block_size, FP8=fp8, STRIDE_VCD=stride_vcd, num_warps=row_warps(2 * block_q_heads * block_half),
     )
     return q_out, k_out
 
@@ -278,5 +273,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((num_tokens, n), dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(n), 1024)
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](x, out, x.stride(0), N=n, BLOCK=block,
-                                                               num_warps=_num_warps(block))
+                                                               num_warps=row_warps(block))
     return out

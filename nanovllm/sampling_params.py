@@ -1,4 +1,5 @@
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -15,7 +16,9 @@ class SamplingParams:
     tokens until that many tokens exist. logprobs=N returns the top-N alternatives of every generated token plus
     the sampled one (raw log-softmax of the model's logits); prompt_logprobs likewise for the prompt tokens.
     truncate_prompt_tokens=k keeps the prompt's last k tokens (-1: the last max_model_len); detokenize=False leaves
-    the output text empty (token ids only, no detokenising cost).
+    the output text empty (token ids only, no detokenising cost). logit_bias {token id: bias} adds to those
+    logits before the penalties; allowed_token_ids restricts every draw to those tokens (vLLM's order: the
+    allow-list, min_tokens' bans and the biases, then the penalties, then temperature and the filters).
     """
     temperature: float = 1.0
     max_tokens: int | None = 16  # None: up to max_model_len
@@ -37,6 +40,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     truncate_prompt_tokens: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -52,6 +57,8 @@ class SamplingParams:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
+        self.logit_bias = _logit_bias(self.logit_bias)
+        self.allowed_token_ids = _allowed_token_ids(self.allowed_token_ids)
         if self.seed == -1:  # vLLM's spelling of "no seed"
             self.seed = None
         self._check_ranges()
@@ -131,3 +138,38 @@ def _stop_token_ids(ids) -> list[int]:
     if any(i < 0 for i in ids):
         raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(ids)!r}")
     return list(dict.fromkeys(ids))  # vLLM drops repeats, keeping the order
+
+
+def _logit_bias(bias) -> dict[int, float] | None:
+    """{token id: bias} with int ids (or strings of them, as JSON keys arrive) and numeric biases; None when
+    empty. A bias may be -inf (the token is never drawn), not +inf or NaN (the row's softmax would be NaN)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    out = {}
+    for token, value in bias.items():
+        if isinstance(token, str) and token.strip().lstrip("+-").isdigit():
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, Integral):
+            raise TypeError(f"logit_bias keys must be token ids (int), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"logit_bias values must be numbers, got {value!r} for token {token}")
+        if int(token) < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {int(token)}")
+        if math.isnan(value) or value == math.inf:
+            raise ValueError(f"logit_bias values must be finite or -inf, got {value} for token {int(token)}")
+        out[int(token)] = float(value)
+    return out or None
+
+
+def _allowed_token_ids(ids) -> list[int] | None:
+    if ids is None:
+        return None
+    if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
+        raise TypeError(f"allowed_token_ids must be a list of int, got {ids!r}")
+    if not ids:
+        raise ValueError("allowed_token_ids must not be empty (None allows every token)")
+    if any(i < 0 for i in ids):
+        raise ValueError(f"allowed_token_ids must be token ids >= 0, got {list(ids)!r}")
+    return list(dict.fromkeys(int(i) for i in ids))

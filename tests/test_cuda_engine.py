@@ -123,9 +123,35 @@ def test_no_recompiles_during_a_run(qwen3_path):
                     llm.generate(mixed[:7], [SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.1),
                                              SamplingParams(temperature=0.6, top_k=20, min_p=0.05)] * 3
                                  + [SamplingParams(temperature=0, presence_penalty=0.5)], use_tqdm=False)
+                    llm.generate(mixed[:2], [SamplingParams(temperature=0.9, logit_bias={5: 2.0}, repetition_penalty=1.2,
+                                                            allowed_token_ids=list(range(3, 90))),
+                                             SamplingParams(temperature=0, logit_bias={7: 1.5}, presence_penalty=0.3)],
+                                 use_tqdm=False)
                 finally:
                     knobs.runtime.jit_cache_hook = None
             assert jitted == [], (backend, options)
+
+
+def test_per_token_settings_on_cuda_equal_the_cpu(qwen3_path):
+    """logit_bias and allowed_token_ids, with and without penalties, float32: the GPU's greedy tokens are the
+    CPU's; seeded draws stay in their allowed set."""
+    prompts = random_prompts([5, 12, 30, 64], seed=21)
+    greedy = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kw) for kw in (
+        dict(logit_bias={11: 3.0, 12: -1.0, 13: float("-inf")}),
+        dict(logit_bias={11: 3.0, 40: 2.0}, repetition_penalty=1.3),
+        dict(allowed_token_ids=[2, 11, 17, 99, 240]),
+        dict(allowed_token_ids=[2, 11, 17, 99, 240], logit_bias={2: 1.0}, frequency_penalty=0.5))]
+    allowed = list(range(50, 80))
+    drawn = SamplingParams(temperature=1.2, top_p=0.9, seed=4, max_tokens=16, ignore_eos=True,
+                           allowed_token_ids=allowed, logit_bias={60: 2.0})
+    params = [sp for sp in greedy for _ in prompts] + [drawn] * len(prompts)
+    with LLM(qwen3_path, device="cpu", kvcache_block_size=16) as llm:
+        cpu = llm.generate(prompts * 5, params, use_tqdm=False)
+    with LLM(qwen3_path, device="cuda", dtype="float32", kvcache_block_size=16) as llm:
+        gpu = llm.generate(prompts * 5, params, use_tqdm=False)
+    n = len(greedy) * len(prompts)
+    assert [o["token_ids"] for o in gpu[:n]] == [o["token_ids"] for o in cpu[:n]]
+    assert all(set(o["token_ids"]) <= set(allowed) for o in gpu[n:])
 
 
 def _forget_compiled_kernels():

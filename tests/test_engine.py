@@ -187,7 +187,7 @@ def test_a_backend_that_orders_decode_gets_the_rows_longest_first(qwen3_path, hf
 def test_the_compile_warm_up_runs_its_steps_and_sampler_kinds_at_once_and_leaves_the_engine_exact(
         qwen3_path, hf_reference, monkeypatch):
     """The start-up's compile warm-up (CUDA only; called here by hand) hands its five model steps, the in-flight
-    fill and the sampler's eight kinds to run_warm_up to run at once on one device; they run (here in CPU threads)
+    fill and the sampler's nine kinds to run_warm_up to run at once on one device; they run (here in CPU threads)
     and the engine's tokens afterwards are still transformers' (the steps only scribbled on block 0)."""
     import nanovllm.engine.model_runner as model_runner
     calls, run_warm_up = [], model_runner.run_warm_up
@@ -199,7 +199,7 @@ def test_the_compile_warm_up_runs_its_steps_and_sampler_kinds_at_once_and_leaves
     monkeypatch.setattr(model_runner, "run_warm_up", recording)
     with LLM(qwen3_path, kvcache_block_size=16) as llm:
         llm.executor.runner.warmup_compiled_paths()
-        assert calls == [(6 + 8, True)]
+        assert calls == [(6 + 9, True)]
         run_and_compare(llm, qwen3_path, random_prompts([5, 40, 17], seed=21), hf_reference,
                         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
 

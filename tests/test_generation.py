@@ -2,6 +2,7 @@
 transformers, seeds, stop strings and stop tokens, n > 1, chat, streaming, the model's generation defaults and bad
 values (issue 11's "Prove it" list)."""
 import json
+import math
 import re
 import shutil
 
@@ -173,6 +174,62 @@ def test_presence_and_frequency_penalties_equal_a_plain_reference(llm, qwen3_pat
     assert ids_of(outs[:-1]) == expected
     assert outs[-1]["token_ids"] == hf_generate(model, prompts[0], 16)
     assert outs[-1]["token_ids"] != expected[0]
+
+
+# ---- per-token settings: logit_bias, allowed_token_ids (vLLM's) ---------------------------------------------
+
+def test_logit_bias_equals_transformers_sequence_bias(llm, qwen3_path, hf_model):
+    """HF adds a sequence_bias of single tokens before its repetition penalty, as vLLM adds logit_bias."""
+    model = hf_model(qwen3_path)
+    prompts = random_prompts([4, 17, 30], seed=35)
+    plain = [hf_generate(model, p, 14) for p in prompts]
+    # lift a token each plain run never picks, push down its first token, and one bias of -inf
+    lifted = next(t for t in range(VOCAB) if all(t not in run for run in plain))
+    bias = {lifted: 3.0, plain[0][0]: -2.5, plain[1][1]: float("-inf")}
+    for extra in ({}, {"repetition_penalty": 1.4}):
+        outs = llm.generate(prompts + prompts[:1], [greedy(14, logit_bias=bias, **extra)] * len(prompts)
+                            + [greedy(14, **extra)], use_tqdm=False)
+        expected = [hf_generate(model, p, 14, sequence_bias={(t,): b for t, b in bias.items()}, **extra)
+                    for p in prompts]
+        assert ids_of(outs[:-1]) == expected
+        assert outs[-1]["token_ids"] == hf_generate(model, prompts[0], 14, **extra)  # its neighbour, unbiased
+        assert ids_of(outs[:-1]) != [hf_generate(model, p, 14, **extra) for p in prompts]
+        assert all(plain[1][1] not in o["token_ids"] for o in outs[:-1])
+    assert_pool_empty(llm)
+
+
+def test_logit_bias_leaves_the_logprobs_raw(llm, qwen3_path, hf_model):
+    prompt = random_prompts([9], seed=36)[0]
+    out = llm.generate([prompt], greedy(6, logit_bias={5: 8.0}, logprobs=1), use_tqdm=False)[0]
+    rows = hf_log_softmax(hf_model(qwen3_path), prompt + out["token_ids"])[len(prompt) - 1:]
+    for entry, row, token in zip(out["logprobs"], rows, out["token_ids"]):
+        assert_entry(entry, row, token, 1)
+
+
+def test_allowed_token_ids_equal_transformers_suppress_tokens(llm, qwen3_path, hf_model):
+    model = hf_model(qwen3_path)
+    prompts = random_prompts([6, 21], seed=37)
+    allowed = [3, 40, 41, 200, 333, 511]
+    suppressed = [t for t in range(VOCAB) if t not in allowed]
+    outs = llm.generate(prompts + prompts[:1], [greedy(12, allowed_token_ids=allowed)] * len(prompts)
+                        + [greedy(12)], use_tqdm=False)
+    assert ids_of(outs[:-1]) == [hf_generate(model, p, 12, suppress_tokens=suppressed) for p in prompts]
+    assert outs[-1]["token_ids"] == hf_generate(model, prompts[0], 12)
+    assert not set(outs[-1]["token_ids"]) <= set(allowed)  # the unrestricted neighbour is not held to the list
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 3}, {"top_p": 0.9}, {"min_p": 0.2}])
+def test_sampled_tokens_stay_in_the_allowed_set_and_off_banned_tokens(llm, filters):
+    prompts = random_prompts([3, 8, 15, 24], seed=38)
+    allowed = list(range(100, 140))
+    restricted = SamplingParams(temperature=1.5, max_tokens=20, ignore_eos=True, seed=5, allowed_token_ids=allowed,
+                                **filters)
+    banned = SamplingParams(temperature=1.5, max_tokens=20, ignore_eos=True, seed=6, **filters,
+                            logit_bias={t: float("-inf") for t in range(0, VOCAB, 2)})  # every even id
+    outs = llm.generate(prompts * 2, [restricted] * len(prompts) + [banned] * len(prompts), use_tqdm=False)
+    assert all(set(o["token_ids"]) <= set(allowed) for o in outs[:len(prompts)])
+    assert all(t % 2 for o in outs[len(prompts):] for t in o["token_ids"])
+    assert len({t for o in outs[:len(prompts)] for t in o["token_ids"]}) > 3  # drawn, not a fixed token
 
 
 # ---- 3: logprobs and prompt logprobs ------------------------------------------------------------------------------
@@ -674,6 +731,31 @@ MESSAGES = [{"role": "user", "content": "w5"}]
     (lambda e: e.generate(["w1 w2", "w3"], [GOOD, greedy(4, stop_token_ids=[3, VOCAB])], use_tqdm=False),
      ValueError, f"stop_token_ids holds {VOCAB}, outside the vocabulary: ids must be in [0, vocab_size={VOCAB})"),
     (lambda e: e.stream(["w1"], greedy(4, stop_token_ids=[10 ** 6])), ValueError, "stop_token_ids holds 1000000"),
+    (lambda e: SamplingParams(logit_bias=[(3, 1.0)]), TypeError, "logit_bias must be a dict of token id -> bias"),
+    (lambda e: SamplingParams(logit_bias={"w3": 1.0}), TypeError, "logit_bias keys must be token ids (int), got 'w3'"),
+    (lambda e: SamplingParams(logit_bias={True: 1.0}), TypeError, "logit_bias keys must be token ids (int)"),
+    (lambda e: SamplingParams(logit_bias={3: "1"}), TypeError, "logit_bias values must be numbers, got '1' for token 3"),
+    (lambda e: SamplingParams(logit_bias={-3: 1.0}), ValueError, "logit_bias keys must be token ids >= 0, got -3"),
+    (lambda e: SamplingParams(logit_bias={3: float("nan")}), ValueError, "logit_bias values must be finite or -inf"),
+    (lambda e: SamplingParams(logit_bias={3: float("inf")}), ValueError, "logit_bias values must be finite or -inf"),
+    (lambda e: SamplingParams(allowed_token_ids=[]), ValueError, "allowed_token_ids must not be empty"),
+    (lambda e: SamplingParams(allowed_token_ids=[1, 2.0]), TypeError, "allowed_token_ids must be a list of int"),
+    (lambda e: SamplingParams(allowed_token_ids=[1, -2]), ValueError, "allowed_token_ids must be token ids >= 0"),
+    (lambda e: e.generate(["w1 w2", "w3"], [GOOD, greedy(4, logit_bias={VOCAB: 1.0})], use_tqdm=False),
+     ValueError, f"logit_bias holds {VOCAB}, outside the vocabulary: ids must be in [0, vocab_size={VOCAB})"),
+    (lambda e: e.generate(["w1"], greedy(4, allowed_token_ids=[4, VOCAB + 7]), use_tqdm=False), ValueError,
+     f"allowed_token_ids holds {VOCAB + 7}, outside the vocabulary"),
+    (lambda e: e.generate(["w1"], edited("logit_bias", {1: float("nan")}), use_tqdm=False), ValueError,
+     "logit_bias values must be finite or -inf"),
+    (lambda e: e.generate(["w1"], greedy(4, allowed_token_ids=[4, 9], logit_bias={9: -math.inf, 4: -math.inf}),
+                          use_tqdm=False), ValueError, "logit_bias bans (-inf) every token of allowed_token_ids [4, 9]"),
+    (lambda e: e.generate(["w1"], greedy(4, logit_bias=dict.fromkeys(range(VOCAB), -math.inf)), use_tqdm=False),
+     ValueError, "logit_bias bans (-inf) every token of the vocabulary"),
+    (lambda e: e.generate(["w1"], SamplingParams(temperature=0, max_tokens=4, allowed_token_ids=[511, 7],
+                                                 logit_bias={7: -math.inf}, min_tokens=2), use_tqdm=False), ValueError, "min_tokens=2 holds back EOS and the stop tokens"),
+    (lambda e: e.generate(["w1"], greedy(4, logit_bias=dict.fromkeys(range(1, VOCAB), -math.inf), min_tokens=1,
+                                                stop_token_ids=[0]),
+                          use_tqdm=False), ValueError, "min_tokens=1 holds back EOS and the stop tokens"),
     (lambda e: e.chat("w1 w2"), TypeError, "messages must be a list of {'role': ..., 'content': ...} dicts"),
     (lambda e: e.chat([]), TypeError, "messages must be a list"),
     (lambda e: e.chat([MESSAGES, "w2"]), TypeError, "a conversation must be a list of message dicts, got 'w2'"),

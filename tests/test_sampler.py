@@ -152,6 +152,60 @@ def test_frequencies_match_the_renormalised_distribution(kwargs, vary):
     assert chi2 < CHI2_999[int(allowed.sum()) - 1], (chi2, observed, expected)
 
 
+def by_token_reference(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
+    """vLLM's per-token settings on one row in plain PyTorch: the allow-list and the biases, before the warpers."""
+    logits = logits.clone()
+    if sp.allowed_token_ids is not None:
+        kept = torch.zeros_like(logits, dtype=torch.bool)
+        kept[sp.allowed_token_ids] = True
+        logits = logits.masked_fill(~kept, float("-inf"))
+    for token, bias in (sp.logit_bias or {}).items():
+        logits[token] += bias
+    return hf_warped(logits.unsqueeze(0), sp)[0] if sp.temperature > 0 else logits  # greedy: no warpers
+
+
+BY_TOKEN = [
+    dict(temperature=0.8, logit_bias={3: 2.5, 7: -1.0, 40: float("-inf")}),
+    dict(temperature=1.0, top_k=5, allowed_token_ids=[1, 2, 3, 50, 60, 70, 80]),
+    dict(temperature=1.2, top_p=0.9, logit_bias={2: 4.0}, allowed_token_ids=[2, 9, 11]),
+    dict(temperature=0.7, min_p=0.1, logit_bias={"12": -0.5}),
+    dict(temperature=1.0),
+]
+
+
+def test_per_token_settings_equal_a_plain_reference_row_by_row():
+    params = [SamplingParams(**BY_TOKEN[i % len(BY_TOKEN)]) for i in range(15)]
+    params.append(SamplingParams(temperature=0, allowed_token_ids=[5, 6]))
+    logits = random_logits(len(params), 120, seed=9)
+    ours = processed_logits(logits, tensors_for(params))
+    for row, sp in enumerate(params):
+        ref = by_token_reference(logits[row], sp)
+        assert torch.equal(ours[row].isfinite(), ref.isfinite()), (row, sp)
+        assert torch.equal(ours[row][ref.isfinite()], ref[ref.isfinite()]), (row, sp)
+    tokens = sample(logits, tensors_for(params)).token_ids
+    assert int(tokens[-1]) == 5 + int(logits[-1, 6] > logits[-1, 5])  # greedy within its two tokens
+    for row, sp in enumerate(params):
+        assert by_token_reference(logits[row], sp)[tokens[row]].isfinite(), (row, sp)
+
+
+@pytest.mark.parametrize("kwargs", [dict(logit_bias={0: -1.5, 4: 2.0, 9: 3.0}),
+                                    dict(allowed_token_ids=[0, 2, 5, 8]),
+                                    dict(top_k=4, logit_bias={7: 2.5}, allowed_token_ids=[1, 3, 5, 7, 9])])
+def test_biased_and_restricted_draws_match_their_distribution(kwargs):
+    """Chi-square over the tokens left, as for the warpers above: the bias moves the probabilities by exp(bias)."""
+    sp = SamplingParams(temperature=1.0, **kwargs)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0])
+    n = 20000
+    tokens = sample(logits.expand(n, -1), tensors_for([sp] * n, list(range(n)), [3] * n)).token_ids
+    observed = torch.bincount(tokens, minlength=10).double()
+    warped = by_token_reference(logits, sp)
+    allowed = warped.isfinite()
+    expected = torch.softmax(warped.double(), -1) * n
+    assert observed[~allowed].sum() == 0
+    chi2 = ((observed[allowed] - expected[allowed]) ** 2 / expected[allowed]).sum().item()
+    assert chi2 < CHI2_999[int(allowed.sum()) - 1], (chi2, observed, expected)
+
+
 def test_greedy_rows_in_a_sampled_batch_stay_argmax():
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0), SamplingParams(temperature=0),
               SamplingParams(temperature=0.6, top_k=20, top_p=0.95), SamplingParams(temperature=0),

@@ -139,6 +139,24 @@ class RequestBuilder:
             cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
         return dataclasses.replace(sampling_params, **cut)
 
+    def _check_drawable(self, sp: SamplingParams):
+        """Refuse settings under which a step would have no token to draw: every allowed token (or the whole
+        vocabulary) biased to -inf, or, while min_tokens holds them back, nothing but EOS and stop tokens."""
+        banned = {t for t, b in (sp.logit_bias or {}).items() if b == float("-inf")}
+        held = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.config.eos))
+        vocab_size = self.config.hf_config.vocab_size
+        if sp.allowed_token_ids is not None:
+            left = [t for t in sp.allowed_token_ids if t not in banned]
+            what = f"allowed_token_ids {sp.allowed_token_ids}"
+        else:  # the whole vocabulary less the banned: listed only when it is small enough to matter
+            left = [t for t in range(vocab_size) if t not in banned] if vocab_size - len(banned) <= len(held) else None
+            what = "the vocabulary"
+        if left is not None and not left:
+            raise ValueError(f"logit_bias bans (-inf) every token of {what}: no token is left to draw")
+        if sp.min_tokens and left is not None and set(left) <= held:
+            raise ValueError(f"min_tokens={sp.min_tokens} holds back EOS and the stop tokens, and they are all that "
+                             f"{what} leaves to draw")
+
     def tokenize(self, prompt) -> list[int]:
         if hasattr(prompt, "tolist"):  # a numpy array or torch tensor of token ids
             prompt = prompt.tolist()
@@ -181,10 +199,14 @@ class RequestBuilder:
         if sp.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {sp.stop!r} need the text, but model folder {self.config.model!r} has "
                              "no tokenizer: use stop_token_ids")
-        for t in sp.stop_token_ids:
-            if t >= vocab_size:
-                raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary: ids must be in "
-                                 f"[0, vocab_size={vocab_size})")
+        for name, ids in (("stop_token_ids", sp.stop_token_ids), ("logit_bias", sp.logit_bias or ()),
+                          ("allowed_token_ids", sp.allowed_token_ids or ())):
+            for t in ids:
+                if t >= vocab_size:
+                    raise ValueError(f"{name} holds {t}, outside the vocabulary: ids must be in "
+                                     f"[0, vocab_size={vocab_size})")
+        if sp.logit_bias is not None or sp.allowed_token_ids is not None:
+            self._check_drawable(sp)
         bs, num_blocks = self.config.kvcache_block_size, self.config.num_kvcache_blocks
         needed = cdiv(n + sp.max_tokens - 1, bs)  # the last sampled token never needs a cache slot
         if needed > num_blocks:

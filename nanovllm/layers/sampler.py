@@ -8,7 +8,8 @@ What the runner passes each step (`sample(logits, tensors) -> SamplerOutput`):
   - only when a row has a penalty: `output_counts` [B, V] int32 (how often each token was generated) and
     `prompt_mask` [B, V] bool (which tokens the prompt holds). Keep one row per sequence on the device:
     `token_counts` / `prompt_token_mask` build them, `count_tokens_` adds a step's sampled ids.
-Order as vLLM: penalties, bans; greedy rows take the argmax; sampled rows: / temperature, top-k, top-p, min-p,
+Order as vLLM: the allow-list (allowed_token_ids), min_tokens' bans and logit_bias, penalties; greedy rows take
+the argmax; sampled rows: / temperature, top-k, top-p, min-p,
 draw. `SamplerOutput.logprobs` is the raw log-softmax of the logits, before any of that (vLLM's default).
 
 A row's draw depends only on its logits, its seed and its output position: the noise of token v is a hash of
@@ -58,6 +59,12 @@ class SamplingTensors:
     prompt_mask: torch.Tensor | None = None  # [B, V] bool
     banned_rows: torch.Tensor | None = None  # [N] int64: logits[banned_rows[i], banned_token_ids[i]] = -inf
     banned_token_ids: torch.Tensor | None = None  # [N] int64
+    bias_rows: torch.Tensor | None = None  # [N] int64: logits[bias_rows[i], bias_token_ids[i]] += bias_values[i]
+    bias_token_ids: torch.Tensor | None = None  # [N] int64
+    bias_values: torch.Tensor | None = None  # [N] float32
+    restricted_rows: torch.Tensor | None = None  # [R] int64: rows with allowed_token_ids, -inf outside the pairs
+    allowed_rows: torch.Tensor | None = None  # [N] int64: (allowed_rows[i], allowed_token_ids[i]) stays
+    allowed_token_ids: torch.Tensor | None = None  # [N] int64
     # host-side facts that pick the code path without reading the device
     any_greedy: bool = False
     any_plain: bool = False  # a sampled row without top-k / top-p / min-p: the full-vocabulary race
@@ -129,12 +136,22 @@ def processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def _penalize_and_ban(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Every step out of place: the caller's logits stay raw for the logprobs. The biases come before the
+    penalties (a repetition penalty divides or multiplies the biased logit, as in vLLM and HF); the -inf of the
+    bans and the allow-list are the same in any order."""
+    if t.bias_rows is not None:  # in float32, as the reference adds a float32 bias
+        logits = logits.float().index_put((t.bias_rows, t.bias_token_ids), t.bias_values, accumulate=True)
     if t.repetition_penalties is not None:
         logits = _apply_penalties(logits, t.output_counts, t.prompt_mask, t.repetition_penalties,
                                   t.presence_penalties, t.frequency_penalties)
-    if t.banned_rows is not None:  # out of place: the caller's logits stay raw for the logprobs
+    if t.banned_rows is not None:
         minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
         logits = logits.index_put((t.banned_rows, t.banned_token_ids), minus_inf)
+    if t.restricted_rows is not None:
+        kept = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        kept[t.restricted_rows] = False
+        kept[t.allowed_rows, t.allowed_token_ids] = True
+        logits = logits.masked_fill(~kept, float("-inf"))
     return logits
 
 
@@ -170,7 +187,7 @@ def sampler_warm_up_tasks(vocab_size: int, dtype: torch.dtype, device: torch.dev
     rows = 2
     kinds = (dict(), dict(temperature=0), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.5),
              dict(repetition_penalty=1.5, temperature=0), dict(repetition_penalty=1.5, top_k=2),
-             dict(repetition_penalty=1.5, top_p=0.5))
+             dict(repetition_penalty=1.5, top_p=0.5), dict(repetition_penalty=1.5, logit_bias={0: 1.0}))
 
     @torch.inference_mode()
     def task(kwargs: dict) -> None:
@@ -454,39 +471,42 @@ def sampling_tensors(params: Sequence[SamplingParams], seeds: Sequence[int], pos
     sampled = temperature > 0
     filtered = sampled & ((top_k > 0) | (top_p < 1) | (min_p > 0))
     penalized = bool(((repetition != 1) | (presence != 0) | (frequency != 0)).any())
-    floats, ints = [temperature.astype(np.float32)[kind_of_row]], [row_noise_keys(seeds, positions)]
+    # SamplingTensors' field -> its host values (float32 or int64), sent in one copy
+    fields = {"temperatures": temperature.astype(np.float32)[kind_of_row],
+              "noise_keys": row_noise_keys(seeds, positions)}
     if filtered.any():
-        floats += [(1.0 - top_p).astype(np.float32)[kind_of_row], min_p.astype(np.float32)[kind_of_row]]
-        ints.append(np.where(top_k > 0, top_k, TOP_K_OFF).astype(np.int64)[kind_of_row])
+        fields["top_p_complement"] = (1.0 - top_p).astype(np.float32)[kind_of_row]
+        fields["min_p"] = min_p.astype(np.float32)[kind_of_row]
+        fields["top_k"] = np.where(top_k > 0, top_k, TOP_K_OFF).astype(np.int64)[kind_of_row]
     if penalized:
         if output_counts is None or prompt_mask is None:
             raise ValueError("a row has a penalty: pass output_counts and prompt_mask")
-        floats += [column.astype(np.float32)[kind_of_row] for column in (repetition, presence, frequency)]
-    bans = _bans(params, positions, eos_token_ids) if (min_tokens > 0).any() else None
-    if bans:
-        ints += [np.array(bans[0], dtype=np.int64), np.array(bans[1], dtype=np.int64)]
-    floats, ints = _upload(floats, ints, device)
+        for name, column in (("repetition_penalties", repetition), ("presence_penalties", presence),
+                             ("frequency_penalties", frequency)):
+            fields[name] = column.astype(np.float32)[kind_of_row]
+    if (min_tokens > 0).any():
+        fields.update(_bans(params, positions, eos_token_ids))
+    if any(map(_LOGIT_BIAS, params)) or any(map(_ALLOWED, params)):
+        fields.update(_by_token(params))
+    t = SamplingTensors(**_upload(fields, device), any_greedy=not sampled.all(),
+                        any_plain=bool((sampled & ~filtered).any()), any_filtered=bool(filtered.any()))
     logprobs = [n for n in map(_LOGPROBS, params) if n is not None]
-    t = SamplingTensors(floats[0], ints[0], any_greedy=not sampled.all(),
-                        any_plain=bool((sampled & ~filtered).any()), any_filtered=bool(filtered.any()),
-                        max_num_logprobs=max(logprobs) if logprobs else None)
+    t.max_num_logprobs = max(logprobs) if logprobs else None
     if t.any_filtered:
-        t.top_p_complement, t.min_p, t.top_k = floats[1], floats[2], ints[1]
         t.max_top_k = None if (top_k[filtered] <= 0).any() else int(top_k[filtered].max())
         if (top_k[filtered] > 0).any():
             t.top_k_width = int(top_k[filtered].max())
         t.by_thresholds = t.max_top_k is None and device.type != "cpu"
     if penalized:
-        t.repetition_penalties, t.presence_penalties, t.frequency_penalties = floats[-3:]
         t.output_counts, t.prompt_mask = output_counts, prompt_mask
-    if bans:
-        t.banned_rows, t.banned_token_ids = ints[-2:]
     return t
 
 
 _SETTINGS = attrgetter("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                        "frequency_penalty", "min_tokens")
 _LOGPROBS = attrgetter("logprobs")
+# per-token settings: None or non-empty (SamplingParams makes them so), so any() over them runs at C speed
+_LOGIT_BIAS, _ALLOWED = attrgetter("logit_bias"), attrgetter("allowed_token_ids")
 
 
 def _distinct_settings(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
@@ -500,32 +520,57 @@ def _distinct_settings(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np
 
 
 def _bans(params: Sequence[SamplingParams], positions: Sequence[int],
-          eos_token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+          eos_token_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """EOS and the stop ids of the rows still short of min_tokens, as (row, token id) pairs."""
     rows, ids = [], []
     for row, (p, position) in enumerate(zip(params, positions)):
         if position < p.min_tokens:
             banned = p.stop_token_ids if p.ignore_eos else [*p.stop_token_ids, *eos_token_ids]
             rows += [row] * len(banned)
             ids += banned
-    return rows, ids
+    if not rows:
+        return {}
+    return {"banned_rows": np.array(rows, dtype=np.int64), "banned_token_ids": np.array(ids, dtype=np.int64)}
 
 
-def _upload(floats: list[np.ndarray], ints: list[np.ndarray],
-            device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Rows of float32 and of int64 values, in one host buffer and one copy; back as views on the device, each
+def _by_token(params: Sequence[SamplingParams]) -> dict[str, np.ndarray]:
+    """The rows' logit biases as (row, token id, bias) and their allow-lists as the restricted rows and (row,
+    token id) pairs; nothing for a kind no row has."""
+    bias_rows, bias_ids, biases, restricted, allowed_rows, allowed_ids = [], [], [], [], [], []
+    for row, p in enumerate(params):
+        if p.logit_bias is not None:
+            bias_rows += [row] * len(p.logit_bias)
+            bias_ids += p.logit_bias.keys()
+            biases += p.logit_bias.values()
+        if p.allowed_token_ids is not None:
+            restricted.append(row)
+            allowed_rows += [row] * len(p.allowed_token_ids)
+            allowed_ids += p.allowed_token_ids
+    out = {}
+    if bias_rows:
+        out.update(bias_rows=np.array(bias_rows, dtype=np.int64), bias_token_ids=np.array(bias_ids, dtype=np.int64),
+                   bias_values=np.array(biases, dtype=np.float32))
+    if restricted:
+        out.update(restricted_rows=np.array(restricted, dtype=np.int64),
+                   allowed_rows=np.array(allowed_rows, dtype=np.int64),
+                   allowed_token_ids=np.array(allowed_ids, dtype=np.int64))
+    return out
+
+
+def _upload(fields: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Arrays of float32 and of int64 values, in one host buffer and one copy; back as views on the device, each
     starting 16-byte aligned: Triton compiles a variant of a kernel for each alignment of its pointers."""
-    arrays, offsets, size = floats + ints, [], 0
-    for array in arrays:
+    offsets, size = [], 0
+    for array in fields.values():
         offsets.append(size)
         size += cdiv(array.nbytes, 16) * 16
     host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
     buf = host.numpy()
-    for array, offset in zip(arrays, offsets):
+    for array, offset in zip(fields.values(), offsets):
         buf[offset:offset + array.nbytes] = array.view(np.uint8)
     dev = host.to(device, non_blocking=True)
-    views = [dev[offset:offset + array.nbytes].view(torch.float32 if array.dtype == np.float32 else torch.int64)
-             for array, offset in zip(arrays, offsets)]
-    return views[:len(floats)], views[len(floats):]
+    return {name: dev[offset:offset + array.nbytes].view(torch.float32 if array.dtype == np.float32 else torch.int64)
+            for (name, array), offset in zip(fields.items(), offsets)}
 
 
 # ---- per-sequence token counts for the penalties --------------------------------------------------------------

@@ -483,7 +483,9 @@ def test_n_completions_share_the_prompt_blocks(word_model, overlap, prompt_logpr
     assert all(len(c) == max_tokens for c in completions)
     assert_events_add_up(events, outs)
     assert {k: v for k, v in outs[0].items() if k not in ("outputs", "prompt", "prompt_token_ids", "prompt_logprobs",
-                                                          "num_cached_tokens")} == outs[0]["outputs"][0]
+                                                          "num_cached_tokens", "finished")} \
+        == {k: v for k, v in outs[0]["outputs"][0].items() if k != "index"}
+    assert [c.index for c in outs[0].outputs] == list(range(n))
     assert outs[0]["prompt_token_ids"] == prompt
     if prompt_logprobs is not None:
         assert len(outs[0]["prompt_logprobs"]) == len(prompt) and outs[0]["prompt_logprobs"][0] is None
@@ -521,6 +523,7 @@ def test_outputs_read_as_vllm_request_outputs(word_llm):
         first = o.outputs[0]
         assert (first.text, first.token_ids, first.finish_reason) == (o["text"], o["token_ids"], "length")
         assert first.text == " ".join(f"w{t}" for t in first.token_ids)
+        assert (first.index, o.finished) == (0, True) and "index" not in o  # the request has no branch number
     with pytest.raises(AttributeError, match=r"an output has no field 'request_id'; its fields: \['cumulative_logp"):
         outs[0].request_id
     assert json.loads(json.dumps(outs)) == outs

@@ -149,13 +149,14 @@ class OutputProcessor:
             prompt_logprobs = first.prompt_logprobs
             if prompt_logprobs is None and first.sampling_params.prompt_logprobs is not None:
                 prompt_logprobs = [None]  # a one-token prompt goes straight to decode: nothing scored it
-            results.append(Output(completions[0], prompt=prompt,
+            top = {key: value for key, value in completions[0].items() if key != "index"}
+            results.append(Output(top, prompt=prompt, finished=True,
                                   prompt_token_ids=first.token_ids[:first.num_prompt_tokens],
                                   prompt_logprobs=prompt_logprobs,
                                   num_cached_tokens=first.num_cached_prompt_tokens or 0, outputs=completions))
         return results
 
     def _completion(self, seq: Sequence) -> Output:
-        return Output(text=self.text(self.completions[seq.seq_id]), token_ids=seq.completion_token_ids,
+        return Output(index=seq.branch, text=self.text(self.completions[seq.seq_id]), token_ids=seq.completion_token_ids,
                       finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=seq.logprobs,
                       cumulative_logprob=seq.cumulative_logprob)

@@ -1,6 +1,6 @@
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 # vLLM raises temperatures in (0, 0.01) to 0.01: dividing logits by less overflows float32 to inf
@@ -19,6 +19,8 @@ class SamplingParams:
     the output text empty (token ids only, no detokenising cost). logit_bias {token id: bias} adds to those
     logits before the penalties; allowed_token_ids restricts every draw to those tokens (vLLM's order: the
     allow-list, min_tokens' bans and the biases, then the penalties, then temperature and the filters).
+    bad_words: words never generated: a word's last token is banned wherever the completion's tokens so far end
+    with the rest of it (each word tokenised as given and with a leading space, as vLLM does).
     """
     temperature: float = 1.0
     max_tokens: int | None = 16  # None: up to max_model_len
@@ -42,6 +44,9 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # bad_words as token-id sequences, set by generate (it needs the tokenizer); see bad_words_token_ids
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -59,6 +64,7 @@ class SamplingParams:
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         self.logit_bias = _logit_bias(self.logit_bias)
         self.allowed_token_ids = _allowed_token_ids(self.allowed_token_ids)
+        self.bad_words = _bad_words(self.bad_words)
         if self.seed == -1:  # vLLM's spelling of "no seed"
             self.seed = None
         self._check_ranges()
@@ -66,6 +72,11 @@ class SamplingParams:
             self.temperature = MIN_TEMPERATURE
         if self.temperature == 0:  # greedy: the filters cannot change the argmax, so they are dropped
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """The bad words' token-id sequences (vLLM's name), once generate has tokenised them; None before."""
+        return self._bad_words_token_ids
 
     def _check_ranges(self):
         _check(math.isfinite(self.temperature) and self.temperature >= 0,
@@ -173,3 +184,15 @@ def _allowed_token_ids(ids) -> list[int] | None:
     if any(i < 0 for i in ids):
         raise ValueError(f"allowed_token_ids must be token ids >= 0, got {list(ids)!r}")
     return list(dict.fromkeys(int(i) for i in ids))
+
+
+def _bad_words(words) -> list[str] | None:
+    if words is None:
+        return None
+    if isinstance(words, str):
+        words = [words]
+    if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+        raise TypeError(f"bad_words must be a list of str, got {words!r}")
+    if any(not w.strip() for w in words):
+        raise ValueError(f"bad_words must not hold an empty or blank word, got {list(words)!r}")
+    return list(words) or None

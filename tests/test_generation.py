@@ -1,6 +1,7 @@
 """vLLM's sampling and output surface, end to end on the CPU in float32: penalties, logprobs and min_tokens against
 transformers, seeds, stop strings and stop tokens, n > 1, chat, streaming, the model's generation defaults and bad
 values (issue 11's "Prove it" list)."""
+import dataclasses
 import json
 import math
 import re
@@ -230,6 +231,112 @@ def test_sampled_tokens_stay_in_the_allowed_set_and_off_banned_tokens(llm, filte
     assert all(set(o["token_ids"]) <= set(allowed) for o in outs[:len(prompts)])
     assert all(t % 2 for o in outs[len(prompts):] for t in o["token_ids"])
     assert len({t for o in outs[:len(prompts)] for t in o["token_ids"]}) > 3  # drawn, not a fixed token
+
+
+def bad_words_reference(model, prompt: list[int], max_tokens: int, words: list[list[int]]) -> list[int]:
+    """Greedy with vLLM's bad-words rule applied by hand to transformers' logits: a word's last token is banned
+    where the completion so far (not the prompt) ends with the rest of the word."""
+    ids, out = list(prompt), []
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        for word in words:
+            prefix = word[:-1]
+            if len(prefix) <= len(out) and out[len(out) - len(prefix):] == prefix:
+                logits[word[-1]] = float("-inf")
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def words_of(ids: list[int]) -> str:
+    return " ".join(f"w{t}" for t in ids)
+
+
+@pytest.mark.parametrize("options", [{}, {"async_scheduling": False}, {"max_num_batched_tokens": 16},
+                                     {"num_kvcache_blocks": 5, "max_num_batched_tokens": 64}],
+                         ids=["overlapped", "step-by-step", "chunked", "preempted"])
+def test_bad_words_equal_transformers_and_the_vllm_rule(word_model, hf_model, options):
+    model = hf_model(word_model)
+    prompts = random_prompts([4, 19, 33], seed=39)
+    plain = [hf_generate(model, p, 14) for p in prompts]
+    # words that bite: two tokens of the first run, one of the second, three of the third (from its 4th token)
+    words = [plain[0][2:4], plain[1][5:6], plain[2][3:6]]
+    sp = greedy(14, bad_words=[words_of(w) for w in words])
+    assert sp.bad_words_token_ids is None  # tokenised by generate, on its own copy
+    with LLM(word_model, kvcache_block_size=BLOCK, **options) as engine:
+        outs = engine.generate(prompts + prompts[:1], [sp] * len(prompts) + [greedy(14)], use_tqdm=False)
+        # a prompt that ends with a word's prefix: vLLM looks at the completion only, transformers at both
+        tail = engine.generate([prompts[0] + words[0][:1]], sp, use_tqdm=False)
+        assert_pool_empty(engine)
+    assert ids_of(outs[:-1]) == [hf_generate(model, p, 14, bad_words_ids=words) for p in prompts]
+    assert ids_of(outs[:-1]) == [bad_words_reference(model, p, 14, words) for p in prompts]
+    assert ids_of(outs[:-1]) != plain and outs[-1]["token_ids"] == plain[0]
+    assert tail[0]["token_ids"] == bad_words_reference(model, prompts[0] + words[0][:1], 14, words)
+
+
+def test_the_output_history_of_a_sequence_back_from_preemption():
+    """The runner meets a preempted sequence again as new, its completion so far among its tokens: the history
+    starts from that completion, so a word whose prefix lies in it still bites; hits need the completion only."""
+    from nanovllm.engine.penalties import OutputHistory
+    from nanovllm.engine.step_inputs import Row, SeqState
+    sp = dataclasses.replace(greedy(8))
+    sp._bad_words_token_ids = [[41, 42, 43], [42, 50], [7]]
+    history = OutputHistory(64, torch.device("cpu"))
+    prompt, done = [9, 9, 41, 42], [41, 42]  # the prompt ends with [41, 42] too: no hit from it alone
+    back = Row(1, SeqState(prompt + done, [], 0, sp, len(prompt)), len(prompt) + len(done))
+    fresh = Row(2, SeqState(prompt, [], 0, sp, len(prompt)), len(prompt))
+    (rows, ids, hits), slots = history.bans([back, fresh])
+    found = {(int(r), int(t)) for r, t, h in zip(rows, ids, hits) if h}
+    assert found == {(0, 43), (0, 50), (0, 7), (1, 7)} and slots == [0, 1]
+    history.record(torch.tensor([43, 42]), [back, fresh], slots)  # each sampled its next token
+    back.state.num_computed, fresh.state.num_computed = len(prompt) + 2, len(prompt)
+    back.num_tokens = fresh.num_tokens = 1
+    back.state.token_ids.append(43)
+    fresh.state.token_ids.append(42)
+    (rows, ids, hits), _ = history.bans([back, fresh])
+    assert {(int(r), int(t)) for r, t, h in zip(rows, ids, hits) if h} == {(0, 7), (1, 50), (1, 7)}
+
+
+def test_bad_words_without_a_tokenizer_are_refused(llm):
+    before = llm.generate([[5, 6, 7]], greedy(4), use_tqdm=False)
+    with pytest.raises(ValueError, match=re.escape("bad_words ['w5'] need the tokenizer, but model folder")):
+        llm.generate([[5, 6, 7]], greedy(4, bad_words=["w5"]), use_tqdm=False)
+    assert_pool_empty(llm)
+    assert llm.generate([[5, 6, 7]], greedy(4), use_tqdm=False) == before
+
+
+def test_sampled_completions_never_hold_a_bad_word(word_llm):
+    prompts = [words_of(p) for p in random_prompts([3, 10, 25], seed=41)]
+    words = [[t, t + 1] for t in range(0, 500, 2)] + [[t] for t in range(1, 200, 2)]  # many pairs, many singles
+    sp = SamplingParams(temperature=1.5, top_k=12, seed=3, n=3, max_tokens=24, ignore_eos=True,
+                        bad_words=[words_of(w) for w in words])
+    outs = word_llm.generate(prompts, sp, use_tqdm=False)
+    for o in outs:
+        for c in o.outputs:
+            ids = c.token_ids
+            assert not any(t < 200 and t % 2 for t in ids)
+            assert not any(a % 2 == 0 and b == a + 1 for a, b in zip(ids, ids[1:])), ids
+    assert len({tuple(c.token_ids) for o in outs for c in o.outputs}) == 9
+
+
+def test_bad_words_take_vllm_s_spaced_variant(word_llm):
+    """A word also counts with a leading space where that tokenises to another first token of the same length."""
+    class Spaced:  # the word-level tokenizer with a space-marked variant of w7
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def encode(self, text, add_special_tokens=True):
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return [8 if text.startswith(" ") and i == 0 and t == 7 else t for i, t in enumerate(ids)]
+
+    builder = word_llm.requests
+    kept = builder.tokenizer
+    try:
+        builder.tokenizer = Spaced(kept)
+        assert builder.bad_words_token_ids(["w7 w9", " w7", "w3"]) == [[7, 9], [8, 9], [7], [8], [3]]
+    finally:
+        builder.tokenizer = kept
 
 
 # ---- 3: logprobs and prompt logprobs ------------------------------------------------------------------------------
@@ -742,6 +849,8 @@ MESSAGES = [{"role": "user", "content": "w5"}]
     (lambda e: SamplingParams(logit_bias={3: float("nan")}), ValueError, "logit_bias values must be finite or -inf"),
     (lambda e: SamplingParams(logit_bias={3: float("inf")}), ValueError, "logit_bias values must be finite or -inf"),
     (lambda e: SamplingParams(allowed_token_ids=[]), ValueError, "allowed_token_ids must not be empty"),
+    (lambda e: SamplingParams(bad_words=["w1", 3]), TypeError, "bad_words must be a list of str"),
+    (lambda e: SamplingParams(bad_words=["w1", "  "]), ValueError, "bad_words must not hold an empty or blank word"),
     (lambda e: SamplingParams(allowed_token_ids=[1, 2.0]), TypeError, "allowed_token_ids must be a list of int"),
     (lambda e: SamplingParams(allowed_token_ids=[1, -2]), ValueError, "allowed_token_ids must be token ids >= 0"),
     (lambda e: e.generate(["w1 w2", "w3"], [GOOD, greedy(4, logit_bias={VOCAB: 1.0})], use_tqdm=False),

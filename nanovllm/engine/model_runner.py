@@ -12,7 +12,7 @@ from nanovllm.engine.cuda_graphs import CUDAGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_kvcache_blocks
 from nanovllm.engine.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from nanovllm.engine.step import ScheduledStep, StepKind, StepResult
-from nanovllm.engine.penalties import PenaltyTables, is_penalized
+from nanovllm.engine.penalties import OutputHistory, PenaltyTables, has_bad_words, is_penalized
 from nanovllm.engine.readback import SampledTokens, StepOutput, last_of_each_row, score_prompts
 from nanovllm.engine.step_inputs import Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout
 from nanovllm.layers.attention import attention_layers
@@ -84,6 +84,8 @@ class ModelRunner:
             layer.set_backend(self.attn_backend)
         self.penalties = PenaltyTables(config.hf_config.vocab_size, device)
         self.penalized: set[int] = set()  # sequences with a penalty: the common step checks one empty set
+        self.history = OutputHistory(config.max_model_len, device)
+        self.bad_worded: set[int] = set()  # sequences with bad words, likewise
         if self.on_cuda:
             self.warmup_model()
         kv_scales = self.calibrate_kv_scales() if config.kv_cache_dtype != "auto" else [None] * len(self.layers)
@@ -195,9 +197,16 @@ class ModelRunner:
         params = [row.state.sampling_params for row in rows]
         tensors = sampling_tensors(params, [row.state.seed for row in rows], [row.output_position for row in rows],
                                    self.device, self.config.eos, counts, prompt_mask)
+        history_slots = None
+        if self.bad_worded and any(row.seq_id in self.bad_worded for row in rows):
+            bans, history_slots = self.history.bans(rows)
+            if bans is not None:
+                tensors.bad_word_rows, tensors.bad_word_token_ids, tensors.bad_word_hits = bans
         out = sample(logits, tensors)
         if slots is not None:
             self.penalties.count(out.token_ids, rows, slots)
+        if history_slots is not None:
+            self.history.record(out.token_ids, rows, history_slots)
         return StepOutput(out, [p.logprobs for p in params], prompt_logprobs, [p.prompt_logprobs for p in params])
 
     # ---- a step ----------------------------------------------------------------------------------------------
@@ -266,8 +275,11 @@ class ModelRunner:
         for seq_id in step.finished_seq_ids:
             self.penalties.drop(seq_id)
             self.penalized.discard(seq_id)
+            self.history.drop(seq_id)
+            self.bad_worded.discard(seq_id)
         rows = apply_step(self.states, step)
         self.penalized.update(row.seq_id for row in rows[:len(step.new)] if is_penalized(row))
+        self.bad_worded.update(row.seq_id for row in rows[:len(step.new)] if has_bad_words(row))
         output = self._run_rows(rows, step.kind)
         finish_step(rows)
         if self.rank == 0:

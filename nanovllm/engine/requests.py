@@ -121,6 +121,8 @@ class RequestBuilder:
             if keep is not None:  # the prompt's end, as vLLM's left truncation
                 token_ids = token_ids[-(self.config.max_model_len if keep == -1 else keep):]
             sampling_params = self.own_copy(sampling_params, len(token_ids), defaults)
+            if sampling_params.bad_words:
+                sampling_params._bad_words_token_ids = self.bad_words_token_ids(sampling_params.bad_words)
         self.check(token_ids, sampling_params)
         return Request(token_ids, sampling_params, prompt if isinstance(prompt, str) else None)
 
@@ -138,6 +140,27 @@ class RequestBuilder:
         elif defaults and 1 <= room < sampling_params.max_tokens:
             cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
         return dataclasses.replace(sampling_params, **cut)
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenisation of bad words: each word (leading blanks dropped) as it is, and with a leading space
+        where that gives another first token and as many tokens (mid-text words, for tokenizers that mark the
+        space in the token)."""
+        if self.tokenizer is None:
+            raise ValueError(f"bad_words {words!r} need the tokenizer, but model folder {self.config.model!r} has "
+                             "none: use logit_bias with -inf for single tokens")
+        sequences = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            sequences.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+        vocab_size = self.config.hf_config.vocab_size
+        for ids in sequences:
+            if not ids or max(ids) >= vocab_size:
+                raise ValueError(f"bad_words {words!r} tokenise to {sequences}, ids outside the model's vocabulary "
+                                 f"[0, vocab_size={vocab_size})")
+        return sequences
 
     def _check_drawable(self, sp: SamplingParams):
         """Refuse settings under which a step would have no token to draw: every allowed token (or the whole

@@ -8,9 +8,10 @@ What the runner passes each step (`sample(logits, tensors) -> SamplerOutput`):
   - only when a row has a penalty: `output_counts` [B, V] int32 (how often each token was generated) and
     `prompt_mask` [B, V] bool (which tokens the prompt holds). Keep one row per sequence on the device:
     `token_counts` / `prompt_token_mask` build them, `count_tokens_` adds a step's sampled ids.
-Order as vLLM: the allow-list (allowed_token_ids), min_tokens' bans and logit_bias, penalties; greedy rows take
-the argmax; sampled rows: / temperature, top-k, top-p, min-p,
-draw. `SamplerOutput.logprobs` is the raw log-softmax of the logits, before any of that (vLLM's default).
+  - only when a row has bad words: `bad_word_rows`, `bad_word_token_ids`, `bad_word_hits` set on the tensors
+    (engine.penalties.OutputHistory finds the hits on the device).
+Order as vLLM: the allow-list (allowed_token_ids), bad words, min_tokens' bans and logit_bias, penalties; greedy
+rows take the argmax; sampled rows: / temperature, top-k, top-p, min-p, draw. `SamplerOutput.logprobs` is the raw log-softmax of the logits, before any of that (vLLM's default).
 
 A row's draw depends only on its logits, its seed and its output position: the noise of token v is a hash of
 (seed, position, v), so a seeded request samples the same tokens alone or in any batch.
@@ -62,6 +63,9 @@ class SamplingTensors:
     bias_rows: torch.Tensor | None = None  # [N] int64: logits[bias_rows[i], bias_token_ids[i]] += bias_values[i]
     bias_token_ids: torch.Tensor | None = None  # [N] int64
     bias_values: torch.Tensor | None = None  # [N] float32
+    bad_word_rows: torch.Tensor | None = None  # [N] int64: -inf at (row, token id) where bad_word_hits[i]
+    bad_word_token_ids: torch.Tensor | None = None  # [N] int64
+    bad_word_hits: torch.Tensor | None = None  # [N] bool (on the device: no read-back)
     restricted_rows: torch.Tensor | None = None  # [R] int64: rows with allowed_token_ids, -inf outside the pairs
     allowed_rows: torch.Tensor | None = None  # [N] int64: (allowed_rows[i], allowed_token_ids[i]) stays
     allowed_token_ids: torch.Tensor | None = None  # [N] int64
@@ -147,6 +151,9 @@ def _penalize_and_ban(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.banned_rows is not None:
         minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
         logits = logits.index_put((t.banned_rows, t.banned_token_ids), minus_inf)
+    if t.bad_word_rows is not None:  # adds -inf where a word hits, 0 (no change) elsewhere
+        ban = torch.where(t.bad_word_hits, float("-inf"), 0.0).to(logits.dtype)
+        logits = logits.index_put((t.bad_word_rows, t.bad_word_token_ids), ban, accumulate=True)
     if t.restricted_rows is not None:
         kept = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         kept[t.restricted_rows] = False

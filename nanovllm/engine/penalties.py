@@ -13,14 +13,12 @@ def is_penalized(row: Row) -> bool:
     return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
 
 
-class PenaltyTables:
-    """One row per penalized sequence in [slots, V] tables; slot 0 stays zero for rows without penalties.
-    The tables grow by doubling, so a batch of new sequences costs one copy, not one each."""
+class SlotTables:
+    """Rows of device tables, one per sequence that needs them: a slot is taken when the runner first meets the
+    sequence and given back when it forgets it. Subclasses hold the tables and grow them (by doubling, so a batch
+    of new sequences costs one copy, not one each)."""
 
-    def __init__(self, vocab_size: int, device: torch.device):
-        self.vocab_size, self.device = vocab_size, device
-        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
-        self.prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+    def __init__(self):
         self.slot_of: dict[int, int] = {}
         self.free: list[int] = []
 
@@ -28,6 +26,25 @@ class PenaltyTables:
         slot = self.slot_of.pop(seq_id, None)
         if slot is not None:
             self.free.append(slot)
+
+    def _take(self, seq_id: int) -> int:
+        if not self.free:
+            self._grow()
+        slot = self.slot_of[seq_id] = self.free.pop()
+        return slot
+
+    def _grow(self):
+        raise NotImplementedError
+
+
+class PenaltyTables(SlotTables):
+    """One row per penalized sequence in [slots, V] tables; slot 0 stays zero for rows without penalties."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        super().__init__()
+        self.vocab_size, self.device = vocab_size, device
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
+        self.prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
 
     def tables(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """[B, V] counts and prompt masks for a step's rows (new sequences get their slot here) and each row's
@@ -52,10 +69,7 @@ class PenaltyTables:
             count_tokens_(self.counts, sampled[at], slot_ids)
 
     def _add(self, row: Row) -> int:
-        if not self.free:
-            self._grow()
-        slot = self.free.pop()
-        self.slot_of[row.seq_id] = slot
+        slot = self._take(row.seq_id)
         state = row.state
         prompt, generated = state.token_ids[:state.num_prompt_tokens], state.token_ids[state.num_prompt_tokens:]
         self.counts[slot] = token_counts([generated], self.vocab_size, self.device)[0]
@@ -74,21 +88,15 @@ def has_bad_words(row: Row) -> bool:
     return row.state.sampling_params.bad_words_token_ids is not None
 
 
-class OutputHistory:
-    """The completion tokens of each sequence with bad words, one [max_model_len] row a sequence (slots double as
-    for PenaltyTables), and the bans they imply: a bad word's last token is banned where the completion so far
-    ends with the rest of it (vLLM's rule: the completion's tokens, not the prompt's)."""
+class OutputHistory(SlotTables):
+    """The completion tokens of each sequence with bad words, one [max_model_len] row a sequence, and the bans
+    they imply: a bad word's last token is banned where the completion so far ends with the rest of it (vLLM's
+    rule: the completion's tokens, not the prompt's)."""
 
     def __init__(self, max_len: int, device: torch.device):
+        super().__init__()
         self.max_len, self.device = max_len, device
         self.tokens = torch.zeros(0, max_len, dtype=torch.int32, device=device)
-        self.slot_of: dict[int, int] = {}
-        self.free: list[int] = []
-
-    def drop(self, seq_id: int):
-        slot = self.slot_of.pop(seq_id, None)
-        if slot is not None:
-            self.free.append(slot)
 
     def bans(self, rows: list[Row]) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, list[int]]:
         """(rows, token ids, hit) device tensors, one entry per (row, bad word) the completion is long enough
@@ -134,10 +142,7 @@ class OutputHistory:
             self.tokens[where[:, 1], where[:, 2]] = sampled[where[:, 0]].to(torch.int32)
 
     def _add(self, row: Row) -> int:
-        if not self.free:
-            self._grow()
-        slot = self.free.pop()
-        self.slot_of[row.seq_id] = slot
+        slot = self._take(row.seq_id)
         state = row.state  # after preemption the completion so far is in token_ids
         done = state.token_ids[state.num_prompt_tokens:][:self.max_len]
         if done:

@@ -123,7 +123,8 @@ def test_no_recompiles_during_a_run(qwen3_path):
                     llm.generate(mixed[:7], [SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.1),
                                              SamplingParams(temperature=0.6, top_k=20, min_p=0.05)] * 3
                                  + [SamplingParams(temperature=0, presence_penalty=0.5)], use_tqdm=False)
-                    llm.generate(mixed[:2], [SamplingParams(temperature=0.9, logit_bias={5: 2.0}, repetition_penalty=1.2,
+                    llm.generate(mixed[:2], [SamplingParams(temperature=0.9, logit_bias={5: 2.0},
+                                                            repetition_penalty=1.2,
                                                             allowed_token_ids=list(range(3, 90))),
                                              SamplingParams(temperature=0, logit_bias={7: 1.5}, presence_penalty=0.3)],
                                  use_tqdm=False)

@@ -157,6 +157,6 @@ class OutputProcessor:
         return results
 
     def _completion(self, seq: Sequence) -> Output:
-        return Output(index=seq.branch, text=self.text(self.completions[seq.seq_id]), token_ids=seq.completion_token_ids,
-                      finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=seq.logprobs,
-                      cumulative_logprob=seq.cumulative_logprob)
+        return Output(index=seq.branch, text=self.text(self.completions[seq.seq_id]),
+                      token_ids=seq.completion_token_ids, finish_reason=seq.finish_reason,
+                      stop_reason=seq.stop_reason, logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob)

@@ -11,7 +11,8 @@ What the runner passes each step (`sample(logits, tensors) -> SamplerOutput`):
   - only when a row has bad words: `bad_word_rows`, `bad_word_token_ids`, `bad_word_hits` set on the tensors
     (engine.penalties.OutputHistory finds the hits on the device).
 Order as vLLM: the allow-list (allowed_token_ids), bad words, min_tokens' bans and logit_bias, penalties; greedy
-rows take the argmax; sampled rows: / temperature, top-k, top-p, min-p, draw. `SamplerOutput.logprobs` is the raw log-softmax of the logits, before any of that (vLLM's default).
+rows take the argmax; sampled rows: / temperature, top-k, top-p, min-p, draw. `SamplerOutput.logprobs` is the
+raw log-softmax of the logits, before any of that (vLLM's default).
 
 A row's draw depends only on its logits, its seed and its output position: the noise of token v is a hash of
 (seed, position, v), so a seeded request samples the same tokens alone or in any batch.

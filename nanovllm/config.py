@@ -16,6 +16,7 @@ SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellings
 LOAD_FORMATS = ("auto", "dummy")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Config:
     mixed_steps: bool = True
     kv_cache_dtype: str = "auto"
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (-1: the vocabulary)
+    tokenizer: str | None = None  # vLLM's option: a folder with the tokenizer files; None: the model folder
+    trust_remote_code: bool = False  # handed to transformers' AutoConfig / AutoTokenizer (the models are ours)
     # derived in __post_init__
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos: tuple[int, ...] = ()  # the engine puts the tokenizer's own (the primary EOS) first
@@ -67,7 +70,8 @@ class Config:
     def __post_init__(self):
         self._check_numbers()
         self.model = model_folder(self.model)
-        self.hf_config = load_hf_config(self.model)
+        self.tokenizer = self.model if self.tokenizer is None else tokenizer_folder(self.tokenizer)
+        self.hf_config = load_hf_config(self.model, self.trust_remote_code)
         if self.load_format != "dummy":
             check_weight_files(self.model)  # here, before the runner allocates anything on the device
         self.device = resolve_device(self.device)
@@ -99,7 +103,7 @@ class Config:
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
         for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps",
-                     "disable_custom_all_reduce"):
+                     "disable_custom_all_reduce", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in BACKENDS:
@@ -141,11 +145,26 @@ def model_folder(model: str | os.PathLike) -> str:
     return path
 
 
-def load_hf_config(model: str | os.PathLike) -> PretrainedConfig:
+def tokenizer_folder(tokenizer: str | os.PathLike) -> str:
+    """LLM(tokenizer=...): a local folder that holds a tokenizer, `~` expanded."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be a path to a local tokenizer folder or None, got "
+                        f"{type(tokenizer).__name__}")
+    path = os.path.expanduser(os.fspath(tokenizer))
+    if not os.path.isdir(path):
+        raise ValueError(f"tokenizer folder {os.fspath(tokenizer)!r} does not exist (nanovllm loads local folders "
+                         "only)")
+    if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"tokenizer folder {os.fspath(tokenizer)!r} holds no tokenizer (none of "
+                         f"{list(TOKENIZER_FILES)})")
+    return path
+
+
+def load_hf_config(model: str | os.PathLike, trust_remote_code: bool = False) -> PretrainedConfig:
     model = model_folder(model)
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"model folder {model!r} has no config.json")
-    hf_config = AutoConfig.from_pretrained(model)
+    hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {hf_config.model_type!r} of {model!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")

@@ -243,6 +243,9 @@ def test_sampling_params_defaults_and_normalisation():
     (dict(max_model_len=64, num_kvcache_blocks=-1, kvcache_block_size=16, enforce_eager="no"), TypeError,
      "enforce_eager must be a bool"),
     (dict(disable_custom_all_reduce=1), TypeError, "disable_custom_all_reduce must be a bool, got 1"),
+    (dict(trust_remote_code="yes"), TypeError, "trust_remote_code must be a bool, got 'yes'"),
+    (dict(tokenizer=7), TypeError, "tokenizer must be a path to a local tokenizer folder or None, got int"),
+    (dict(tokenizer="/no/such/folder"), ValueError, "tokenizer folder '/no/such/folder' does not exist"),
 ])
 def test_bad_options_raise(qwen3_path, options, error, words):
     with pytest.raises(error, match=words):

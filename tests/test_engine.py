@@ -1,5 +1,6 @@
 """Whole runs against Hugging Face transformers: greedy token ids must be equal, float32 on the CPU."""
 import multiprocessing
+import re
 
 import pytest
 import torch
@@ -202,6 +203,19 @@ def test_the_compile_warm_up_runs_its_steps_and_sampler_kinds_at_once_and_leaves
         assert calls == [(6 + 9, True)]
         run_and_compare(llm, qwen3_path, random_prompts([5, 40, 17], seed=21), hf_reference,
                         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+
+
+def test_a_tokenizer_from_another_folder(qwen3_path, qwen3_with_tokenizer):
+    """vLLM's LLM(tokenizer=...): the weights of one folder, the tokenizer (and chat template, EOS) of another;
+    trust_remote_code is accepted and handed to transformers."""
+    texts = ["w5 w17 w300", "w1 w2"]
+    with LLM(qwen3_with_tokenizer, kvcache_block_size=16) as llm:
+        expected = llm.generate(texts, GREEDY, use_tqdm=False)
+    with LLM(qwen3_path, tokenizer=qwen3_with_tokenizer, trust_remote_code=True, kvcache_block_size=16) as llm:
+        assert llm.get_tokenizer() is not None and llm.config.tokenizer == qwen3_with_tokenizer
+        assert llm.generate(texts, GREEDY, use_tqdm=False) == expected
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer folder {qwen3_path!r} holds no tokenizer")):
+        LLM(qwen3_with_tokenizer, tokenizer=qwen3_path)
 
 
 def test_text_prompts_go_through_the_tokenizer(qwen3_with_tokenizer, hf_reference):

@@ -242,13 +242,15 @@ class DataParallelLLM:
         self._closed = True  # until the replicas are up: exit() then has nothing to do
         self.data_parallel_size = check_data_parallel_size(data_parallel_size)
         self._config = driver_config(model, options)  # bad options fail here, before Ray is even imported
-        self.tokenizer = load_tokenizer(self._config.model)
+        self.tokenizer = load_tokenizer(self._config)
         # seeds for requests without one, drawn here as one engine would: a request then samples the same tokens
         # whichever replica runs it, also when it runs again after a replica died
         self._rng = random.Random(self._config.seed)
         self._one_call = OneCallAtATime()
         # workers on other nodes, or in another working directory, need the path as the driver sees it
         self._model = os.path.abspath(os.fspath(model))
+        if options.get("tokenizer") is not None:
+            options = {**options, "tokenizer": os.path.abspath(self._config.tokenizer)}
         self._options = options
         self._ray = ray = import_ray()
         RAY_SESSION.acquire(ray)

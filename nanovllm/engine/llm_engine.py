@@ -71,7 +71,7 @@ class LLMEngine:
         self._finalizer = weakref.finalize(self, FROZEN_HEAP.release, self.executor)
         try:
             config.num_kvcache_blocks = self.executor.num_kvcache_blocks
-            self.tokenizer = load_tokenizer(config.model)
+            self.tokenizer = load_tokenizer(config)
             tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
             if isinstance(tokenizer_eos, int):  # the primary EOS first (see Scheduler._finish_reason)
                 config.eos = (tokenizer_eos,) + tuple(t for t in config.eos if t != tokenizer_eos)

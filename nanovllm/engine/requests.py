@@ -7,11 +7,10 @@ from numbers import Integral
 
 from transformers import AutoTokenizer
 
-from nanovllm.config import Config
+from nanovllm.config import TOKENIZER_FILES, Config
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.math import cdiv
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass(slots=True)
@@ -21,10 +20,11 @@ class Request:
     prompt: str | None = None  # the caller's text, reported in the output as vLLM's RequestOutput.prompt
 
 
-def load_tokenizer(model: str):
-    if not any(os.path.exists(os.path.join(model, name)) for name in TOKENIZER_FILES):
+def load_tokenizer(config: Config):
+    """The tokenizer of config.tokenizer (the model folder unless LLM(tokenizer=...)); None where it has none."""
+    if not any(os.path.exists(os.path.join(config.tokenizer, name)) for name in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(model)
+    return AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
 
 
 PROMPT_DICT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt

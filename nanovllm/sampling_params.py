@@ -1,3 +1,4 @@
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ class SamplingParams:
             self.temperature = MIN_TEMPERATURE
         if self.temperature == 0:  # greedy: the filters cannot change the argmax, so they are dropped
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy (vLLM's method): editing the copy's lists or dicts leaves this one as it is."""
+        return copy.deepcopy(self)
 
     @property
     def bad_words_token_ids(self) -> list[list[int]] | None:

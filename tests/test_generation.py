@@ -620,6 +620,17 @@ def test_chat_renders_the_template_and_generates(word_llm):
 
 
 
+def test_clone_is_a_deep_copy():
+    sp = SamplingParams(temperature=0.5, stop=["w1"], logit_bias={3: 1.0}, bad_words=["w2 w3"], max_tokens=9)
+    sp._bad_words_token_ids = [[2, 3]]
+    copy = sp.clone()
+    assert copy == sp and copy is not sp and copy.bad_words_token_ids == [[2, 3]]
+    copy.stop.append("w4")
+    copy.logit_bias[5] = 2.0
+    copy.bad_words_token_ids[0].append(4)
+    assert (sp.stop, sp.logit_bias, sp.bad_words_token_ids) == (["w1"], {3: 1.0}, [[2, 3]])
+
+
 def test_outputs_read_as_vllm_request_outputs(word_llm):
     """vLLM's quickstart loop runs unchanged: output.prompt, output.outputs[0].text; the outputs stay dicts."""
     prompts = ["w5 w6", {"prompt": "w7"}, [8, 9], {"prompt_token_ids": [10]}]

@@ -118,11 +118,11 @@ def hf_log_softmax(model, token_ids: list[int]) -> torch.Tensor:
 
 def expected_entry(row: torch.Tensor, token: int, n: int) -> dict[int, float]:
     top = row.topk(n)
-    return dict(zip(top.indices.tolist(), top.values.tolist())) | {token: row[token].item()}
+    return {token: row[token].item()} | dict(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def assert_entry(entry: dict[int, float], row: torch.Tensor, token: int, n: int):
-    """vLLM's shape: the top-n ids, most likely first, then the chosen token if it is not among them."""
+    """vLLM's shape: the chosen token, then the top-n ids most likely first (the chosen one not again)."""
     expected = expected_entry(row, token, n)
     assert list(entry) == list(expected)
     for token_id, logprob in expected.items():

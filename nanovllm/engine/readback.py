@@ -99,9 +99,11 @@ def wait_watching(event: torch.cuda.Event, watch: Callable[[], str | None]):
 
 
 def _entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> dict[int, float]:
-    """{token id: logprob} for the top-N and the chosen token (vLLM's shape)."""
-    entry = dict(zip(top_ids, top_logprobs))
-    entry[token] = logprob
+    """{token id: logprob}: the chosen token first, then the top-N most likely first, the chosen one once (vLLM
+    builds its dict in that order)."""
+    entry = {token: logprob}
+    for top_id, top_logprob in zip(top_ids, top_logprobs):
+        entry.setdefault(top_id, top_logprob)
     return entry
 
 

@@ -1,6 +1,7 @@
 """Prompts and SamplingParams in, checked token-id requests out. Everything is checked before anything is
 queued, so a bad request leaves the engine untouched."""
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from numbers import Integral
@@ -10,7 +11,6 @@ from transformers import AutoTokenizer
 from nanovllm.config import TOKENIZER_FILES, Config
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.math import cdiv
-
 
 
 @dataclass(slots=True)
@@ -71,6 +71,8 @@ class RequestBuilder:
     def __init__(self, config: Config, tokenizer):
         self.config = config
         self.tokenizer = tokenizer
+        # a batch's requests usually share their bad words: tokenise each list once, not once a request
+        self._bad_words_of = functools.lru_cache(maxsize=64)(lambda words: self.bad_words_token_ids(list(words)))
 
     def render_chat(self, conversations, chat_template_kwargs: dict | None = None, *, chat_template: str | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -122,7 +124,7 @@ class RequestBuilder:
                 token_ids = token_ids[-(self.config.max_model_len if keep == -1 else keep):]
             sampling_params = self.own_copy(sampling_params, len(token_ids), defaults)
             if sampling_params.bad_words:
-                sampling_params._bad_words_token_ids = self.bad_words_token_ids(sampling_params.bad_words)
+                sampling_params._bad_words_token_ids = self._bad_words_of(tuple(sampling_params.bad_words))
         self.check(token_ids, sampling_params)
         return Request(token_ids, sampling_params, prompt if isinstance(prompt, str) else None)
 

@@ -155,6 +155,35 @@ def test_per_token_settings_on_cuda_equal_the_cpu(qwen3_path):
     assert all(set(o["token_ids"]) <= set(allowed) for o in gpu[n:])
 
 
+def test_bad_words_on_cuda_equal_the_cpu(qwen3_path, tmp_path):
+    """bad_words keep the completion's tokens on the device (OutputHistory) while steps overlap and decode
+    replays CUDA graphs: float32 greedy tokens are the CPU's, and the words do change the run."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path / "with_tokenizer"
+    shutil.copytree(qwen3_path, folder)
+    vocab = {f"w{i}": i for i in range(510)} | {"<bos>": 510, "<eos>": 511}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>").save_pretrained(folder)
+    prompts = random_prompts([4, 19, 33, 70], seed=39)
+    plain_sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(str(folder), device="cpu", kvcache_block_size=16) as llm:
+        plain = [o["token_ids"] for o in llm.generate(prompts, plain_sp, use_tqdm=False)]
+        # words that bite: two tokens of the first run, one of the second, three of the third
+        words = [" ".join(f"w{t}" for t in ids) for ids in (plain[0][2:4], plain[1][5:6], plain[2][3:6])]
+        params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=words, **kw)
+                  for kw in ({}, {"repetition_penalty": 1.3})]
+        cpu = llm.generate(prompts * 2, [sp for sp in params for _ in prompts], use_tqdm=False)
+    with LLM(str(folder), device="cuda", dtype="float32", kvcache_block_size=16) as llm:
+        assert llm.executor.runner.graphs is not None  # decode replays graphs
+        gpu = llm.generate(prompts * 2, [sp for sp in params for _ in prompts], use_tqdm=False)
+    assert [o["token_ids"] for o in gpu] == [o["token_ids"] for o in cpu]
+    assert [o["token_ids"] for o in cpu[:len(prompts)]] != plain
+
+
 def _forget_compiled_kernels():
     """Drop every nanovllm Triton kernel's in-memory variants, as in a fresh process (the disk cache stays)."""
     import importlib

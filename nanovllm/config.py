@@ -131,29 +131,30 @@ class Config:
                              f"{torch.cuda.device_count()}")
 
 
-def model_folder(model: str | os.PathLike) -> str:
-    """The model folder as a str with `~` expanded."""
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a path to a local model folder, got {type(model).__name__}")
-    given = os.fspath(model)
+def local_folder(value: str | os.PathLike, what: str, holds: str, optional: bool = False) -> str:
+    """A local folder named by the option `what` (model, tokenizer), as a str with `~` expanded; holds: what such
+    a folder has in it, for the message about a file. optional: the option may also be None (said in the
+    TypeError)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path to a local {what} folder{' or None' if optional else ''}, got "
+                        f"{type(value).__name__}")
+    given = os.fspath(value)
     path = os.path.expanduser(given)
     shown = repr(given) if path == given else f"{given!r} ({path})"
     if os.path.isfile(path):
-        raise ValueError(f"model {shown} is a file, expected a model folder (with config.json and *.safetensors)")
+        raise ValueError(f"{what} {shown} is a file, expected a {what} folder ({holds})")
     if not os.path.isdir(path):
-        raise ValueError(f"model folder {shown} does not exist (nanovllm loads local Hugging Face folders only)")
+        raise ValueError(f"{what} folder {shown} does not exist (nanovllm loads local Hugging Face folders only)")
     return path
 
 
+def model_folder(model: str | os.PathLike) -> str:
+    return local_folder(model, "model", "with config.json and *.safetensors")
+
+
 def tokenizer_folder(tokenizer: str | os.PathLike) -> str:
-    """LLM(tokenizer=...): a local folder that holds a tokenizer, `~` expanded."""
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        raise TypeError(f"tokenizer must be a path to a local tokenizer folder or None, got "
-                        f"{type(tokenizer).__name__}")
-    path = os.path.expanduser(os.fspath(tokenizer))
-    if not os.path.isdir(path):
-        raise ValueError(f"tokenizer folder {os.fspath(tokenizer)!r} does not exist (nanovllm loads local folders "
-                         "only)")
+    """LLM(tokenizer=...): a local folder that holds a tokenizer."""
+    path = local_folder(tokenizer, "tokenizer", f"with one of {list(TOKENIZER_FILES)}", optional=True)
     if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise ValueError(f"tokenizer folder {os.fspath(tokenizer)!r} holds no tokenizer (none of "
                          f"{list(TOKENIZER_FILES)})")

@@ -259,6 +259,10 @@ def test_missing_model_folder_or_config(tmp_path, qwen3_path):
         LLM(str(tmp_path))
     with pytest.raises(TypeError, match="model must be a path"):
         LLM(42)
+    config_file = os.path.join(qwen3_path, "config.json")
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer {config_file!r} is a file, expected a tokenizer "
+                                                   "folder (with one of ['tokenizer.json'")):
+        LLM(qwen3_path, tokenizer=config_file)
 
 
 def test_unsupported_architecture(tmp_path, qwen3_path):

@@ -394,6 +394,25 @@ def test_prompt_logprobs_equal_transformers(qwen3_path, hf_model, options):
             assert_entry(out["prompt_logprobs"][p], ref[p - 1], prompt[p], 3)
 
 
+@pytest.mark.parametrize("case", ["first-chunk", "every-chunk"])
+def test_prompt_logprobs_of_one_token_chunks(qwen3_path, hf_model, case):
+    """A scored prompt whose chunk is one token adds no logit beyond its row's last: it is scored all the same
+    (first-chunk: a long plain prompt leaves the budget's last token to it; every-chunk: 15 decoding requests
+    leave it one token a step)."""
+    scored = random_prompts([10 if case == "first-chunk" else 20], seed=3)[0]
+    if case == "first-chunk":
+        prompts, options = random_prompts([50], seed=1) + [scored], dict(max_num_batched_tokens=17, mixed_steps=False)
+    else:
+        prompts, options = [[i + 1] for i in range(15)] + [scored], dict(max_num_batched_tokens=16, max_num_seqs=16)
+    params = [greedy(40 if case == "every-chunk" else 4)] * (len(prompts) - 1) + [greedy(2, prompt_logprobs=2)]
+    with LLM(qwen3_path, kvcache_block_size=BLOCK, **options) as engine:
+        out = engine.generate(prompts, params, use_tqdm=False)[-1]
+        assert_pool_empty(engine)
+    ref = hf_log_softmax(hf_model(qwen3_path), scored)
+    assert len(out["prompt_logprobs"]) == len(scored) and out["prompt_logprobs"][0] is None
+    for p in range(1, len(scored)):
+        assert_entry(out["prompt_logprobs"][p], ref[p - 1], scored[p], 2)
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
 def test_prompt_logprobs_of_a_prompt_preempted_part_way(qwen3_path, hf_model, overlap):
     """Preempted between two chunks of its prompt, a sequence scores the prompt again from its start: each entry

@@ -14,7 +14,8 @@ from nanovllm.engine.kv_calibration import calibrate_kv_scales, calibration_toke
 from nanovllm.engine.step import ScheduledStep, StepKind, StepResult
 from nanovllm.engine.penalties import OutputHistory, PenaltyTables, has_bad_words, is_penalized
 from nanovllm.engine.readback import SampledTokens, StepOutput, last_of_each_row, score_prompts
-from nanovllm.engine.step_inputs import Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout
+from nanovllm.engine.step_inputs import (Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout,
+                                         wants_prompt_logprobs)
 from nanovllm.layers.attention import attention_layers
 from nanovllm.layers.kv_quant import KVScales
 from nanovllm.layers.backends import create_backend
@@ -187,7 +188,8 @@ class ModelRunner:
         if self.rank != 0:
             return None
         prompt_logprobs = None
-        if logits_indices is not None and logits.size(0) > len(rows):  # rows scored their prompt tokens too
+        # rows scoring their prompt tokens (a one-token chunk among them adds no extra logit, but is scored too)
+        if logits_indices is not None and any(map(wants_prompt_logprobs, rows)):
             last = torch.tensor(last_of_each_row(rows), device=self.device)
             prompt_logprobs = score_prompts(rows, logits)
             logits = logits[last]

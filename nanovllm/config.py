@@ -1,15 +1,15 @@
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.layers.backends import BACKENDS
 from nanovllm.layers.kv_quant import FP8_DTYPE, KV_CACHE_DTYPES
+from nanovllm.utils.checks import as_bool
 from nanovllm.utils.loader import check_weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
@@ -100,18 +100,21 @@ class Config:
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (computed) or >= 1, got {self.num_kvcache_blocks}")
         u = self.gpu_memory_utilization
-        if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or not 0 < u <= 1:
+        if isinstance(u, bool) or not isinstance(u, Real):
+            raise TypeError(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
+        self.gpu_memory_utilization = u = float(u)  # numpy's floats too
+        if not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
         for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps",
                      "disable_custom_all_reduce", "trust_remote_code"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+            setattr(self, name, as_bool(name, getattr(self, name)))
+        for name, allowed in (("attention_backend", BACKENDS), ("load_format", LOAD_FORMATS),
+                              ("kv_cache_dtype", KV_CACHE_DTYPES)):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be one of {allowed} (a str), got {value!r}")
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.kv_cache_dtype == "fp8":
             self.kv_cache_dtype = "fp8_e4m3"
 
@@ -209,6 +212,8 @@ def generation_defaults(model: str) -> dict:
 def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', 'cpu' or 'cuda' (a str or torch.device), got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
@@ -224,6 +229,8 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device:
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
         return dtype
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be 'auto', a dtype name or a torch.dtype, got {dtype!r}")
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
@@ -231,7 +238,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device:
         if isinstance(model_dtype, str):
             model_dtype = DTYPES.get(model_dtype)
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    name = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    name = DTYPE_ALIASES.get(dtype, dtype)
     if name not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES) + list(DTYPE_ALIASES)}, got {dtype!r}")
     return DTYPES[name]

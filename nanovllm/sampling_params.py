@@ -4,8 +4,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+import numpy as np
+
+from nanovllm.utils.checks import as_bool
+
 # vLLM raises temperatures in (0, 0.01) to 0.01: dividing logits by less overflows float32 to inf
 MIN_TEMPERATURE = 1e-2
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # logits and biases are float32 on the device
 
 
 @dataclass(slots=True)
@@ -59,8 +64,7 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name)))
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+            setattr(self, name, as_bool(name, getattr(self, name)))
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         self.logit_bias = _logit_bias(self.logit_bias)
@@ -105,7 +109,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check(value >= 0, name, value, "None or >= 0")
+                _check(value >= -1, name, value, "None, -1 (the whole vocabulary) or >= 0")
         if self.truncate_prompt_tokens is not None:
             _check(self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1, "truncate_prompt_tokens",
                    self.truncate_prompt_tokens, "None, -1 (max_model_len) or >= 1")
@@ -118,7 +122,11 @@ def _number(name: str, value) -> float:
     """A float from any real number (numpy's too), not a bool."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{name} must be a number in float's range, got an int of {len(str(abs(value)))} "
+                         "digits") from None
 
 
 def _integer(name: str, value) -> int:
@@ -165,17 +173,22 @@ def _logit_bias(bias) -> dict[int, float] | None:
         raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
     out = {}
     for token, value in bias.items():
-        if isinstance(token, str) and token.strip().lstrip("+-").isdigit():
-            token = int(token)
+        if isinstance(token, str):
+            try:
+                token = int(token)
+            except ValueError:
+                raise TypeError(f"logit_bias keys must be token ids (int), got {token!r}") from None
         if isinstance(token, bool) or not isinstance(token, Integral):
             raise TypeError(f"logit_bias keys must be token ids (int), got {token!r}")
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"logit_bias values must be numbers, got {value!r} for token {token}")
         if int(token) < 0:
             raise ValueError(f"logit_bias keys must be token ids >= 0, got {int(token)}")
-        if math.isnan(value) or value == math.inf:
-            raise ValueError(f"logit_bias values must be finite or -inf, got {value} for token {int(token)}")
-        out[int(token)] = float(value)
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"logit_bias values must be numbers, got {value!r} for token {int(token)}")
+        value = _number(f"logit_bias[{int(token)}]", value)
+        if math.isnan(value) or value != -math.inf and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"logit_bias values must be finite or -inf (never drawn), and within float32's range "
+                             f"(|bias| <= {FLOAT32_MAX:.3e}), got {value} for token {int(token)}")
+        out[int(token)] = value
     return out or None
 
 

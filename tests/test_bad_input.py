@@ -100,8 +100,12 @@ def test_numpy_scalars_are_numbers(qwen3_path):
         [float, int, int, int, int]
     with pytest.raises(TypeError, match="max_tokens must be an int, got bool"):
         SamplingParams(max_tokens=np.bool_(True))
-    with LLM(qwen3_path, max_model_len=np.int64(64), kvcache_block_size=16, dtype="float") as engine:
+    flags = SamplingParams(ignore_eos=np.True_, detokenize=np.bool_(False))  # numpy's bools are bools
+    assert (flags.ignore_eos, flags.detokenize) == (True, False) and type(flags.ignore_eos) is bool
+    with LLM(qwen3_path, max_model_len=np.int64(64), kvcache_block_size=16, dtype="float",
+             enforce_eager=np.True_, gpu_memory_utilization=np.float32(0.5)) as engine:
         assert engine.config.max_model_len == 64 and type(engine.config.max_model_len) is int
+        assert engine.config.enforce_eager is True and engine.config.gpu_memory_utilization == 0.5
         assert engine.config.torch_dtype == torch.float32  # "float" is vLLM's spelling of float32, "half" of float16
         assert engine.generate([[1, 2]], SamplingParams(max_tokens=np.int64(3)), use_tqdm=False)[0]["token_ids"]
 
@@ -123,10 +127,19 @@ def test_a_max_model_len_past_the_model_is_cut_to_it_with_a_warning(qwen3_path):
 
 def test_max_logprobs_sets_the_cap(qwen3_path):
     with LLM(qwen3_path, kvcache_block_size=16, max_model_len=64, max_logprobs=-1) as engine:
-        out = engine.generate([[1, 2]], SamplingParams(max_tokens=1, logprobs=512), use_tqdm=False)[0]
+        greedy_one = dict(temperature=0, max_tokens=1)
+        out = engine.generate([[1, 2]], SamplingParams(**greedy_one, logprobs=512), use_tqdm=False)[0]
         assert len(out["logprobs"][0]) == 512  # the whole vocabulary
+        # -1 is vLLM's "the whole vocabulary", for generated and prompt tokens
+        whole = engine.generate([[1, 2]], SamplingParams(**greedy_one, logprobs=-1, prompt_logprobs=-1),
+                                use_tqdm=False)[0]
+        assert whole["logprobs"][0].keys() == out["logprobs"][0].keys() and len(whole["prompt_logprobs"][1]) == 512
+        assert max(abs(whole["logprobs"][0][t] - v) for t, v in out["logprobs"][0].items()) < 1e-5
         with pytest.raises(ValueError, match="logprobs=513 is more than this engine returns: at most 512"):
             engine.generate([[1, 2]], SamplingParams(max_tokens=1, logprobs=513), use_tqdm=False)
+    with LLM(qwen3_path, kvcache_block_size=16, max_model_len=64) as engine:
+        with pytest.raises(ValueError, match="logprobs=512 is more than this engine returns: at most 20"):
+            engine.generate([[1, 2]], SamplingParams(max_tokens=1, logprobs=-1), use_tqdm=False)
     with LLM(qwen3_path, kvcache_block_size=16, max_model_len=64, max_logprobs=30) as engine:
         assert len(engine.generate([[1, 2]], SamplingParams(max_tokens=1, prompt_logprobs=30),
                                    use_tqdm=False)[0]["prompt_logprobs"][1]) >= 30
@@ -184,16 +197,17 @@ def test_empty_prompt_list_returns_nothing(llm):
     (dict(n=0), ValueError, r"n must be >= 1, got 0"),
     (dict(n=2.0), TypeError, r"n must be an int, got float"),
     (dict(n=2, temperature=0), ValueError, r"n must be 1 with temperature=0 .*, got 2"),
-    (dict(logprobs=-1), ValueError, r"logprobs must be None or >= 0, got -1"),
+    (dict(logprobs=-2), ValueError, r"logprobs must be None, -1 \(the whole vocabulary\) or >= 0, got -2"),
     (dict(logprobs=True), TypeError, r"logprobs must be an int, got bool"),
-    (dict(prompt_logprobs=-2), ValueError, r"prompt_logprobs must be None or >= 0, got -2"),
+    (dict(prompt_logprobs=-2), ValueError, r"prompt_logprobs must be None, -1 \(the whole vocabulary\) or >= 0, "
+                                          r"got -2"),
     (dict(prompt_logprobs=1.0), TypeError, r"prompt_logprobs must be an int, got float"),
     (dict(seed=1.5), TypeError, r"seed must be an int, got float"),
     (dict(seed="42"), TypeError, r"seed must be an int, got str"),
-    (dict(ignore_eos="yes"), TypeError, r"ignore_eos must be a bool, got str"),
-    (dict(include_stop_str_in_output=1), TypeError, r"include_stop_str_in_output must be a bool, got int"),
-    (dict(skip_special_tokens=None), TypeError, r"skip_special_tokens must be a bool, got NoneType"),
-    (dict(detokenize="no"), TypeError, r"detokenize must be a bool, got str"),
+    (dict(ignore_eos="yes"), TypeError, r"ignore_eos must be a bool, got 'yes'"),
+    (dict(include_stop_str_in_output=1), TypeError, r"include_stop_str_in_output must be a bool, got 1"),
+    (dict(skip_special_tokens=None), TypeError, r"skip_special_tokens must be a bool, got None"),
+    (dict(detokenize="no"), TypeError, r"detokenize must be a bool, got 'no'"),
     (dict(detokenize=False, stop=["w1"]), ValueError, r"stop strings \['w1'\] are matched on the text: they need "
                                                         r"detokenize=True"),
     (dict(truncate_prompt_tokens=0), ValueError, r"truncate_prompt_tokens must be None, -1 \(max_model_len\) or "
@@ -246,6 +260,17 @@ def test_sampling_params_defaults_and_normalisation():
     (dict(trust_remote_code="yes"), TypeError, "trust_remote_code must be a bool, got 'yes'"),
     (dict(tokenizer=7), TypeError, "tokenizer must be a path to a local tokenizer folder or None, got int"),
     (dict(tokenizer="/no/such/folder"), ValueError, "tokenizer folder '/no/such/folder' does not exist"),
+    (dict(dtype=["float32"]), TypeError,
+     re.escape("dtype must be 'auto', a dtype name or a torch.dtype, got ['float32']")),
+    (dict(device=0), TypeError,
+     re.escape("device must be 'auto', 'cpu' or 'cuda' (a str or torch.device), got 0")),
+    (dict(kv_cache_dtype=5), TypeError,
+     re.escape("kv_cache_dtype must be one of ('auto', 'fp8_e4m3', 'fp8') (a str), got 5")),
+    (dict(gpu_memory_utilization="0.5"), TypeError,
+     re.escape("gpu_memory_utilization must be a number in (0, 1], got '0.5'")),
+    (dict(enforce_eager=1), TypeError, "enforce_eager must be a bool, got 1"),
+    (dict(num_kvcache_blocks=10**9), ValueError, "num_kvcache_blocks=1000000000 needs "),
+    (dict(num_kvcache_blocks=10**30), ValueError, "num_kvcache_blocks=1000000000000000000000000000000 needs "),
 ])
 def test_bad_options_raise(qwen3_path, options, error, words):
     with pytest.raises(error, match=words):

@@ -881,6 +881,15 @@ MESSAGES = [{"role": "user", "content": "w5"}]
     (lambda e: SamplingParams(logit_bias={3: float("nan")}), ValueError, "logit_bias values must be finite or -inf"),
     (lambda e: SamplingParams(logit_bias={3: float("inf")}), ValueError, "logit_bias values must be finite or -inf"),
     (lambda e: SamplingParams(allowed_token_ids=[]), ValueError, "allowed_token_ids must not be empty"),
+    (lambda e: SamplingParams(logit_bias={"\u00b2": 1.0}), TypeError, "logit_bias keys must be token ids (int), got '²'"),
+    (lambda e: SamplingParams(logit_bias={3: -1e39}), ValueError,
+     "logit_bias values must be finite or -inf (never drawn), and within float32's range (|bias| <= 3.403e+38), "
+     "got -1e+39 for token 3"),
+    (lambda e: SamplingParams(temperature=10**400), ValueError, "temperature must be a number in float's range"),
+    (lambda e: SamplingParams(repetition_penalty=-10**400), ValueError, "repetition_penalty must be a number in"),
+    (lambda e: e.generate(["w1"], greedy(4, allowed_token_ids=[5, 6], bad_words=["w5", "w6", "w7 w8"]),
+                          use_tqdm=False),
+     ValueError, "logit_bias (-inf) and one-token bad_words ban every token of allowed_token_ids [5, 6]"),
     (lambda e: SamplingParams(bad_words=["w1", 3]), TypeError, "bad_words must be a list of str"),
     (lambda e: SamplingParams(bad_words=["w1", "  "]), ValueError, "bad_words must not hold an empty or blank word"),
     (lambda e: SamplingParams(allowed_token_ids=[1, 2.0]), TypeError, "allowed_token_ids must be a list of int"),
@@ -893,9 +902,9 @@ MESSAGES = [{"role": "user", "content": "w5"}]
      "logit_bias values must be finite or -inf"),
     (lambda e: e.generate(["w1"], greedy(4, allowed_token_ids=[4, 9], logit_bias={9: -math.inf, 4: -math.inf}),
                           use_tqdm=False),
-     ValueError, "logit_bias bans (-inf) every token of allowed_token_ids [4, 9]"),
+     ValueError, "logit_bias (-inf) and one-token bad_words ban every token of allowed_token_ids [4, 9]"),
     (lambda e: e.generate(["w1"], greedy(4, logit_bias=dict.fromkeys(range(VOCAB), -math.inf)), use_tqdm=False),
-     ValueError, "logit_bias bans (-inf) every token of the vocabulary"),
+     ValueError, "logit_bias (-inf) and one-token bad_words ban every token of the vocabulary"),
     (lambda e: e.generate(["w1"], SamplingParams(temperature=0, max_tokens=4, allowed_token_ids=[511, 7],
                                                  logit_bias={7: -math.inf}, min_tokens=2), use_tqdm=False),
      ValueError, "min_tokens=2 holds back EOS and the stop tokens"),
@@ -933,9 +942,24 @@ def edited(field: str, value) -> SamplingParams:
      "max_tokens must be None or >= 1, got 0"),
     (lambda e: e.stream(["w1"], edited("top_p", 0.0)), ValueError, "top_p must be in (0, 1], got 0.0"),
     (lambda e: e.generate(["w1"], edited("ignore_eos", 1), use_tqdm=False), TypeError, "ignore_eos must be a bool"),
+    (lambda e: e.generate(["w1 w2 w3"], edited("truncate_prompt_tokens", "2"), use_tqdm=False), TypeError,
+     "truncate_prompt_tokens must be an int, got str"),
+    (lambda e: e.generate(["w1"], edited("logit_bias", {3: 10**400}), use_tqdm=False), ValueError,
+     "logit_bias[3] must be a number in float's range, got an int of 401 digits"),
 ])
 def test_fields_set_after_construction_are_checked_at_the_call(word_llm, call, error, words):
     assert_refused_and_engine_goes_on(word_llm, call, error, words)
+
+
+def test_a_top_k_past_the_vocabulary_is_off(word_llm):
+    """top_k >= vocab_size keeps every token (vLLM's reading): the draws equal top_k=0's, however large the value
+    (2**31 and past used to overflow the sampler's int32 widths and return ids outside the vocabulary)."""
+    off = SamplingParams(temperature=0.9, top_p=0.95, seed=3, max_tokens=8, ignore_eos=True)
+    want = word_llm.generate(["w1 w2", "w9"], off, use_tqdm=False)
+    for top_k in (VOCAB, VOCAB + 1, 2**31, 2**62):
+        got = word_llm.generate(["w1 w2", "w9"], dataclasses.replace(off, top_k=top_k), use_tqdm=False)
+        assert ids_of(got) == ids_of(want)
+    assert word_llm.generate(["w1"], dataclasses.replace(off, top_k=VOCAB - 1), use_tqdm=False)  # still a filter
 
 
 def test_a_request_keeps_its_own_sampling_params(word_llm):

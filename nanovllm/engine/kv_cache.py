@@ -30,9 +30,15 @@ def block_bytes(config: Config) -> int:
 def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) -> int:
     """How many blocks fit: an exact `num_kvcache_blocks` wins; else the GPU's spare memory after warm-up, or
     on the CPU room for a few full-length sequences. Fails when one max_model_len sequence does not fit."""
-    if config.num_kvcache_blocks > 0:
-        return config.num_kvcache_blocks
     per_block = block_bytes(config)
+    if config.num_kvcache_blocks > 0:
+        wanted = config.num_kvcache_blocks * per_block
+        room = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _cpu_total_bytes()
+        if wanted > room:
+            raise ValueError(f"num_kvcache_blocks={config.num_kvcache_blocks} needs {wanted / 2**30:.2f} GiB for the "
+                             f"KV cache ({per_block} bytes a block) but the {device.type} has "
+                             f"{room / 2**30:.2f} GiB {'free' if device.type == 'cuda' else 'in all'}")
+        return config.num_kvcache_blocks
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         stats = torch.cuda.memory_stats(device)
@@ -58,6 +64,13 @@ def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) ->
             f"({needed * per_block / 2**30:.2f} GiB) but only {num_blocks} blocks "
             f"({max(available, 0) / 2**30:.2f} GiB) are free; lower max_model_len or raise gpu_memory_utilization")
     return num_blocks
+
+
+def _cpu_total_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62  # unknown: let the allocation tell
 
 
 def _cpu_available_bytes() -> int:

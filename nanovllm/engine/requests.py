@@ -119,29 +119,37 @@ class RequestBuilder:
             prompt = prompt_of_dict(prompt)
         token_ids = self.tokenize(prompt)
         if isinstance(sampling_params, SamplingParams):
+            # the request's own copy, checked again: fields set after construction (sp.temperature = -1) are
+            # refused here like constructor arguments, and later edits of the caller's object change nothing
+            sampling_params = dataclasses.replace(sampling_params)
             keep = sampling_params.truncate_prompt_tokens
             if keep is not None:  # the prompt's end, as vLLM's left truncation
                 token_ids = token_ids[-(self.config.max_model_len if keep == -1 else keep):]
-            sampling_params = self.own_copy(sampling_params, len(token_ids), defaults)
+            sampling_params = self.resolve(sampling_params, len(token_ids), defaults)
             if sampling_params.bad_words:
                 sampling_params._bad_words_token_ids = self._bad_words_of(tuple(sampling_params.bad_words))
         self.check(token_ids, sampling_params)
         return Request(token_ids, sampling_params, prompt if isinstance(prompt, str) else None)
 
-    def own_copy(self, sampling_params: SamplingParams, prompt_len: int, defaults: bool) -> SamplingParams:
-        """The request's own copy, checked again: fields set after construction (sp.temperature = -1) are refused
-        here like constructor arguments, and later edits of the caller's object change nothing. max_tokens=None
-        (vLLM's "up to max_model_len") becomes the room left; so does a default max_tokens that would not fit."""
+    def resolve(self, sp: SamplingParams, prompt_len: int, defaults: bool) -> SamplingParams:
+        """Settings that mean "as much as the model allows", made concrete (a checked copy, where any changes):
+        max_tokens=None (vLLM's "up to max_model_len") becomes the room left, and so does a default max_tokens that
+        would not fit; logprobs=-1 / prompt_logprobs=-1 the whole vocabulary (vLLM's meaning; max_logprobs still
+        applies); a top_k at or past the vocabulary keeps every token, so it is off."""
         room = self.config.max_model_len - prompt_len
-        cut = {}
-        if sampling_params.max_tokens is None:
+        changes = {}
+        if sp.max_tokens is None:
             if room < 1:
                 raise ValueError(f"prompt length {prompt_len} leaves no room for a completion under "
                                  f"max_model_len={self.config.max_model_len}")
-            cut = dict(max_tokens=room)
-        elif defaults and 1 <= room < sampling_params.max_tokens:
-            cut = dict(max_tokens=room, min_tokens=min(sampling_params.min_tokens, room))
-        return dataclasses.replace(sampling_params, **cut)
+            changes.update(max_tokens=room)
+        elif defaults and 1 <= room < sp.max_tokens:
+            changes.update(max_tokens=room, min_tokens=min(sp.min_tokens, room))
+        vocab_size = self.config.hf_config.vocab_size
+        changes.update({name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(sp, name) == -1})
+        if sp.top_k >= vocab_size:
+            changes.update(top_k=0)
+        return dataclasses.replace(sp, **changes) if changes else sp
 
     def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """vLLM's tokenisation of bad words: each word (leading blanks dropped) as it is, and with a leading space
@@ -168,6 +176,7 @@ class RequestBuilder:
         """Refuse settings under which a step would have no token to draw: every allowed token (or the whole
         vocabulary) biased to -inf, or, while min_tokens holds them back, nothing but EOS and stop tokens."""
         banned = {t for t, b in (sp.logit_bias or {}).items() if b == float("-inf")}
+        banned |= {word[0] for word in sp.bad_words_token_ids or () if len(word) == 1}  # banned at every step
         held = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.config.eos))
         vocab_size = self.config.hf_config.vocab_size
         if sp.allowed_token_ids is not None:
@@ -177,7 +186,8 @@ class RequestBuilder:
             left = [t for t in range(vocab_size) if t not in banned] if vocab_size - len(banned) <= len(held) else None
             what = "the vocabulary"
         if left is not None and not left:
-            raise ValueError(f"logit_bias bans (-inf) every token of {what}: no token is left to draw")
+            raise ValueError(f"logit_bias (-inf) and one-token bad_words ban every token of {what}: no token is "
+                             "left to draw")
         if sp.min_tokens and left is not None and set(left) <= held:
             raise ValueError(f"min_tokens={sp.min_tokens} holds back EOS and the stop tokens, and they are all that "
                              f"{what} leaves to draw")
@@ -230,7 +240,7 @@ class RequestBuilder:
                 if t >= vocab_size:
                     raise ValueError(f"{name} holds {t}, outside the vocabulary: ids must be in "
                                      f"[0, vocab_size={vocab_size})")
-        if sp.logit_bias is not None or sp.allowed_token_ids is not None:
+        if sp.logit_bias is not None or sp.allowed_token_ids is not None or sp.bad_words:
             self._check_drawable(sp)
         bs, num_blocks = self.config.kvcache_block_size, self.config.num_kvcache_blocks
         needed = cdiv(n + sp.max_tokens - 1, bs)  # the last sampled token never needs a cache slot

@@ -636,6 +636,12 @@ def test_chat_renders_the_template_and_generates(word_llm):
     greeted = word_llm.chat(user, sp, use_tqdm=False, chat_template_kwargs={"greeting": "w42"})
     assert greeted[0]["prompt_token_ids"] == [510, 1, 5, 6, 42, 3]
     assert greeted == word_llm.generate([[510, 1, 5, 6, 42, 3]], sp, use_tqdm=False)
+    # OpenAI-style content parts, as vLLM takes them: text parts joined with newlines
+    parts = [{"role": "user", "content": [{"type": "text", "text": "w5"}, {"type": "text", "text": "w6"}]}]
+    assert word_llm.chat(parts, sp, use_tqdm=False) == one
+    # an assistant turn that only calls tools has no content
+    tool_turn = [*user, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]
+    assert word_llm.chat(tool_turn, sp, use_tqdm=False)[0]["prompt_token_ids"] == [510, 1, 5, 6, 2, 3]
 
 
 
@@ -691,6 +697,10 @@ def test_chat_options_as_vllm(word_llm, options, prompt):
     (dict(continue_final_message=1), TypeError, "continue_final_message must be a bool, got 1"),
     (dict(chat_template=b"{{ x }}"), TypeError, r"chat_template must be a Jinja template \(str\) or None, got bytes"),
     (dict(tools={"name": "f"}), TypeError, "tools must be a list of tool dicts or None, got dict"),
+    (dict(chat_template_kwargs=5), TypeError, "chat_template_kwargs must be a dict or None, got int"),
+    (dict(chat_template="{{ oops"), ValueError, "the chat template failed on conversation 0: TemplateSyntaxError"),
+    (dict(chat_template="{{ raise_exception('no tools here') }}"), ValueError,
+     "the chat template failed on conversation 0: TemplateError: no tools here"),
 ])
 def test_bad_chat_options_are_refused_by_name(word_llm, options, error, words):
     with pytest.raises(error, match=words):
@@ -912,7 +922,18 @@ MESSAGES = [{"role": "user", "content": "w5"}]
                                                 stop_token_ids=[0]),
                           use_tqdm=False), ValueError, "min_tokens=1 holds back EOS and the stop tokens"),
     (lambda e: e.chat("w1 w2"), TypeError, "messages must be a list of {'role': ..., 'content': ...} dicts"),
-    (lambda e: e.chat([]), TypeError, "messages must be a list"),
+    (lambda e: e.chat([]), ValueError, "messages is empty: a conversation needs at least one message"),
+    (lambda e: e.chat([MESSAGES, []]), ValueError, "conversation 1 is empty"),
+    (lambda e: e.chat([{"content": "w5"}]), ValueError,
+     "message 0 of conversation 0 needs a 'role' (a non-empty str such as 'user'), got {'content': 'w5'}"),
+    (lambda e: e.chat([[*MESSAGES, {"role": None, "content": "w6"}]]), ValueError, "message 1 of conversation 0 "),
+    (lambda e: e.chat([{"role": "user"}]), ValueError, "message 0 of conversation 0 ('user') needs a 'content'"),
+    (lambda e: e.chat([{"role": "user", "content": 5}]), TypeError,
+     "message 0 of conversation 0 ('user'): 'content' must be a str or a list of text parts, got int"),
+    (lambda e: e.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     ValueError, "holds a part of type 'image_url': this model reads text only"),
+    (lambda e: e.chat([{"role": "user", "content": [{"type": "text", "text": 5}]}]), TypeError,
+     "a content part must be {'type': 'text', 'text': str}"),
     (lambda e: e.chat([MESSAGES, "w2"]), TypeError, "a conversation must be a list of message dicts, got 'w2'"),
     (lambda e: e.chat(MESSAGES, greedy(4, stop_token_ids=[VOCAB])), ValueError, f"stop_token_ids holds {VOCAB}"),
 ])

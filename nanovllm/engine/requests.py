@@ -12,6 +12,11 @@ from nanovllm.config import TOKENIZER_FILES, Config
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.math import cdiv
 
+try:  # transformers renders chat templates with jinja2 (its own optional need: without it chat fails there)
+    from jinja2 import TemplateError
+except ImportError:
+    TemplateError = ()
+
 
 @dataclass(slots=True)
 class Request:
@@ -66,6 +71,37 @@ def check_chat_options(chat_template, add_generation_prompt, continue_final_mess
                 continue_final_message=continue_final_message, tools=tools)
 
 
+def chat_message(message: dict, conversation: int, index: int) -> dict:
+    """A chat message checked for the template: a non-empty str role, and content that is text. Content may be a
+    list of OpenAI-style parts ({"type": "text", "text": ...}), joined with newlines as vLLM does for text-only
+    models; it may be left out only by an assistant message that carries tool_calls."""
+    where = f"message {index} of conversation {conversation}"
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"{where} needs a 'role' (a non-empty str such as 'user'), got {message!r}")
+    content = message.get("content")
+    if content is None:
+        if message.get("tool_calls"):
+            return message
+        raise ValueError(f"{where} ({role!r}) needs a 'content' (a str or a list of text parts), got {message!r}")
+    if isinstance(content, str):
+        return message
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(f"{where} ({role!r}): 'content' must be a str or a list of text parts, got "
+                        f"{type(content).__name__}")
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(part, dict) and part.get("type") not in (None, "text"):
+            raise ValueError(f"{where} ({role!r}) holds a part of type {part.get('type')!r}: this model reads text only")
+        else:
+            raise TypeError(f"{where} ({role!r}): a content part must be {{'type': 'text', 'text': str}}, got {part!r}")
+    return {**message, "content": "\n".join(texts)}
+
+
 class RequestBuilder:
 
     def __init__(self, config: Config, tokenizer):
@@ -82,17 +118,27 @@ class RequestBuilder:
         keyword options are vLLM's LLM.chat ones, handed to apply_chat_template."""
         if self.tokenizer is None:
             raise ValueError(f"model folder {self.config.model!r} has no tokenizer: chat needs its chat template")
-        if not isinstance(conversations, (list, tuple)) or not conversations:
+        if not isinstance(conversations, (list, tuple)):
             raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, or a list of such lists")
+        if not conversations:
+            raise ValueError("messages is empty: a conversation needs at least one message")
         template_options = check_chat_options(chat_template, add_generation_prompt, continue_final_message, tools)
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a dict or None, got {type(chat_template_kwargs).__name__}")
         if isinstance(conversations[0], dict):
             conversations = [conversations]
         kwargs = dict(chat_template_kwargs or {})
         prompts = []
-        for conversation in conversations:
+        for c, conversation in enumerate(conversations):
             if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
                 raise TypeError(f"a conversation must be a list of message dicts, got {conversation!r}")
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **template_options, **kwargs)
+            if not conversation:
+                raise ValueError(f"conversation {c} is empty: a conversation needs at least one message")
+            conversation = [chat_message(m, c, i) for i, m in enumerate(conversation)]
+            try:
+                text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **template_options, **kwargs)
+            except TemplateError as e:  # a broken template, or one that refuses the conversation
+                raise ValueError(f"the chat template failed on conversation {c}: {type(e).__name__}: {e}") from e
             prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
         return prompts
 

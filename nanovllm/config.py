@@ -9,6 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.layers.backends import BACKENDS
 from nanovllm.layers.kv_quant import FP8_DTYPE, KV_CACHE_DTYPES
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.checks import as_bool
 from nanovllm.utils.loader import check_weight_files
 
@@ -76,7 +77,11 @@ class Config:
             check_weight_files(self.model)  # here, before the runner allocates anything on the device
         self.device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
-        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        limit = getattr(self.hf_config, "max_position_embeddings", None)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"config.json of {self.model!r} gives max_position_embeddings={limit!r}: the model's "
+                             "context length must be an int >= 1")
+        self.max_model_len = min(self.max_model_len, limit)
         self._check_tensor_parallel()
         self.eos = eos_token_ids(self.model, self.hf_config)
         self.generation_defaults = generation_defaults(self.model)
@@ -168,7 +173,10 @@ def load_hf_config(model: str | os.PathLike, trust_remote_code: bool = False) ->
     model = model_folder(model)
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"model folder {model!r} has no config.json")
-    hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    try:
+        hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:  # not JSON, or values transformers' config classes refuse (their own error types)
+        raise ValueError(f"config.json of model folder {model!r} cannot be read: {e}") from e
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {hf_config.model_type!r} of {model!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")
@@ -185,8 +193,7 @@ def eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
     sources = [getattr(hf_config, "eos_token_id", None)]
     gen_path = os.path.join(model, "generation_config.json")
     if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            sources.append(json.load(f).get("eos_token_id"))
+        sources.append(read_json(gen_path).get("eos_token_id"))
     for value in sources:
         for t in value if isinstance(value, list) else [value]:
             if isinstance(t, int) and t not in ids:
@@ -204,9 +211,25 @@ def generation_defaults(model: str) -> dict:
     path = os.path.join(model, "generation_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        data = json.load(f)
-    return {field: data[key] for key, field in GENERATION_CONFIG_FIELDS.items() if data.get(key) is not None}
+    data = read_json(path)
+    defaults = {field: data[key] for key, field in GENERATION_CONFIG_FIELDS.items() if data.get(key) is not None}
+    try:  # checked here, at LLM(), rather than at every generate() that takes the defaults
+        SamplingParams(**defaults)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path} sets a sampling default that SamplingParams refuses: {e}") from e
+    return defaults
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from a model folder's file; a file that is not one is a ValueError naming it."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -163,3 +163,37 @@ def test_a_weight_the_config_does_not_declare_is_refused(tmp_path):
     (tmp_path / "biased" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"_proj\.bias.*attention_bias"):
         LLM(path)
+
+
+def edit_json(folder: str, name: str, edit) -> None:
+    path = os.path.join(folder, name)
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: open(os.path.join(d, "config.json"), "w").write("{not json"),
+     r"config.json of model folder '.*' cannot be read: "),
+    (lambda d: edit_json(d, "config.json", lambda c: c.update(max_position_embeddings=0)),
+     r"gives max_position_embeddings=0: the model's context length must be an int >= 1"),
+    (lambda d: edit_json(d, "config.json", lambda c: c.update(hidden_size=2 * c["hidden_size"],
+                                                             head_dim=c.get("head_dim") or 32)),
+     r"checkpoint weight '.*' of .*model.safetensors has shape \[.*\], which does not fit the model that "
+     r"config.json describes"),
+    (lambda d: open(os.path.join(d, "generation_config.json"), "w").write("[1, "),
+     r"generation_config.json is not valid JSON"),
+    (lambda d: open(os.path.join(d, "generation_config.json"), "w").write('{"temperature": "hot"}'),
+     r"generation_config.json sets a sampling default that SamplingParams refuses: temperature must be a number"),
+    (lambda d: open(os.path.join(d, "tokenizer.json"), "w").write("{not json"),
+     r"the tokenizer files of '.*' cannot be read: "),
+])
+def test_damaged_model_files_are_named_at_llm(qwen3_path, tmp_path, damage, words):
+    """A folder whose config, weights, defaults or tokenizer cannot serve is refused at LLM(), naming the file,
+    not at the first generate() (bad sampling defaults failed every generate without sampling_params)."""
+    folder = copy_model(qwen3_path, tmp_path / "model")
+    damage(folder)
+    with pytest.raises(ValueError, match=words):
+        LLM(folder, **SMALL)

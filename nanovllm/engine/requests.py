@@ -29,7 +29,11 @@ def load_tokenizer(config: Config):
     """The tokenizer of config.tokenizer (the model folder unless LLM(tokenizer=...)); None where it has none."""
     if not any(os.path.exists(os.path.join(config.tokenizer, name)) for name in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
+    except Exception as e:  # tokenizers' own parse errors are plain Exceptions
+        raise ValueError(f"the tokenizer files of {config.tokenizer!r} cannot be read: {type(e).__name__}: "
+                         f"{e}") from e
 
 
 PROMPT_DICT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt

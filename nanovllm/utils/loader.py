@@ -113,7 +113,12 @@ def _load_file(file: str, packed: dict, params: dict, modules: dict, loaded: set
                 continue  # e.g. rotary inv_freq buffers some checkpoints carry
             loader = getattr(param, "weight_loader", default_weight_loader)
             weight = f.get_tensor(name)
-            loader(param, weight) if shard_id is None else loader(param, weight, shard_id)
+            try:
+                loader(param, weight) if shard_id is None else loader(param, weight, shard_id)
+            except RuntimeError as e:  # a shape the config does not give (copy_ / narrow refuse it)
+                raise ValueError(f"checkpoint weight {name!r} of {file} has shape {list(weight.shape)}, which does not "
+                                 f"fit the model that config.json describes ({target}: {list(param.shape)}): "
+                                 f"{e}") from e
             loaded.add(target)
 
 

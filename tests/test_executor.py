@@ -148,3 +148,16 @@ def test_reading_a_step_back_stops_waiting_when_a_peer_is_gone():
         wait_watching(NeverDone(), watch)
     assert len(polls) == 3
     wait_watching(Done(), lambda: pytest.fail("a finished step needs no peer check"))
+
+
+def test_a_worker_that_died_without_a_word_gives_no_detail():
+    """Rank 0's build fails when a worker dies; the worker's pipe then polls readable but holds nothing, and
+    reading it raised EOFError in place of the RuntimeError that names the worker (seen when the kill landed
+    during the KV-cache size all-reduce)."""
+    import multiprocessing as mp
+    from nanovllm.engine.executor import last_detail
+    parent, child = mp.Pipe()
+    child.send(("failed", "ValueError: no room"))
+    assert last_detail(parent) == "ValueError: no room"
+    child.close()
+    assert parent.poll() and last_detail(parent) is None

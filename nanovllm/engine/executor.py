@@ -97,6 +97,16 @@ def worker_main(config: Config, rank: int, init_file: str, conn: Connection, num
         getattr(runner, method)(*args)
 
 
+
+def last_detail(conn) -> str | None:
+    """The failure detail a worker sent before it exited; None when it died without a word. (A pipe closed by
+    the worker's death polls as readable, and reading it raises EOFError.)"""
+    try:
+        return conn.recv()[1] if conn.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
 class Executor:
 
     def __init__(self, config: Config):
@@ -180,8 +190,7 @@ class Executor:
         except BaseException as e:
             for rank, (process, conn) in enumerate(zip(self._workers, self._conns), start=1):
                 if conn.poll(1.0) or not process.is_alive():
-                    message, detail = conn.recv() if conn.poll() else (None, None)
-                    raise RuntimeError(self._start_failure(rank, process, detail, "built")) from e
+                    raise RuntimeError(self._start_failure(rank, process, last_detail(conn), "built")) from e
             raise
         finally:
             done.set()

@@ -891,7 +891,8 @@ MESSAGES = [{"role": "user", "content": "w5"}]
     (lambda e: SamplingParams(logit_bias={3: float("nan")}), ValueError, "logit_bias values must be finite or -inf"),
     (lambda e: SamplingParams(logit_bias={3: float("inf")}), ValueError, "logit_bias values must be finite or -inf"),
     (lambda e: SamplingParams(allowed_token_ids=[]), ValueError, "allowed_token_ids must not be empty"),
-    (lambda e: SamplingParams(logit_bias={"\u00b2": 1.0}), TypeError, "logit_bias keys must be token ids (int), got '²'"),
+    (lambda e: SamplingParams(logit_bias={"\u00b2": 1.0}), TypeError,
+     "logit_bias keys must be token ids (int), got '²'"),
     (lambda e: SamplingParams(logit_bias={3: -1e39}), ValueError,
      "logit_bias values must be finite or -inf (never drawn), and within float32's range (|bias| <= 3.403e+38), "
      "got -1e+39 for token 3"),

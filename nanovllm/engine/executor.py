@@ -97,7 +97,6 @@ def worker_main(config: Config, rank: int, init_file: str, conn: Connection, num
         getattr(runner, method)(*args)
 
 
-
 def last_detail(conn) -> str | None:
     """The failure detail a worker sent before it exited; None when it died without a word. (A pipe closed by
     the worker's death polls as readable, and reading it raises EOFError.)"""

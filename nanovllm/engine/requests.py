@@ -100,7 +100,8 @@ def chat_message(message: dict, conversation: int, index: int) -> dict:
         elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif isinstance(part, dict) and part.get("type") not in (None, "text"):
-            raise ValueError(f"{where} ({role!r}) holds a part of type {part.get('type')!r}: this model reads text only")
+            raise ValueError(f"{where} ({role!r}) holds a part of type {part.get('type')!r}: this model reads text "
+                             "only")
         else:
             raise TypeError(f"{where} ({role!r}): a content part must be {{'type': 'text', 'text': str}}, got {part!r}")
     return {**message, "content": "\n".join(texts)}

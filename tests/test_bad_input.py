@@ -39,6 +39,7 @@ def expected(llm):
     ([{"prompt": [1, 2]}], GREEDY, TypeError, "a prompt dict's 'prompt' is text (str), got list"),
     ([{"prompt_token_ids": 7}], GREEDY, TypeError, "'prompt_token_ids' is a list of token ids, got int"),
     ([{"prompt_token_ids": "1 2"}], GREEDY, TypeError, "'prompt_token_ids' is a list of token ids, got str"),
+    ([{"prompt_token_ids": {1, 2}}], GREEDY, TypeError, "'prompt_token_ids' is a list of token ids, got set"),
     ([{"prompt_token_ids": []}], GREEDY, ValueError, "empty"),
     ([{"prompt_token_ids": [1, 600]}], GREEDY, ValueError, "token id 600"),
     ([{}], GREEDY, ValueError, "a prompt dict needs exactly one of 'prompt' (text) and 'prompt_token_ids', got keys []"),

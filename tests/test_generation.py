@@ -923,6 +923,8 @@ MESSAGES = [{"role": "user", "content": "w5"}]
                                                 stop_token_ids=[0]),
                           use_tqdm=False), ValueError, "min_tokens=1 holds back EOS and the stop tokens"),
     (lambda e: e.chat("w1 w2"), TypeError, "messages must be a list of {'role': ..., 'content': ...} dicts"),
+    (lambda e: e.generate(["w1 w2", "w1 \ud800 w2"], GOOD, use_tqdm=False), ValueError,
+     "prompt 'w1 \\ud800 w2' is not valid text: surrogates not allowed at position 3"),
     (lambda e: e.chat([]), ValueError, "messages is empty: a conversation needs at least one message"),
     (lambda e: e.chat([MESSAGES, []]), ValueError, "conversation 1 is empty"),
     (lambda e: e.chat([{"content": "w5"}]), ValueError,

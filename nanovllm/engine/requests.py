@@ -53,7 +53,7 @@ def prompt_of_dict(prompt: dict):
     if given[0] == "prompt" and not isinstance(value, str):
         raise TypeError(f"a prompt dict's 'prompt' is text (str), got {type(value).__name__}: token ids go under "
                         "'prompt_token_ids'")
-    if given[0] == "prompt_token_ids" and (isinstance(value, (str, dict)) or not hasattr(value, "__len__")):
+    if given[0] == "prompt_token_ids" and not (isinstance(value, (list, tuple)) or hasattr(value, "tolist")):
         raise TypeError(f"a prompt dict's 'prompt_token_ids' is a list of token ids, got {type(value).__name__}")
     return value
 
@@ -249,6 +249,10 @@ class RequestBuilder:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model folder {self.config.model!r} has no tokenizer: pass prompts as token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a bad decode("utf-8", "surrogatepass")
+                raise ValueError(f"prompt {prompt[:40]!r} is not valid text: {e.reason} at position {e.start}") from None
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
             if set(map(type, prompt)) <= {int}:  # the common case at C speed (isinstance against the Integral

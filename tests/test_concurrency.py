@@ -93,3 +93,38 @@ def test_an_engine_exit_keeps_the_heap_frozen_for_the_others(qwen3_path):
         assert model() is None  # collected before the heap froze again
         assert gc.get_freeze_count() > 0
         assert serving.generate([[1, 2, 3]], sp, use_tqdm=False) == expected
+
+
+@pytest.mark.parametrize("kind", ["generate", "stream"])
+def test_exit_from_another_thread_stops_a_running_call_with_its_reason(qwen3_path, kind):
+    """exit() while another thread is in generate or a stream: that call stops at its next step with exit()'s
+    RuntimeError (it met a released model before: AttributeError, IndexError, TypeError), and exit() waits for
+    at most the step that runs."""
+    prompts = random_prompts([20, 40, 9, 33], seed=50)
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    llm = LLM(qwen3_path, kvcache_block_size=16)
+    outcome, stepping = [], threading.Event()
+
+    def call():
+        try:
+            if kind == "stream":
+                for _ in llm.stream(prompts, long):
+                    stepping.set()
+            else:
+                llm.generate(prompts, long, use_tqdm=False)
+            outcome.append("finished")
+        except BaseException as e:  # noqa: BLE001 - checked below
+            outcome.append(e)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    if kind == "stream":
+        assert stepping.wait(60)
+    else:  # wait until its steps run
+        while not llm.scheduler.running and thread.is_alive():
+            threading.Event().wait(0.001)
+    llm.exit()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    assert "this LLM has been shut down with exit()" in str(outcome[0])

@@ -302,6 +302,43 @@ def test_a_step_that_raises_leaves_a_working_engine(qwen3_path, hf_reference, ov
         llm.exit()
 
 
+
+@pytest.mark.parametrize("where", ["allocate", "schedule_decode", "update"])  # mid-way through each
+@pytest.mark.parametrize("overlap", [True, False])
+def test_ctrl_c_inside_the_bookkeeping_loses_nothing(qwen3_path, hf_reference, overlap, where):
+    """Ctrl-C (SIGINT) arriving while the scheduler moves sequences and blocks is raised once that is done: the
+    KeyboardInterrupt reaches the caller, no block or sequence is lost, and the next call is exact. (Before,
+    an interrupt inside _schedule_decode left sequences out of `running` and leaked their blocks.)"""
+    import signal
+    prompts = random_prompts([5, 30, 12], seed=13)
+    llm = LLM(qwen3_path, kvcache_block_size=16, async_scheduling=overlap)
+    scheduler = llm.scheduler
+    stops = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 9, 20)]
+    # a call made part-way through: a block taken for a prompt, a decode's slot (its sequence is off `running`),
+    # a sequence finishing while a step is booked
+    owner, name = {"allocate": (scheduler.block_manager, "_take_free_block"),
+                   "schedule_decode": (scheduler.block_manager, "may_append"),
+                   "update": (scheduler, "_finish")}[where]
+    original, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, in the middle of the bookkeeping
+        return out
+
+    setattr(owner, name, interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, stops, use_tqdm=False)
+        assert len(calls) >= 2
+        assert_pool_empty(llm)
+        delattr(owner, name)
+        run_and_compare(llm, qwen3_path, prompts, hf_reference)
+    finally:
+        llm.exit()
+
 def test_prefill_logits_under_tensor_parallelism(qwen3_path, hf_reference):
     """Scoring through every rank: TP=2's next-token logits equal TP=1's, and their argmax is transformers'."""
     prompt = random_prompts([37], seed=21)[0]

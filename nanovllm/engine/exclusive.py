@@ -1,3 +1,4 @@
+import signal
 import threading
 from contextlib import contextmanager
 
@@ -21,3 +22,23 @@ class OneCallAtATime:
                 yield
             finally:
                 self._owner = None
+
+
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT with Python's default handler) that arrives inside the block is raised when the block ends:
+    the scheduler's bookkeeping (queues, blocks, ref counts) is never left half-done, so the engine goes on after a
+    KeyboardInterrupt with nothing lost. Other threads, and other handlers the program installed, are left as
+    they are (Python runs signal handlers in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt

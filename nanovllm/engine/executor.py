@@ -113,6 +113,8 @@ class Executor:
         self.runner: ModelRunner | None = None
         self.broken: str | None = None  # why the ranks had to be stopped
         self.closed = False
+        self.closing = False  # exit() was called: no new step starts
+        self._stepping = threading.RLock()  # held while a step runs; exit() waits for it (RLock: a handler may exit)
         self._on_cuda = config.device.type == "cuda"
         self._workers: list[mp.Process] = []
         self._conns: list[Connection] = []
@@ -224,8 +226,25 @@ class Executor:
     def check_open(self):
         if self.broken:
             raise RuntimeError(self.broken)
-        if self.closed:
+        if self.closed or self.closing:
             raise RuntimeError("this LLM has been shut down with exit(); create a new one")
+
+    @contextmanager
+    def one_step(self, check: bool = True):
+        """Around each step: exit() from another thread waits for the step that runs, and the call's next step
+        is refused with exit()'s reason instead of meeting a released model. check=False: enter even so (the
+        caller looks at `closed` itself)."""
+        with self._stepping:
+            if check:
+                self.check_open()
+            yield
+
+    @contextmanager
+    def stopping(self):
+        """exit(): from here no step starts; wait for the one that runs (at most one step's time)."""
+        self.closing = True
+        with self._stepping:
+            yield
 
     def dead_worker(self) -> str | None:
         for rank, process in enumerate(self._workers, start=1):
@@ -243,7 +262,7 @@ class Executor:
         except GeneratorExit:
             raise  # a stream left between steps (its step in flight is read back first): the ranks are in step
         except BaseException as e:
-            if self.world_size == 1 or self.closed:
+            if self.world_size == 1 or self.closed or self.closing:
                 raise
             cause = self.dead_worker() or f"a step stopped part-way ({type(e).__name__}: {e})"
             self.broken = (f"{cause}; the tensor-parallel ranks are out of step, so this LLM was shut down: "

@@ -8,7 +8,7 @@ from itertools import count
 from time import perf_counter
 
 from nanovllm.config import Config
-from nanovllm.engine.exclusive import OneCallAtATime
+from nanovllm.engine.exclusive import OneCallAtATime, interrupts_deferred
 from nanovllm.engine.executor import Executor
 from nanovllm.engine.readback import SampledTokens
 from nanovllm.engine.requests import RequestBuilder, load_tokenizer
@@ -92,8 +92,10 @@ class LLMEngine:
         FROZEN_HEAP.freeze(self.executor)  # the model and the tokenizer live as long as the engine
 
     def exit(self):
-        """Release the model, the KV cache, worker processes and the process group. Safe to call twice."""
-        self._finalizer()
+        """Release the model, the KV cache, worker processes and the process group. Safe to call twice. A call
+        running in another thread stops at its next step with RuntimeError."""
+        with self.executor.stopping():
+            self._finalizer()
 
     def __enter__(self):
         return self
@@ -136,12 +138,16 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> StepSummary | None:
-        step = self.scheduler.schedule()
-        if step is None:
-            return None
-        result = self.executor.call("run", step)
-        booked = self.scheduler.launched(step)
-        return StepSummary(step.kind, step.num_tokens, self.scheduler.update(booked, result), booked.sampling)
+        with self.executor.one_step():
+            with interrupts_deferred():
+                step = self.scheduler.schedule()
+            if step is None:
+                return None
+            result = self.executor.call("run", step)
+            with interrupts_deferred():
+                booked = self.scheduler.launched(step)
+                finished = self.scheduler.update(booked, result)
+            return StepSummary(step.kind, step.num_tokens, finished, booked.sampling)
 
     def _steps(self):
         """Steps one after the other, or overlapped (async_scheduling)."""
@@ -160,22 +166,32 @@ class LLMEngine:
         in_flight = None
         try:
             while True:
-                step = self.scheduler.schedule()
-                previous, in_flight = in_flight, None
-                if step is not None:
-                    tokens = self.executor.call("launch", step)
-                    in_flight = InFlight(self.scheduler.launched(step), tokens)
-                if previous is not None:
-                    booked = previous.booked
-                    finished = self.scheduler.update(booked, previous.tokens.result())
-                    yield StepSummary(booked.step.kind, booked.step.num_tokens, finished, booked.sampling)
-                elif step is None:
-                    if self.scheduler.is_finished():
-                        return
-                    raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
+                summary = None
+                with self.executor.one_step():
+                    with interrupts_deferred():
+                        step = self.scheduler.schedule()
+                    previous, in_flight = in_flight, None
+                    if step is not None:
+                        tokens = self.executor.call("launch", step)
+                        with interrupts_deferred():
+                            in_flight = InFlight(self.scheduler.launched(step), tokens)
+                    if previous is not None:
+                        booked = previous.booked
+                        result = previous.tokens.result()
+                        with interrupts_deferred():
+                            finished = self.scheduler.update(booked, result)
+                        summary = StepSummary(booked.step.kind, booked.step.num_tokens, finished, booked.sampling)
+                    elif step is None:
+                        if self.scheduler.is_finished():
+                            return
+                        raise RuntimeError("the scheduler can make no progress (no step to run, requests left)")
+                if summary is not None:
+                    yield summary
         except GeneratorExit:
             # the caller has all it asked for: a step still in flight may carry other requests (add_request),
-            # whose tokens must be booked, not lost
+            # whose tokens must be booked, not lost (unless exit() has released the engine meanwhile)
             if in_flight is not None:
-                self.scheduler.update(in_flight.booked, in_flight.tokens.result())
+                with self.executor.one_step(check=False):
+                    if not self.executor.closed:
+                        self.scheduler.update(in_flight.booked, in_flight.tokens.result())
             raise

@@ -56,10 +56,12 @@ class Scheduler:
         """Drop an unfinished sequence (its caller gave up) and free its blocks."""
         if seq.is_finished:
             return
+        # membership is checked: an interrupted step (Ctrl-C) may have left a sequence out of its queue
         if seq.status == SequenceStatus.RUNNING:
-            self.running.remove(seq)
+            if seq in self.running:
+                self.running.remove(seq)
             self.block_manager.deallocate(seq)
-        else:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         self._retire(seq, "abort")
 
@@ -111,22 +113,24 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[tuple[Sequence, int]]:
         scheduled, kept = [], []  # kept: visited and still running, in admission order
-        while self.running and len(scheduled) < self.max_num_seqs:
-            seq = self.running.popleft()
-            if seq.needs_prefill or self._reaches_length(seq, seq.num_tokens):
-                kept.append(seq)  # mid-prompt (mixed steps), or its last token is in flight: nothing to decode
-                continue
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self.preempt(self.running.pop())
+        try:  # `running` gets its visited sequences back even if the step is interrupted here (Ctrl-C)
+            while self.running and len(scheduled) < self.max_num_seqs:
+                seq = self.running[0]  # taken off only once its place is decided, so none is lost in between
+                if seq.needs_prefill or self._reaches_length(seq, seq.num_tokens):
+                    kept.append(self.running.popleft())  # mid-prompt (mixed steps), or its last token in flight
+                    continue
+                while not self.block_manager.can_append(seq):
+                    if len(self.running) > 1:
+                        self.preempt(self.running.pop())  # the newest other sequence gives its blocks back
+                    else:
+                        self.preempt(self.running.popleft())
+                        break
                 else:
-                    self.preempt(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                scheduled.append(seq)
-                kept.append(seq)
-        self.running.extendleft(reversed(kept))
+                    self.block_manager.may_append(seq)
+                    scheduled.append(seq)
+                    kept.append(self.running.popleft())
+        finally:
+            self.running.extendleft(reversed(kept))
         return [(seq, 1) for seq in scheduled]
 
     def _step_record(self, kind: StepKind, chunks: list[tuple[Sequence, int]]) -> ScheduledStep:

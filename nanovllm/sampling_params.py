@@ -84,7 +84,8 @@ class SamplingParams:
 
     @property
     def bad_words_token_ids(self) -> list[list[int]] | None:
-        """The bad words' token-id sequences (vLLM's name), once generate has tokenised them; None before."""
+        """The bad words' token-id sequences (vLLM's name), set on the request's own copy that generate
+        tokenises (the caller's object keeps None, as it is never edited)."""
         return self._bad_words_token_ids
 
     def _check_ranges(self):

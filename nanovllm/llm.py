@@ -5,7 +5,6 @@ from time import perf_counter
 from tqdm.auto import tqdm
 
 from nanovllm.engine.data_parallel import check_data_parallel_size
-from nanovllm.engine.exclusive import interrupts_deferred
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.output import OutputProcessor
 from nanovllm.engine.requests import Request
@@ -131,6 +130,6 @@ class LLM(LLMEngine):
                     if not pending:
                         break
         finally:
-            with interrupts_deferred():
+            with self._interrupts.deferred():
                 for seq in seqs:
                     self.scheduler.abort(seq)

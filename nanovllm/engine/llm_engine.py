@@ -8,7 +8,7 @@ from itertools import count
 from time import perf_counter
 
 from nanovllm.config import Config
-from nanovllm.engine.exclusive import OneCallAtATime, interrupts_deferred
+from nanovllm.engine.exclusive import InterruptDeferral, OneCallAtATime
 from nanovllm.engine.executor import Executor
 from nanovllm.engine.readback import SampledTokens
 from nanovllm.engine.requests import RequestBuilder, load_tokenizer
@@ -89,6 +89,7 @@ class LLMEngine:
         self._seq_ids = count()
         self._rng = random.Random(config.seed)  # seeds for requests that bring none
         self._one_call = OneCallAtATime()
+        self._interrupts = InterruptDeferral()  # Ctrl-C waits for the scheduler's bookkeeping
         FROZEN_HEAP.freeze(self.executor)  # the model and the tokenizer live as long as the engine
 
     def exit(self):
@@ -105,7 +106,7 @@ class LLMEngine:
 
     @contextmanager
     def _exclusive(self):
-        with self._one_call():
+        with self._one_call(), self._interrupts.installed():
             self.executor.check_open()
             yield
 
@@ -139,12 +140,12 @@ class LLMEngine:
 
     def _step(self) -> StepSummary | None:
         with self.executor.one_step():
-            with interrupts_deferred():
+            with self._interrupts.deferred():
                 step = self.scheduler.schedule()
             if step is None:
                 return None
             result = self.executor.call("run", step)
-            with interrupts_deferred():
+            with self._interrupts.deferred():
                 booked = self.scheduler.launched(step)
                 finished = self.scheduler.update(booked, result)
             return StepSummary(step.kind, step.num_tokens, finished, booked.sampling)
@@ -168,17 +169,17 @@ class LLMEngine:
             while True:
                 summary = None
                 with self.executor.one_step():
-                    with interrupts_deferred():
+                    with self._interrupts.deferred():
                         step = self.scheduler.schedule()
                     previous, in_flight = in_flight, None
                     if step is not None:
                         tokens = self.executor.call("launch", step)
-                        with interrupts_deferred():
+                        with self._interrupts.deferred():
                             in_flight = InFlight(self.scheduler.launched(step), tokens)
                     if previous is not None:
                         booked = previous.booked
                         result = previous.tokens.result()
-                        with interrupts_deferred():
+                        with self._interrupts.deferred():
                             finished = self.scheduler.update(booked, result)
                         summary = StepSummary(booked.step.kind, booked.step.num_tokens, finished, booked.sampling)
                     elif step is None:

@@ -329,6 +329,8 @@ def test_ctrl_c_inside_the_bookkeeping_loses_nothing(qwen3_path, hf_reference, o
         return out
 
     setattr(owner, name, interrupted)
+    # Python's own Ctrl-C handler, which a process started in the background (SIGINT ignored) does not have
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, stops, use_tqdm=False)
@@ -337,7 +339,9 @@ def test_ctrl_c_inside_the_bookkeeping_loses_nothing(qwen3_path, hf_reference, o
         delattr(owner, name)
         run_and_compare(llm, qwen3_path, prompts, hf_reference)
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         llm.exit()
+
 
 def test_prefill_logits_under_tensor_parallelism(qwen3_path, hf_reference):
     """Scoring through every rank: TP=2's next-token logits equal TP=1's, and their argmax is transformers'."""

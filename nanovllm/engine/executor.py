@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
 
@@ -246,11 +247,17 @@ class Executor:
         with self._stepping:
             yield
 
-    def dead_worker(self) -> str | None:
-        for rank, process in enumerate(self._workers, start=1):
-            if not process.is_alive():
-                return f"tensor-parallel worker rank {rank} exited (exit code {process.exitcode})"
-        return None
+    def dead_worker(self, wait: float = 0.0) -> str | None:
+        """Why a worker is gone (None: all alive), waiting up to `wait` seconds for one to be found dead: a peer's
+        collective can fail on the closed socket a moment before the dying process is reaped."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, process in enumerate(self._workers, start=1):
+                if not process.is_alive():
+                    return f"tensor-parallel worker rank {rank} exited (exit code {process.exitcode})"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     @contextmanager
     def in_step(self):
@@ -264,7 +271,8 @@ class Executor:
         except BaseException as e:
             if self.world_size == 1 or self.closed or self.closing:
                 raise
-            cause = self.dead_worker() or f"a step stopped part-way ({type(e).__name__}: {e})"
+            cause = self.dead_worker(wait=0.0 if isinstance(e, KeyboardInterrupt) else 0.5) or \
+                f"a step stopped part-way ({type(e).__name__}: {e})"
             self.broken = (f"{cause}; the tensor-parallel ranks are out of step, so this LLM was shut down: "
                            f"create a new one")
             self.shutdown(abort=True)

@@ -121,6 +121,20 @@ def test_prefill_of_rows_without_blocks_stores_nothing():
     assert (lay.block_tables, lay.width) == ([], 0)
 
 
+
+def test_prefill_logits_of_scored_prompts_and_of_one_token_chunks():
+    """A row scoring its prompt gets every chunk token's logit; a one-token chunk adds none beyond its row's last,
+    so the layout says that some row scores (the runner would otherwise take the logits count as the sign)."""
+    scored = SamplingParams(prompt_logprobs=1)
+    rows = apply_step({}, prefill(new(1, [10, 11, 12], [7], 0, 3),
+                                  NewSequence(2, [20, 21, 22, 23], [5], 0, 2, scored, 4, 0)))
+    lay = prefill_layout(rows, BS)
+    assert (lay.logits_indices, lay.scores_prompts) == ([2, 3, 4], True)
+    rows = apply_step({}, prefill(new(1, [10, 11, 12], [7], 0, 3), NewSequence(2, [20, 21], [5], 0, 1, scored, 2, 0)))
+    lay = prefill_layout(rows, BS)
+    assert (lay.logits_indices, lay.scores_prompts) == ([2, 3], True)
+    assert prefill_layout(apply_step({}, prefill(new(1, [10, 11, 12], [7], 0, 3))), BS).scores_prompts is False
+
 # ---- decode_layout -------------------------------------------------------------------------------------
 
 def test_decode_with_a_known_token_and_one_in_flight():

@@ -14,8 +14,7 @@ from nanovllm.engine.kv_calibration import calibrate_kv_scales, calibration_toke
 from nanovllm.engine.step import ScheduledStep, StepKind, StepResult
 from nanovllm.engine.penalties import OutputHistory, PenaltyTables, has_bad_words, is_penalized
 from nanovllm.engine.readback import SampledTokens, StepOutput, last_of_each_row, score_prompts
-from nanovllm.engine.step_inputs import (Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout,
-                                         wants_prompt_logprobs)
+from nanovllm.engine.step_inputs import Row, SeqState, apply_step, decode_layout, finish_step, prefill_layout
 from nanovllm.layers.attention import attention_layers
 from nanovllm.layers.kv_quant import KVScales
 from nanovllm.layers.backends import create_backend
@@ -183,13 +182,12 @@ class ModelRunner:
     @torch.inference_mode()
     def _run_rows(self, rows: list[Row], kind: StepKind) -> StepOutput | None:
         """Run a step's rows and sample (rank 0; other ranks return None)."""
-        input_ids, positions, ctx, logits_indices = self.prepare(rows, kind)
+        input_ids, positions, ctx, logits_indices, scores_prompts = self.prepare(rows, kind)
         logits = self.run_model(input_ids, positions, ctx, logits_indices)
         if self.rank != 0:
             return None
         prompt_logprobs = None
-        # rows scoring their prompt tokens (a one-token chunk among them adds no extra logit, but is scored too)
-        if logits_indices is not None and any(map(wants_prompt_logprobs, rows)):
+        if scores_prompts:  # rows scored their prompt tokens too
             last = torch.tensor(last_of_each_row(rows), device=self.device)
             prompt_logprobs = score_prompts(rows, logits)
             logits = logits[last]
@@ -226,8 +224,9 @@ class ModelRunner:
         return [data[start:start + size] for start, size in zip(starts, sizes)]
 
     def prepare(self, rows: list[Row], kind: StepKind) -> tuple[torch.Tensor, torch.Tensor, Context,
-                                                                 torch.Tensor | None]:
-        """The step's input ids, positions, attention metadata and (prefill) which tokens need logits."""
+                                                                 torch.Tensor | None, bool]:
+        """The step's input ids, positions, attention metadata, (prefill) which tokens need logits, and whether
+        some row scores its prompt."""
         # a token still in flight (input id -1) is read from the previous step's output, on the device
         in_flight = any(r.last_token is None for r in rows)
         if kind == StepKind.PREFILL:
@@ -238,7 +237,8 @@ class ModelRunner:
                 lay.block_tables, lay.logits_indices, pending)
             ctx = Context(True, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, slots,
                           block_tables=tables.view(len(rows), lay.width) if lay.width else None)
-            return fill_in_flight(ids, pending, self.last_sampled) if in_flight else ids, pos, ctx, logits_indices
+            ids = fill_in_flight(ids, pending, self.last_sampled) if in_flight else ids
+            return ids, pos, ctx, logits_indices, lay.scores_prompts
         ordered = self.attn_backend.orders_decode
         lay = decode_layout(rows, self.block_size, ordered)
         pending = self._pending_rows(rows, lay.input_ids) if in_flight else []
@@ -246,7 +246,7 @@ class ModelRunner:
             lay.input_ids, lay.positions, lay.slot_mapping, lay.context_lens, lay.block_tables, lay.order, pending)
         ctx = Context(False, slot_mapping=slots, context_lens=lens, block_tables=tables.view(len(rows), lay.width),
                       decode_order=order if ordered else None)
-        return fill_in_flight(ids, pending, self.last_sampled) if in_flight else ids, pos, ctx, None
+        return fill_in_flight(ids, pending, self.last_sampled) if in_flight else ids, pos, ctx, None, False
 
     def _pending_rows(self, rows: list[Row], input_ids: list[int]) -> list[int]:
         """Per input token: the row of the previous step's output that holds it (-1: known here)."""
@@ -303,7 +303,7 @@ class ModelRunner:
         and without keeping the sequences: for scoring. Every rank takes part."""
         rows = apply_step(self.states, step)
         try:
-            input_ids, positions, ctx, logits_indices = self.prepare(rows, StepKind.PREFILL)
+            input_ids, positions, ctx, logits_indices, _ = self.prepare(rows, StepKind.PREFILL)
             return self.run_model(input_ids, positions, ctx, logits_indices)
         finally:
             for row in rows:

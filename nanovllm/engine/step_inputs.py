@@ -52,6 +52,7 @@ class PrefillLayout:
     block_tables: list[int]  # flattened [num_seqs, width], -1 padded; empty when no key comes from the cache
     width: int
     logits_indices: list[int]  # which tokens' logits to compute: each row's last, all of a prompt-logprobs row's
+    scores_prompts: bool = False  # some row scores its prompt tokens (a one-token chunk adds no extra logit)
 
 
 @dataclass(slots=True)
@@ -137,10 +138,15 @@ def prefill_layout(rows: list[Row], block_size: int) -> PrefillLayout:
     tables, width = block_table_rows([r.state.block_table for r in rows]) if paged else ([], 0)
     max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
     max_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
-    indices = []
+    indices, scored = [], False
     for row, start, end in zip(rows, cu_q, cu_q[1:]):
-        indices.extend(range(start, end) if wants_prompt_logprobs(row) else [end - 1])
-    return PrefillLayout(input_ids, positions, slot_mapping, cu_q, cu_k, max_q, max_k, tables, width, indices)
+        if wants_prompt_logprobs(row):
+            indices.extend(range(start, end))
+            scored = True
+        else:
+            indices.append(end - 1)
+    return PrefillLayout(input_ids, positions, slot_mapping, cu_q, cu_k, max_q, max_k, tables, width, indices,
+                         scored)
 
 
 def wants_prompt_logprobs(row: Row) -> bool:

@@ -33,7 +33,9 @@ def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) ->
     per_block = block_bytes(config)
     if config.num_kvcache_blocks > 0:
         wanted = config.num_kvcache_blocks * per_block
-        room = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _cpu_total_bytes()
+        # the CPU's whole memory (unknown: let the allocation tell)
+        room = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+            _cpu_memory_bytes("SC_PHYS_PAGES", 1 << 62)
         if wanted > room:
             raise ValueError(f"num_kvcache_blocks={config.num_kvcache_blocks} needs {wanted / 2**30:.2f} GiB for the "
                              f"KV cache ({per_block} bytes a block) but the {device.type} has "
@@ -51,7 +53,8 @@ def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) ->
         # and never more than half the free RAM
         one_seq = cdiv(config.max_model_len, config.kvcache_block_size) * per_block
         seqs = min(config.max_num_seqs, CPU_KVCACHE_MAX_SEQS)
-        available = min(one_seq * seqs, max(CPU_KVCACHE_MAX_BYTES, one_seq), _cpu_available_bytes() // 2)
+        free = _cpu_memory_bytes("SC_AVPHYS_PAGES", CPU_KVCACHE_MAX_BYTES * 4)
+        available = min(one_seq * seqs, max(CPU_KVCACHE_MAX_BYTES, one_seq), free // 2)
     num_blocks = max(available // per_block, 0)
     if world_size > 1:
         t = torch.tensor([num_blocks], device=device)
@@ -66,18 +69,14 @@ def num_kvcache_blocks(config: Config, device: torch.device, world_size: int) ->
     return num_blocks
 
 
-def _cpu_total_bytes() -> int:
+def _cpu_memory_bytes(pages: str, unknown: int) -> int:
+    """The CPU's memory from sysconf: SC_PHYS_PAGES (all of it) or SC_AVPHYS_PAGES (free now); `unknown` where
+    the system cannot say."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        return 1 << 62  # unknown: let the allocation tell
+        return unknown
 
-
-def _cpu_available_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return CPU_KVCACHE_MAX_BYTES * 4
 
 
 def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device, head_major: bool = False,

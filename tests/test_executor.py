@@ -161,3 +161,22 @@ def test_a_worker_that_died_without_a_word_gives_no_detail():
     assert last_detail(parent) == "ValueError: no room"
     child.close()
     assert parent.poll() and last_detail(parent) is None
+
+
+def test_a_failed_step_waits_a_moment_to_name_the_dead_worker():
+    """Rank 0's collective can fail on the closed socket before the killed worker is reaped: dead_worker(wait)
+    looks again for up to `wait` seconds, so the failure names the worker rather than gloo's socket error."""
+    import multiprocessing as mp
+    import time
+    from nanovllm.engine.executor import Executor
+    executor = Executor.__new__(Executor)  # only its worker list matters here
+    worker = mp.get_context("spawn").Process(target=time.sleep, args=(0.3,))
+    worker.start()
+    executor._workers = [worker]
+    try:
+        assert executor.dead_worker() is None  # still running
+        t = time.monotonic()
+        assert executor.dead_worker(wait=10.0) == "tensor-parallel worker rank 1 exited (exit code 0)"
+        assert time.monotonic() - t < 5.0  # found when it exits, not at the end of the wait
+    finally:
+        worker.join()

@@ -250,10 +250,14 @@ class RequestBuilder:
             if self.tokenizer is None:
                 raise ValueError(f"model folder {self.config.model!r} has no tokenizer: pass prompts as token ids")
             try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a bad decode("utf-8", "surrogatepass")
-                raise ValueError(f"prompt {prompt[:40]!r} is not valid text: {e.reason} at position {e.start}") from None
-            token_ids = self.tokenizer.encode(prompt)
+                token_ids = self.tokenizer.encode(prompt)
+            except TypeError:  # tokenizers' word for text that is not valid Unicode (a lone surrogate)
+                try:
+                    prompt.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"prompt {prompt[:40]!r} is not valid text: {e.reason} at position "
+                                     f"{e.start}") from None
+                raise
         elif isinstance(prompt, (list, tuple)):
             if set(map(type, prompt)) <= {int}:  # the common case at C speed (isinstance against the Integral
                 token_ids = list(prompt)  # ABC took ~0.4 us a token, 60 ms for bench.py's prompts: the GPU waited)

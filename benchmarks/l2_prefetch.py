@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from decode_attention import time_call
+
 
 @triton.jit
 def _prefetch_lines(addr_ptr, bytes_ptr, sink_ptr, BLOCK: tl.constexpr, LINES: tl.constexpr):
@@ -111,13 +113,13 @@ def main():
         attn_in = torch.randn(rows, q, device=dev, dtype=bf)
         read = kv_buf[: int(rows * args.kv_mb_per_row * 2**20 / 2)]
 
-        def step(mode, gemms=True):
+        def step(mode):
             for i, w in enumerate(layers):
                 nxt = layers[(i + 1) % n_layers]
                 if mode not in ("none", "read"):
                     prefetchers[mode][i]()
                 torch.sum(read, dim=0, out=sink)
-                if not gemms or mode == "read":
+                if mode == "read":
                     continue
                 y = attn_in @ w["o"].t()
                 gu = y @ w["gate_up"].t()
@@ -128,25 +130,7 @@ def main():
                            for i, w in enumerate(layers)] for m in ("line", "bulk", "bulk_n")}
         times = {}
         for mode in ("read", "none", "line", "bulk", "bulk_n"):
-            step(mode)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step(mode)
-            g.replay()
-            torch.cuda.synchronize()
-            best = float("inf")
-            for _ in range(5):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(10):
-                    g.replay()
-                end.record()
-                torch.cuda.synchronize()
-                best = min(best, start.elapsed_time(end) / 10 * 1000 / n_layers)
-            times[mode] = best
-        # the GEMMs and their element-wise glue alone, no read between layers: weights stream from HBM anyway
-        # (28 x 30 MB does not fit in L2)
+            times[mode] = time_call(lambda: step(mode), 10) * 1e6 / n_layers
         line = "  ".join(f"{m} {t - times['read']:.1f}" for m, t in times.items() if m != "read")
         print(f"rows {rows:4d}: read {times['read']:.1f} us a layer ({read.numel() * 2 / 2**20:.0f} MiB); "
               f"GEMMs on top of it, us a layer: {line}")

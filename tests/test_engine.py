@@ -104,6 +104,22 @@ def test_preemption_is_token_exact(qwen3_path, hf_reference, caching):
         assert llm.scheduler.num_preemptions > 0
 
 
+def test_a_sequence_preempted_with_its_token_in_flight_is_not_admitted_again_in_the_same_step(qwen3_path):
+    """Overlapped steps, mixed steps and prefix caching (the defaults) with 9 blocks of 16 tokens: a decode preempts
+    a sequence whose token is in flight, and prefix hits on another sequence's copy of its blocks let it back in at
+    once; it was sent to the runner without that token (AssertionError in the scheduler, found by a sweep)."""
+    base = random_prompts([60], seed=31)[0]
+    prompts = [base[:24] + [11, 498, 173, 384, 90], base, base[:55] + [384, 424, 378, 296, 343, 186, 193, 216, 40],
+               base]
+    # allowed_token_ids pins each completion to one token, so the schedule does not depend on the weights
+    pinned = [(48, 8), (22, 8), (4, 7), (17, 8)]
+    sps = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, allowed_token_ids=[t]) for n, t in pinned]
+    with LLM(qwen3_path, kvcache_block_size=16, num_kvcache_blocks=9, max_num_batched_tokens=64) as llm:
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == [[t] * n for n, t in pinned]
+        assert llm.scheduler.num_preemptions > 0
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "step-by-step"])
 def test_tensor_parallel_2_on_cpu(qwen3_path, hf_reference, overlap):
     with LLM(qwen3_path, tensor_parallel_size=2, kvcache_block_size=16, max_num_batched_tokens=40,

@@ -552,6 +552,32 @@ def sampled(step: ScheduledStep, by_seq: dict[int, int]) -> list[int]:
     return [by_seq[seq_id] for seq_id in step.seq_ids]
 
 
+def test_a_sequence_preempted_with_a_token_in_flight_waits_for_it_before_it_is_admitted_again():
+    sched = make_scheduler(mixed_steps=True, num_kvcache_blocks=4)
+    x = make_seq(0, [1, 2, 3], ignore_eos=True)
+    sched.add(x)
+    booked1 = sched.launched(sched.schedule())  # x prefills; its 4th token is in flight
+    y = make_seq(1, [1, 2, 3, 4, 5, 6, 7, 8], ignore_eos=True)
+    sched.add(y)
+    step2 = sched.schedule()  # x decodes, y prefills (no hit: x's first block waits for its 4th token)
+    assert sorted(rows(step2)) == [(0, 1), (1, 8)]
+    booked2 = sched.launched(step2)
+    read_back(sched, booked1, [4])  # x's first block is [1, 2, 3, 4] too: the prefix cache now names x's copy
+    step3 = sched.schedule()  # x takes the last free block; y, its token in flight, preempts itself and waits
+    assert rows(step3) == [(0, 1)] and step3.finished_seq_ids == [1]
+    assert list(sched.waiting) == [y] and y.num_pending == 1
+    booked3 = sched.launched(step3)
+    read_back(sched, booked2, sampled(step2, {0: 20, 1: 21}))
+    assert y.token_ids == [1, 2, 3, 4, 5, 6, 7, 8, 21]
+    step4 = sched.schedule()  # y is admitted again, its first block shared with x and its second revived
+    assert y.status == SequenceStatus.RUNNING and y.block_table[0] == x.block_table[0] and y.num_cached_tokens == 8
+    assert rows(step4) == [(0, 1)]  # x; y's one uncached token decodes in the next step
+    booked4 = sched.launched(step4)
+    read_back(sched, booked3, [22])
+    step5 = sched.schedule()  # y goes to the runner in full, with the token it got while preempted
+    assert step5.new == [NewSequence(1, [1, 2, 3, 4, 5, 6, 7, 8, 21], y.block_table, 8, 1, y.sampling_params, 8, 0)]
+
+
 def test_mixed_step_decodes_every_running_sequence_and_fills_the_budget_with_a_chunk():
     sched = make_scheduler(mixed_steps=True, max_num_batched_tokens=6)
     s0 = make_seq(0, [1, 2, 3])

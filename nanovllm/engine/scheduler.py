@@ -90,7 +90,9 @@ class Scheduler:
                 budget -= chunks[-1][1]
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_parent(seq) or not self.block_manager.can_allocate(seq):
+            # seq.num_pending: preempted by this very schedule() with its newest token in flight (overlapped
+            # steps); the runner takes a sequence in full, so it comes back once update() has that token
+            if seq.num_pending or self._waits_for_parent(seq) or not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
             if seq.num_cached_prompt_tokens is None:

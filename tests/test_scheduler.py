@@ -572,7 +572,7 @@ def test_a_sequence_preempted_with_a_token_in_flight_waits_for_it_before_it_is_a
     step4 = sched.schedule()  # y is admitted again, its first block shared with x and its second revived
     assert y.status == SequenceStatus.RUNNING and y.block_table[0] == x.block_table[0] and y.num_cached_tokens == 8
     assert rows(step4) == [(0, 1)]  # x; y's one uncached token decodes in the next step
-    booked4 = sched.launched(step4)
+    sched.launched(step4)
     read_back(sched, booked3, [22])
     step5 = sched.schedule()  # y goes to the runner in full, with the token it got while preempted
     assert step5.new == [NewSequence(1, [1, 2, 3, 4, 5, 6, 7, 8, 21], y.block_table, 8, 1, y.sampling_params, 8, 0)]

@@ -8,6 +8,8 @@ import os
 import signal
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
 
@@ -115,3 +117,31 @@ def test_failure_after_the_runner_is_built_stops_the_workers(qwen3_path, monkeyp
     with pytest.raises(OSError, match="unreadable"):
         tp2(qwen3_path)
     assert multiprocessing.active_children() == []
+
+
+def test_a_second_tensor_parallel_engine_is_refused_and_the_first_keeps_serving(qwen3_path):
+    """The ranks meet in the process's one default process group: a second engine while the first lives is refused
+    by name (its failed start-up used to destroy the first engine's group, and with it the first engine)."""
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with tp2(qwen3_path) as first:
+        before = first.generate([[1, 2, 3]], sp, use_tqdm=False)[0]["token_ids"]
+        workers = {process.pid for process in multiprocessing.active_children()}
+        with pytest.raises(RuntimeError, match="default torch.distributed process group"):
+            tp2(qwen3_path)
+        assert {process.pid for process in multiprocessing.active_children()} == workers  # none was spawned
+        assert first.generate([[1, 2, 3]], sp, use_tqdm=False)[0]["token_ids"] == before
+    with tp2(qwen3_path) as again:  # once the first has exited, the next one starts
+        assert again.generate([[1, 2, 3]], sp, use_tqdm=False)[0]["token_ids"] == before
+
+
+def test_the_program_s_own_process_group_is_left_alone(qwen3_path, tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", world_size=1, rank=0)
+    try:
+        with pytest.raises(RuntimeError, match="already set up"):
+            tp2(qwen3_path)
+        assert dist.is_initialized()
+        ones = torch.ones(2)
+        dist.all_reduce(ones)  # the program's group still works
+        assert ones.tolist() == [1.0, 1.0]
+    finally:
+        dist.destroy_process_group()

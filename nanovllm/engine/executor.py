@@ -120,6 +120,13 @@ class Executor:
         self._workers: list[mp.Process] = []
         self._conns: list[Connection] = []
         self._init_file = None
+        if self.world_size > 1 and dist.is_initialized():
+            # the ranks meet in this process's default group, and a process has one: leave the one there alone
+            self.closed = True
+            raise RuntimeError(
+                "tensor_parallel_size > 1 needs this process's default torch.distributed process group, and it is "
+                "already set up (another LLM with tensor_parallel_size > 1 that has not been exit()ed, or the "
+                "program's own init_process_group): exit() that LLM first, or build this one in another process")
         try:
             if self.world_size > 1:
                 self._spawn_workers(config)

@@ -78,7 +78,6 @@ def _cpu_memory_bytes(pages: str, unknown: int) -> int:
         return unknown
 
 
-
 def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device, head_major: bool = False,
                       key_major_values: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(k_caches, v_caches), each [num_layers, num_blocks, block_size, num_kv_heads, head_dim]. Within a block:

@@ -122,7 +122,6 @@ class Executor:
         self._init_file = None
         if self.world_size > 1 and dist.is_initialized():
             # the ranks meet in this process's default group, and a process has one: leave the one there alone
-            self.closed = True
             raise RuntimeError(
                 "tensor_parallel_size > 1 needs this process's default torch.distributed process group, and it is "
                 "already set up (another LLM with tensor_parallel_size > 1 that has not been exit()ed, or the "

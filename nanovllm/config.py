@@ -9,6 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.layers.backends import BACKENDS
 from nanovllm.layers.kv_quant import FP8_DTYPE, KV_CACHE_DTYPES
+from nanovllm.layers.rotary_embedding import rope_tables
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.checks import as_bool
 from nanovllm.utils.loader import check_weight_files
@@ -180,6 +181,10 @@ def load_hf_config(model: str | os.PathLike, trust_remote_code: bool = False) ->
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {hf_config.model_type!r} of {model!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+    try:
+        rope_tables(hf_config, head_dim_of(hf_config))  # a rotary embedding the model cannot run: refused here
+    except ValueError as e:
+        raise ValueError(f"config.json of {model!r}: {e}") from None
     return hf_config
 
 

@@ -25,7 +25,7 @@ def tiny_config(kind: str, **overrides):
 
 
 # shapes other than the shared tiny models': MQA, MHA, head_dim not hidden / heads (24, not a power of two; 8),
-# attention biases (Qwen3's attention_bias puts one on o_proj too), tied embeddings, another rope_theta
+# attention biases (Qwen3's attention_bias puts one on o_proj too), tied embeddings, another rope_theta, scaled rope
 OTHER_SHAPES = {
     "mqa": ("qwen3", dict(num_key_value_heads=1)),
     "mha": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=4)),
@@ -34,6 +34,10 @@ OTHER_SHAPES = {
     "qwen3_attention_bias": ("qwen3", dict(attention_bias=True)),
     "qwen3_tied_rope_1e6": ("qwen3", dict(tie_word_embeddings=True, rope_theta=1e6)),
     "qwen2_head_dim_8": ("qwen2", dict(num_attention_heads=8, num_key_value_heads=2)),  # 64 / 8 heads, untied
+    # scaled rotary embeddings: YaRN (its attention factor scales cos and sin) and linear position interpolation
+    "qwen3_yarn": ("qwen3", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                  "original_max_position_embeddings": 64})),
+    "qwen2_linear_rope": ("qwen2", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})),
 }
 
 

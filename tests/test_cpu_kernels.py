@@ -17,7 +17,7 @@ from nanovllm.kernels import cpu
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.backends.torch_sdpa import TorchBackend, grouped_decode, reference_prefill
 from nanovllm.layers.layernorm import add_rms_norm, rms_norm
-from nanovllm.layers.rotary_embedding import RotaryEmbedding, _norm_rope, _rope_store, rope
+from nanovllm.layers.rotary_embedding import RotaryEmbedding, _norm_rope, _rope_store, default_inv_freq, rope
 from nanovllm.layers.sampler import _greedy
 from nanovllm.utils.kernels import fused_kernels
 from test_kernels import decode_case, prefill_case
@@ -84,7 +84,7 @@ def rope_inputs(tokens, heads, kv_heads, head_dim, seed=0):
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
     q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
     positions = torch.randint(0, 300, (tokens,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
-    rotary = RotaryEmbedding(head_dim, 512, 10000.0, BF16)  # the model's own bf16 tables
+    rotary = RotaryEmbedding(default_inv_freq(head_dim, 10000.0), 512, BF16)  # the model's own bf16 tables
     return positions, q, k, v, rotary.cos_cache, rotary.sin_cache
 
 

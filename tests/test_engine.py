@@ -59,6 +59,54 @@ def test_other_model_shapes_match_transformers(shape, tmp_path, hf_reference):
         run_and_compare(llm, path, random_prompts([1, 9, 40, 90], seed=4), hf_reference)
 
 
+ROPE_KINDS = {
+    "default": {"rope_type": "default", "rope_theta": 1e6},
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128, "mscale": 0.7,
+                    "mscale_all_dim": 0.5, "beta_fast": 16.0, "rope_theta": 5e5},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128, "rope_theta": 5e5},
+    # dynamic NTK grows its frequencies only past max_position_embeddings, which max_model_len never passes
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_KINDS))
+def test_rotary_tables_equal_transformers(kind):
+    """cos/sin of every position up to max_position_embeddings, float32, bit for bit against transformers' rotary
+    embedding (the tables every backend reads: the CPU kernels, Triton's, PyTorch's)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_tables
+    from conftest import tiny_config
+    config, _ = tiny_config("qwen3", head_dim=32, rope_parameters=ROPE_KINDS[kind])
+    inv_freq, scaling = rope_tables(config, 32)
+    ours = RotaryEmbedding(inv_freq, config.max_position_embeddings, torch.float32, scaling)
+    positions = torch.arange(config.max_position_embeddings)[None]
+    cos, sin = Qwen3RotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions)
+    assert torch.equal(ours.cos_cache, cos[0, :, :16]) and torch.equal(ours.sin_cache, sin[0, :, :16])
+    assert torch.equal(cos[0, :, :16], cos[0, :, 16:])  # transformers' halves layout, which the kernels assume
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0,
+      "original_max_position_embeddings": 64, "rope_theta": 1e4}, re.escape(": rope_type 'longrope' is not supported")),
+    ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5, "rope_theta": 1e4},
+     re.escape(": rope_type 'linear' rotates 8 of the head's 16 dimensions: a partial rotary embedding is not "
+               "supported")),
+    ({"rope_type": "yarn", "rope_theta": 1e4}, " cannot be read: .*'factor'"),  # transformers' own check
+], ids=["longrope", "partial", "yarn_without_factor"])
+def test_a_rotary_embedding_the_engine_cannot_run_is_refused_at_llm(tmp_path, params, words):
+    import json
+    path = make_model(tmp_path / "model", "qwen3")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["rope_parameters"] = params
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.json of (model folder )?{re.escape(repr(path))}{words}"):
+        LLM(path)
+
+
 def test_attention_biases_under_tensor_parallelism_on_cpu(tmp_path, hf_reference):
     """q/k/v biases split with their heads, o_proj's bias added on rank 0 only, before the all-reduce."""
     kind, overrides = OTHER_SHAPES["qwen3_attention_bias"]

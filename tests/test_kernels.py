@@ -39,7 +39,7 @@ from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.backends.torch_sdpa import TorchBackend
 from nanovllm.layers.kv_quant import FP8_DTYPE, KVScales, fp8_round_trip, quantize_fp8
 from nanovllm.layers.layernorm import RMSNorm, add_rms_norm, rms_norm
-from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, norm_rope, rope
+from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, default_inv_freq, norm_rope, rope
 from nanovllm.utils.context import Context
 from nanovllm.utils.kernels import run_warm_up
 
@@ -349,7 +349,7 @@ def rope_case(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
     norms = [RMSNorm(head_dim).to(device=device, dtype=dtype) for _ in range(2)]
     for norm in norms:
         norm.weight.copy_(1 + 0.5 * torch.randn(head_dim, generator=gen))
-    rotary = RotaryEmbedding(head_dim, max_position, 10000.0, dtype).to(device)
+    rotary = RotaryEmbedding(default_inv_freq(head_dim, 10000.0), max_position, dtype).to(device)
     return positions, q, k, norms[0], norms[1], rotary
 
 

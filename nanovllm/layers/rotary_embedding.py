@@ -2,6 +2,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from nanovllm.layers.backends.torch_sdpa import store_kvcache
 from nanovllm.layers.kv_quant import KVScales
@@ -45,15 +46,45 @@ def _rope_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return q, k
 
 
-class RotaryEmbedding(nn.Module):
+def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    """The plain rotary embedding's inverse frequencies, float32 [head_dim // 2]."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
-    def __init__(self, head_dim: int, max_position: int, base: float, dtype: torch.dtype):
+
+def rope_tables(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, cos/sin scaling) of the model's rotary embedding, as transformers builds them.
+
+    Scaled embeddings (linear, YaRN, llama3, ...) come from transformers' own ROPE_INIT_FUNCTIONS. "dynamic" NTK
+    scaling keeps those frequencies up to max_position_embeddings, past which max_model_len never goes. "longrope"
+    switches its frequencies on the longest sequence of a batch, which a per-sequence engine cannot follow."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return default_inv_freq(head_dim, params.get("rope_theta", getattr(config, "rope_theta", 10000.0))), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    supported = sorted({"default"} | set(ROPE_INIT_FUNCTIONS) - {"longrope"})
+    if rope_type not in supported:
+        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {supported}")
+    try:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    except Exception as e:  # parameters transformers cannot build tables from (missing, wrong types)
+        raise ValueError(f"rope_type {rope_type!r} with parameters {params} cannot be built: {e!r}") from e
+    if inv_freq.numel() != head_dim // 2:
+        raise ValueError(f"rope_type {rope_type!r} rotates {2 * inv_freq.numel()} of the head's {head_dim} "
+                         f"dimensions: a partial rotary embedding is not supported")
+    return inv_freq, float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions 0 .. max_position - 1 from inverse frequencies (float32 [head_dim // 2]);
+    `scaling` multiplies both (YaRN's attention factor; 1 for the plain embedding)."""
+
+    def __init__(self, inv_freq: torch.Tensor, max_position: int, dtype: torch.dtype, scaling: float = 1.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.int64).float(), inv_freq)
-        # cast like HF: computed in float32, used in the model dtype
-        self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.int64).float(), inv_freq.float())
+        # like HF: computed and scaled in float32, used in the model dtype
+        self.register_buffer("cos_cache", (freqs.cos() * scaling).to(dtype), persistent=False)
+        self.register_buffer("sin_cache", (freqs.sin() * scaling).to(dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,16 +14,8 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.config import head_dim_of
-from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding
+from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, rope_tables
 from nanovllm.utils.parallel import tp_size
-
-
-def rope_theta(config: PretrainedConfig) -> float:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default' rotary embeddings)")
-    return params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
 
 
 class Qwen3Attention(nn.Module):
@@ -45,7 +37,8 @@ class Qwen3Attention(nn.Module):
                                           self.total_num_kv_heads, bias=qwen2 or attention_bias)
         self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size,
                                         bias=not qwen2 and attention_bias)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta(config), dtype)
+        inv_freq, scaling = rope_tables(config, self.head_dim)
+        self.rotary_emb = RotaryEmbedding(inv_freq, config.max_position_embeddings, dtype, scaling)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
         self.qk_norm = not qwen2
         if self.qk_norm:

@@ -9,7 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.layers.backends import BACKENDS
 from nanovllm.layers.kv_quant import FP8_DTYPE, KV_CACHE_DTYPES
-from nanovllm.layers.rotary_embedding import rope_tables
+from nanovllm.layers.rotary_embedding import rope_context_length, rope_tables
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.checks import as_bool
 from nanovllm.utils.loader import check_weight_files
@@ -65,8 +65,9 @@ class Config:
         config = cls(model, **options)
         asked = options.get("max_model_len")
         if asked is not None and asked > config.max_model_len:  # nano-vllm cuts it to the model's limit; say so
-            warnings.warn(f"max_model_len={asked} is longer than the model's max_position_embeddings="
-                          f"{config.max_model_len}; using {config.max_model_len}", stacklevel=4)  # LLM(...)'s line
+            warnings.warn(f"max_model_len={asked} is longer than the model's "
+                          f"{rope_context_length(config.hf_config)[1]}; using "
+                          f"{config.max_model_len}", stacklevel=4)  # LLM(...)'s line
         return config
 
     def __post_init__(self):
@@ -82,7 +83,7 @@ class Config:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"config.json of {self.model!r} gives max_position_embeddings={limit!r}: the model's "
                              "context length must be an int >= 1")
-        self.max_model_len = min(self.max_model_len, limit)
+        self.max_model_len = min(self.max_model_len, rope_context_length(self.hf_config)[0])
         self._check_tensor_parallel()
         self.eos = eos_token_ids(self.model, self.hf_config)
         self.generation_defaults = generation_defaults(self.model)

@@ -74,19 +74,38 @@ ROPE_KINDS = {
 
 @pytest.mark.parametrize("kind", list(ROPE_KINDS))
 def test_rotary_tables_equal_transformers(kind):
-    """cos/sin of every position up to max_position_embeddings, float32, bit for bit against transformers' rotary
-    embedding (the tables every backend reads: the CPU kernels, Triton's, PyTorch's)."""
+    """cos/sin of every position the model may reach (past max_position_embeddings for linear scaling and YaRN),
+    float32, bit for bit against transformers' rotary embedding (the tables every backend reads: the CPU
+    kernels, Triton's, PyTorch's)."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-    from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_tables
+    from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_context_length, rope_tables
     from conftest import tiny_config
-    config, _ = tiny_config("qwen3", head_dim=32, rope_parameters=ROPE_KINDS[kind])
+    config, _ = tiny_config("qwen3", head_dim=32, rope_parameters=ROPE_KINDS[kind], max_position_embeddings=512)
+    length = rope_context_length(config)[0]
+    assert length == {"linear": 1024, "yarn": 512, "yarn_mscale": 1024}.get(kind, 512)
     inv_freq, scaling = rope_tables(config, 32)
-    ours = RotaryEmbedding(inv_freq, config.max_position_embeddings, torch.float32, scaling)
-    positions = torch.arange(config.max_position_embeddings)[None]
+    ours = RotaryEmbedding(inv_freq, length, torch.float32, scaling)
+    positions = torch.arange(length)[None]
     cos, sin = Qwen3RotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions)
     assert torch.equal(ours.cos_cache, cos[0, :, :16]) and torch.equal(ours.sin_cache, sin[0, :, :16])
     assert torch.equal(cos[0, :, :16], cos[0, :, 16:])  # transformers' halves layout, which the kernels assume
+
+
+def test_yarn_runs_past_max_position_embeddings_as_transformers_does(tmp_path, hf_reference):
+    """YaRN stretches the context to original_max_position_embeddings x factor (vLLM's rule): here 64 x 4 = 256
+    against max_position_embeddings=128, and prompts whose completions run past position 128 match transformers."""
+    params = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}
+    path = make_model(tmp_path / "yarn", "qwen3", seed=5, max_position_embeddings=128, rope_parameters=params)
+    with pytest.warns(UserWarning, match=re.escape("max_model_len=1000 is longer than the model's context of 256 "
+                                                   "(YaRN: original_max_position_embeddings=64 x factor 4.0; "
+                                                   "max_position_embeddings=128); using 256")):
+        llm = LLM(path, kvcache_block_size=16, max_model_len=1000)
+    with llm:
+        assert llm.config.max_model_len == 256
+        run_and_compare(llm, path, random_prompts([120, 150, 200], seed=6), hf_reference)
+        with pytest.raises(ValueError, match="exceeds max_model_len=256"):
+            llm.generate([[1] * 257], GREEDY, use_tqdm=False)
 
 
 @pytest.mark.parametrize("params, words", [

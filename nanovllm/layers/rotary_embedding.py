@@ -55,7 +55,8 @@ def rope_tables(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, 
     """(inverse frequencies, cos/sin scaling) of the model's rotary embedding, as transformers builds them.
 
     Scaled embeddings (linear, YaRN, llama3, ...) come from transformers' own ROPE_INIT_FUNCTIONS. "dynamic" NTK
-    scaling keeps those frequencies up to max_position_embeddings, past which max_model_len never goes. "longrope"
+    scaling keeps those frequencies up to max_position_embeddings, past which max_model_len never goes (see
+    rope_context_length). "longrope"
     switches its frequencies on the longest sequence of a batch, which a per-sequence engine cannot follow."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -73,6 +74,25 @@ def rope_tables(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, 
         raise ValueError(f"rope_type {rope_type!r} rotates {2 * inv_freq.numel()} of the head's {head_dim} "
                          f"dimensions: a partial rotary embedding is not supported")
     return inv_freq, float(scaling)
+
+
+def rope_context_length(config: PretrainedConfig) -> tuple[int, str]:
+    """(the longest context the model's positions may reach, where that figure comes from), as vLLM derives it:
+    max_position_embeddings, times the factor of a linear scaling, or YaRN's original_max_position_embeddings
+    times its factor (Qwen3's 32,768 x 4 = 131,072). Other types keep max_position_embeddings: llama3's is the
+    scaled length already, and dynamic NTK would change its frequencies past it (transformers does, per batch)."""
+    limit = config.max_position_embeddings
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "linear":
+        scaled = int(limit * params["factor"])
+        return scaled, f"max_position_embeddings={limit} x its linear rope factor {params['factor']} = {scaled}"
+    if rope_type == "yarn":
+        original = params.get("original_max_position_embeddings") or limit
+        scaled = max(limit, int(original * params["factor"]))
+        return scaled, (f"context of {scaled} (YaRN: original_max_position_embeddings={original} x factor "
+                        f"{params['factor']}; max_position_embeddings={limit})")
+    return limit, f"max_position_embeddings={limit}"
 
 
 class RotaryEmbedding(nn.Module):

@@ -14,13 +14,13 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.config import head_dim_of
-from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, rope_tables
+from nanovllm.layers.rotary_embedding import QKRotation, RotaryEmbedding, rope_context_length, rope_tables
 from nanovllm.utils.parallel import tp_size
 
 
 class Qwen3Attention(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
         tp = tp_size()
         self.total_num_heads = config.num_attention_heads
@@ -37,8 +37,7 @@ class Qwen3Attention(nn.Module):
                                           self.total_num_kv_heads, bias=qwen2 or attention_bias)
         self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size,
                                         bias=not qwen2 and attention_bias)
-        inv_freq, scaling = rope_tables(config, self.head_dim)
-        self.rotary_emb = RotaryEmbedding(inv_freq, config.max_position_embeddings, dtype, scaling)
+        self.rotary_emb = rotary_emb  # one for all layers: the tables are the same
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
         self.qk_norm = not qwen2
         if self.qk_norm:
@@ -74,9 +73,9 @@ class Qwen3MLP(nn.Module):
 
 class Qwen3DecoderLayer(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.self_attn = Qwen3Attention(config, dtype)
+        self.self_attn = Qwen3Attention(config, rotary_emb)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -101,7 +100,9 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+        inv_freq, scaling = rope_tables(config, head_dim_of(config))
+        rotary_emb = RotaryEmbedding(inv_freq, rope_context_length(config)[0], dtype, scaling)
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, rotary_emb) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -51,15 +51,20 @@ def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
+def rope_parameters(config: PretrainedConfig) -> tuple[dict, str]:
+    """(the config's rope parameters, their rope_type): transformers 5's rope_parameters or 4's rope_scaling."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params, params.get("rope_type", params.get("type", "default"))
+
+
 def rope_tables(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """(inverse frequencies, cos/sin scaling) of the model's rotary embedding, as transformers builds them.
 
     Scaled embeddings (linear, YaRN, llama3, ...) come from transformers' own ROPE_INIT_FUNCTIONS. "dynamic" NTK
     scaling keeps those frequencies up to max_position_embeddings, past which max_model_len never goes (see
-    rope_context_length). "longrope"
-    switches its frequencies on the longest sequence of a batch, which a per-sequence engine cannot follow."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_context_length). "longrope" switches its frequencies on the longest sequence of a batch, which a
+    per-sequence engine cannot follow."""
+    params, rope_type = rope_parameters(config)
     if rope_type == "default":
         return default_inv_freq(head_dim, params.get("rope_theta", getattr(config, "rope_theta", 10000.0))), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -82,8 +87,7 @@ def rope_context_length(config: PretrainedConfig) -> tuple[int, str]:
     times its factor (Qwen3's 32,768 x 4 = 131,072). Other types keep max_position_embeddings: llama3's is the
     scaled length already, and dynamic NTK would change its frequencies past it (transformers does, per batch)."""
     limit = config.max_position_embeddings
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    params, rope_type = rope_parameters(config)
     if rope_type == "linear":
         scaled = int(limit * params["factor"])
         return scaled, f"max_position_embeddings={limit} x its linear rope factor {params['factor']} = {scaled}"

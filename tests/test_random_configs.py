@@ -1,11 +1,11 @@
 """Random combinations of model shape, engine options and requests, each run against transformers in float32.
 
 The other tests pin one option at a time on the shared tiny models; here a seed draws them all at once (heads,
-head_dim, layers, vocabulary, tied embeddings, biases, rope_theta; block size, token budget, sequence limit, a pool
-that holds only the longest sequence, mixed or prefill-first steps, overlapped or step-by-step, prefix caching;
-prompts that share prefixes, logprobs and prompt logprobs), so that a combination nobody wrote down is still
-checked. Every seed must give transformers' greedy tokens exactly, its log-softmax within 1e-4, the same tokens
-again on a second call (now from the prefix cache) and an empty pool afterwards.
+head_dim, layers, vocabulary, tied embeddings, biases, rope_theta and scaling; block size, token budget, sequence
+limit, a pool that holds only the longest sequence, mixed or prefill-first steps, overlapped or step-by-step, prefix
+caching; prompts that share prefixes, logprobs and prompt logprobs), so that a combination nobody wrote down is
+still checked. Every seed must give transformers' greedy tokens exactly, its log-softmax within 1e-4, the same
+tokens again on a second call (now from the prefix cache) and an empty pool afterwards.
 """
 import math
 import random
@@ -33,6 +33,15 @@ def draw_model(rng: random.Random) -> tuple[str, dict]:
                      attention_bias=rng.random() < 0.3)
     else:
         shape.update(hidden_size=heads * rng.choice([8, 16]))
+    rope = rng.choice(["default", "default", "linear", "yarn", "llama3", "dynamic"])
+    params = {"rope_type": rope, "rope_theta": shape.pop("rope_theta")}
+    if rope != "default":
+        params["factor"] = rng.choice([2.0, 4.0])
+    if rope in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = shape["max_position_embeddings"] // 4
+    if rope == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    shape["rope_parameters"] = params
     return kind, shape
 
 

@@ -65,9 +65,9 @@ class Config:
         config = cls(model, **options)
         asked = options.get("max_model_len")
         if asked is not None and asked > config.max_model_len:  # nano-vllm cuts it to the model's limit; say so
-            warnings.warn(f"max_model_len={asked} is longer than the model's "
-                          f"{rope_context_length(config.hf_config)[1]}; using "
-                          f"{config.max_model_len}", stacklevel=4)  # LLM(...)'s line
+            limit = rope_context_length(config.hf_config)[1]
+            warnings.warn(f"max_model_len={asked} is longer than the model's {limit}; using {config.max_model_len}",
+                          stacklevel=4)  # LLM(...)'s line
         return config
 
     def __post_init__(self):

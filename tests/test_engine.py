@@ -345,6 +345,22 @@ def test_overlapped_steps_equal_synchronous_steps(qwen3_path, hf_reference, opti
     assert any(reason == "stop" for _, reason in results[1])
 
 
+def test_add_request_refuses_what_only_generate_can_do_and_keeps_serving(qwen3_with_tokenizer):
+    """add_request() queues one sequence and step() produces tokens, not text: n > 1 and stop strings were
+    silently ignored (one branch; the stop string never matched), now refused by name."""
+    with LLM(qwen3_with_tokenizer, kvcache_block_size=16) as llm:
+        with pytest.raises(ValueError, match=r"add_request\(\) runs one sequence, got n=2: use generate\(\)"):
+            llm.add_request([1, 2, 3], SamplingParams(n=2, temperature=0.5, max_tokens=4))
+        with pytest.raises(ValueError, match=re.escape("stop strings ['w67'] would never match")):
+            llm.add_request("w1 w2 w3", SamplingParams(stop=["w67"], max_tokens=4))
+        assert llm.is_finished()
+        seq = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                         stop_token_ids=[7]))
+        while not llm.is_finished():
+            llm.step()
+        assert seq.is_finished and 1 <= len(seq.completion_token_ids) <= 4
+
+
 def test_generate_completes_the_other_requests_it_stepped(qwen3_path, hf_reference):
     """generate() returns once its own requests are done, with a step of a request queued by add_request
     still in flight: that step's token must be filled in, and the request must go on exactly as if alone."""

@@ -113,7 +113,15 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int] | dict, sampling_params: SamplingParams) -> Sequence:
+        """nano-vllm's manual loop: one sequence, run by step(), its tokens on the returned Sequence. It has no
+        text, so what needs text or several branches is refused rather than ignored."""
         request = self.requests.one(prompt, sampling_params)
+        sp = request.sampling_params
+        if sp.n > 1:
+            raise ValueError(f"add_request() runs one sequence, got n={sp.n}: use generate() or stream() for n > 1")
+        if sp.stop:
+            raise ValueError(f"add_request() does not detokenise, so stop strings {sp.stop!r} would never match: use "
+                             "generate() or stream(), or stop_token_ids")
         with self._exclusive():
             return self._enqueue(request.token_ids, request.sampling_params)
 

@@ -761,6 +761,66 @@ def test_leaving_a_stream_early_and_generate_inside_a_stream(word_llm):
 
 
 
+def byte_char(b: int) -> str:
+    """The character a byte-level BPE vocabulary writes byte b as (GPT-2's table, which Qwen's tokenizers use)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    return chr(b) if b in printable else chr(256 + sorted(set(range(256)) - set(printable)).index(b))
+
+
+PARTIAL = "インター".encode() + "イ".encode()[:1]  # whole characters, then a character's first byte
+
+
+@pytest.fixture(scope="module")
+def byte_model(qwen3_path, tmp_path_factory) -> str:
+    """The tiny qwen3 with a byte-level BPE tokenizer: ids 0-255 are the bytes, 256 is PARTIAL, 257 "ab"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("generation") / "byte_model"
+    shutil.copytree(qwen3_path, folder)
+    vocab = {byte_char(b): b for b in range(256)}
+    vocab |= {"".join(map(byte_char, PARTIAL)): 256, "ab": 257, "<bos>": 510, "<eos>": 511}
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("allowed, max_tokens", [([0xE3], 3), ([256], 1), ([256], 2), ([257, 0xE3], 5)],
+                         ids=["three_lead_bytes", "chars_then_a_lead_byte", "twice", "mixed"])
+def test_text_that_ends_in_a_partial_character_is_kept_with_stop_strings_and_streams(byte_model, allowed, max_tokens):
+    """The incremental decoder holds back text ending in a partial UTF-8 character; when the completion ends there,
+    that text (whole characters before the partial one included) was lost with stop strings or in a stream, while
+    generate without them gave the tokenizer's decode. Now all three give the decode."""
+    with LLM(byte_model, kvcache_block_size=BLOCK) as engine:
+        tokenizer = engine.get_tokenizer()
+        sp = greedy(max_tokens, allowed_token_ids=allowed)
+        plain = engine.generate([[1, 2, 3]], sp, use_tqdm=False)[0]
+        want = tokenizer.decode(plain["token_ids"])
+        assert plain["text"] == want and want.endswith("\ufffd")
+        stopped = engine.generate([[1, 2, 3]], dataclasses.replace(sp, stop=["never"]), use_tqdm=False)[0]
+        assert (stopped["text"], stopped["token_ids"], stopped["finish_reason"]) == (want, plain["token_ids"],
+                                                                                      "length")
+        events = list(engine.stream([[1, 2, 3]], sp))
+        assert "".join(e["text"] for e in events) == want
+        assert [t for e in events for t in e["token_ids"]] == plain["token_ids"]
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_string_inside_held_back_text_stops_at_its_token(byte_model, include):
+    """PARTIAL decodes to "インター" and a partial character, so the decoder releases nothing while such tokens
+    follow each other: the stop string "ター" in that text still ends the completion at the first token."""
+    with LLM(byte_model, kvcache_block_size=BLOCK) as engine:
+        sp = greedy(5, allowed_token_ids=[256], stop=["ター"], include_stop_str_in_output=include)
+        out = engine.generate([[1, 2, 3]], sp, use_tqdm=False)[0]
+        events = list(engine.stream([[1, 2, 3]], sp))
+    assert (out["text"], out["token_ids"], out["finish_reason"], out["stop_reason"]) == (
+        "インター" if include else "イン", [256], "stop", "ター")
+    assert "".join(e["text"] for e in events) == out["text"]
+    assert (events[-1]["finish_reason"], events[-1]["stop_reason"]) == ("stop", "ター")
+
+
 def test_detokenize_false_gives_the_same_tokens_and_no_text(word_llm):
     prompts = STREAM_PROMPTS
     with_text = word_llm.generate(prompts, greedy(8, stop_token_ids=[7]), use_tqdm=False)

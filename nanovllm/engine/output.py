@@ -34,8 +34,9 @@ class Completion:
     """One completion's text as its tokens arrive."""
     seq: Sequence
     decoder: DecodeStream | None  # None: the text is decoded once, at the end
-    text: str = ""
+    text: str = ""  # what the decoder released: complete characters only
     num_decoded: int = 0  # completion tokens fed to the decoder
+    num_released: int = 0  # of those, the tokens whose text is in `text` (the rest end in a partial character)
     num_sent_tokens: int = 0  # stream events: what was already sent
     num_sent_chars: int = 0
     finish_sent: bool = False
@@ -81,24 +82,53 @@ class OutputProcessor:
         while c.num_decoded < len(ids):
             chunk = c.decoder.step(backend, ids[c.num_decoded])
             c.num_decoded += 1
-            # as vLLM: a stop string counts from the token after min_tokens on
-            if chunk:
+            if chunk is not None:
                 c.text += chunk
-                if sp.stop and c.num_decoded > sp.min_tokens and self._cut_at_stop(c, len(chunk)):
+                c.num_released = c.num_decoded
+            # as vLLM: a stop string counts from the token after min_tokens on. DecodeStream holds back text that
+            # ends in a partial UTF-8 character, whole characters before it included: those are searched too
+            if sp.stop and c.num_decoded > sp.min_tokens:
+                held = "" if chunk is not None else self._held_text(c, ids).rstrip("\ufffd")
+                if self._cut_at_stop(c, len(chunk or held), held):
                     return True
+        if c.seq.is_finished:
+            return self._flush(c, ids)
         return False
 
-    @staticmethod
-    def _cut_at_stop(c: Completion, new_chars: int) -> bool:
-        """A stop string may span tokens: look for each one only where the newest chunk completes it (one that
-        completed earlier, before min_tokens, does not count)."""
+    def _held_text(self, c: Completion, ids: list[int]) -> str:
+        """The text of the tokens the decoder holds back, decoded after a few released ones for context."""
+        skip_special = c.seq.sampling_params.skip_special_tokens
+        start = max(0, c.num_released - 4)
+        before = self.tokenizer.decode(ids[start:c.num_released], skip_special_tokens=skip_special)
+        window = self.tokenizer.decode(ids[start:c.num_decoded], skip_special_tokens=skip_special)
+        return window[len(before):] if window.startswith(before) else ""
+
+    def _flush(self, c: Completion, ids: list[int]) -> bool:
+        """A finished completion's text is the decode of all its tokens, as without a decoder: what the decoder
+        still holds (a last partial character, and whole ones before it) is added, and searched for stop strings."""
         sp = c.seq.sampling_params
-        hits = [(c.text.find(s, max(0, len(c.text) - new_chars - len(s) + 1)), s) for s in sp.stop]
+        if c.num_released == c.num_decoded or isinstance(c.seq.stop_reason, str):
+            return False  # nothing held, or the text was cut at a stop string already
+        c.num_released = c.num_decoded
+        full = self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens)
+        if len(full) <= len(c.text) or not full.startswith(c.text):
+            return False
+        new_chars = len(full) - len(c.text)
+        c.text = full
+        return bool(sp.stop) and c.num_decoded > sp.min_tokens and self._cut_at_stop(c, new_chars)
+
+    @staticmethod
+    def _cut_at_stop(c: Completion, new_chars: int, held: str = "") -> bool:
+        """A stop string may span tokens: look for each one only where the newest text completes it (one that
+        completed earlier, before min_tokens, does not count). `held`: text after c.text not released yet."""
+        sp = c.seq.sampling_params
+        text = c.text + held
+        hits = [(text.find(s, max(0, len(text) - new_chars - len(s) + 1)), s) for s in sp.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False
         i, stop = min(hits)
-        c.text = c.text[:i + len(stop)] if sp.include_stop_str_in_output else c.text[:i]
+        c.text = text[:i + len(stop)] if sp.include_stop_str_in_output else text[:i]
         c.seq.stop_reason = stop
         return True
 

@@ -92,7 +92,7 @@ class OutputProcessor:
                 if self._cut_at_stop(c, len(chunk or held), held):
                     return True
         if c.seq.is_finished:
-            return self._flush(c, ids)
+            self._flush(c, ids)
         return False
 
     def _held_text(self, c: Completion, ids: list[int]) -> str:
@@ -103,19 +103,17 @@ class OutputProcessor:
         window = self.tokenizer.decode(ids[start:c.num_decoded], skip_special_tokens=skip_special)
         return window[len(before):] if window.startswith(before) else ""
 
-    def _flush(self, c: Completion, ids: list[int]) -> bool:
+    def _flush(self, c: Completion, ids: list[int]):
         """A finished completion's text is the decode of all its tokens, as without a decoder: what the decoder
-        still holds (a last partial character, and whole ones before it) is added, and searched for stop strings."""
-        sp = c.seq.sampling_params
+        still holds (a last partial character, after whole ones already searched for stop strings) is added. The
+        completion ended for another reason, so stop strings are not looked for again (only those containing
+        U+FFFD could meet the partial character), and a stream's text only grows."""
         if c.num_released == c.num_decoded or isinstance(c.seq.stop_reason, str):
-            return False  # nothing held, or the text was cut at a stop string already
+            return  # nothing held, or the text was cut at a stop string already
         c.num_released = c.num_decoded
-        full = self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens)
-        if len(full) <= len(c.text) or not full.startswith(c.text):
-            return False
-        new_chars = len(full) - len(c.text)
-        c.text = full
-        return bool(sp.stop) and c.num_decoded > sp.min_tokens and self._cut_at_stop(c, new_chars)
+        full = self.tokenizer.decode(ids, skip_special_tokens=c.seq.sampling_params.skip_special_tokens)
+        if full.startswith(c.text):
+            c.text = full
 
     @staticmethod
     def _cut_at_stop(c: Completion, new_chars: int, held: str = "") -> bool:

@@ -807,6 +807,19 @@ def test_text_that_ends_in_a_partial_character_is_kept_with_stop_strings_and_str
         assert [t for e in events for t in e["token_ids"]] == plain["token_ids"]
 
 
+def test_the_final_partial_characters_meet_no_stop_string(byte_model):
+    """Lead bytes only: the decoder holds all of it, and the end adds it as the decode gives it ("\ufffd" three
+    times). The completion ended by length, so a stop string "\ufffd" does not cut it afterwards: generate and
+    stream give the same text and reasons as without the stop string."""
+    with LLM(byte_model, kvcache_block_size=BLOCK) as engine:
+        sp = greedy(3, allowed_token_ids=[0xE3], stop=["\ufffd"])
+        out = engine.generate([[1, 2, 3]], sp, use_tqdm=False)[0]
+        events = list(engine.stream([[1, 2, 3]], sp))
+    assert (out["text"], out["finish_reason"], out["stop_reason"]) == ("\ufffd" * 3, "length", None)
+    assert "".join(e["text"] for e in events) == out["text"]
+    assert (events[-1]["finish_reason"], events[-1]["stop_reason"]) == ("length", None)
+
+
 @pytest.mark.parametrize("include", [False, True])
 def test_a_stop_string_inside_held_back_text_stops_at_its_token(byte_model, include):
     """PARTIAL decodes to "インター" and a partial character, so the decoder releases nothing while such tokens

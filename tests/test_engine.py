@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import OTHER_SHAPES, make_model, next_token_logits, random_prompts
+from conftest import OTHER_SHAPES, make_model, next_token_logits, random_prompts, tiny_config
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -80,7 +80,6 @@ def test_rotary_tables_equal_transformers(kind):
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
     from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_context_length, rope_tables
-    from conftest import tiny_config
     config, _ = tiny_config("qwen3", head_dim=32, rope_parameters=ROPE_KINDS[kind], max_position_embeddings=512)
     length = rope_context_length(config)[0]
     assert length == {"linear": 1024, "yarn": 512, "yarn_mscale": 1024}.get(kind, 512)
@@ -354,11 +353,12 @@ def test_add_request_refuses_what_only_generate_can_do_and_keeps_serving(qwen3_w
         with pytest.raises(ValueError, match=re.escape("stop strings ['w67'] would never match")):
             llm.add_request("w1 w2 w3", SamplingParams(stop=["w67"], max_tokens=4))
         assert llm.is_finished()
-        seq = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
-                                                         stop_token_ids=[7]))
+        sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, stop_token_ids=[7])
+        seq = llm.add_request([1, 2, 3], sp)
         while not llm.is_finished():
             llm.step()
-        assert seq.is_finished and 1 <= len(seq.completion_token_ids) <= 4
+        assert seq.is_finished
+        assert seq.completion_token_ids == llm.generate([[1, 2, 3]], sp, use_tqdm=False)[0]["token_ids"]
 
 
 def test_generate_completes_the_other_requests_it_stepped(qwen3_path, hf_reference):

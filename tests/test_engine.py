@@ -270,7 +270,7 @@ def test_a_backend_that_orders_decode_gets_the_rows_longest_first(qwen3_path, hf
 def test_the_compile_warm_up_runs_its_steps_and_sampler_kinds_at_once_and_leaves_the_engine_exact(
         qwen3_path, hf_reference, monkeypatch):
     """The start-up's compile warm-up (CUDA only; called here by hand) hands its five model steps, the in-flight
-    fill and the sampler's nine kinds to run_warm_up to run at once on one device; they run (here in CPU threads)
+    fill, the GEMM kernels' warm-up and the sampler's nine kinds to run_warm_up to run at once on one device; they run (here in CPU threads)
     and the engine's tokens afterwards are still transformers' (the steps only scribbled on block 0)."""
     import nanovllm.engine.model_runner as model_runner
     calls, run_warm_up = [], model_runner.run_warm_up
@@ -282,9 +282,32 @@ def test_the_compile_warm_up_runs_its_steps_and_sampler_kinds_at_once_and_leaves
     monkeypatch.setattr(model_runner, "run_warm_up", recording)
     with LLM(qwen3_path, kvcache_block_size=16) as llm:
         llm.executor.runner.warmup_compiled_paths()
-        assert calls == [(6 + 9, True)]
+        assert calls == [(7 + 9, True)]
         run_and_compare(llm, qwen3_path, random_prompts([5, 40, 17], seed=21), hf_reference,
                         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+
+
+def test_the_gemm_warm_up_runs_every_projection_and_the_head_at_every_row_count_up_to_max_num_seqs(
+        qwen2_path, monkeypatch):
+    """cuBLAS holds the host until the device is idle the first time it runs one of its kernels, and picks kernels
+    by row count, so the start-up runs each distinct projection (weight shape and bias: Qwen2's qkv has one) and the
+    LM head at every row count a decode step or a prefill step's logits can have, contiguous as the layers' inputs
+    are; on this rank's shard only (PackedWeight.linear, no all-reduce or gather)."""
+    from nanovllm.layers.cpu_packed import PackedWeight
+    with LLM(qwen2_path, kvcache_block_size=16, max_num_seqs=20) as llm:
+        model = llm.executor.runner.model
+        distinct = {(tuple(m.weight.shape), getattr(m, "bias", None) is not None)
+                    for m in model.modules() if hasattr(m, "packed")}
+        assert ((512, 64), False) in distinct and ((128, 64), True) in distinct and len(distinct) == 5
+        seen, linear = [], PackedWeight.linear
+
+        def recording(self, x, weight, bias=None):
+            seen.append((tuple(weight.shape), bias is not None, x.size(0), x.is_contiguous()))
+            return linear(self, x, weight, bias)
+
+        monkeypatch.setattr(PackedWeight, "linear", recording)
+        llm.executor.runner.warm_gemm_kernels()
+    assert sorted(seen) == sorted((shape, bias, m, True) for shape, bias in distinct for m in range(1, 21))
 
 
 def test_a_tokenizer_from_another_folder(qwen3_path, qwen3_with_tokenizer):

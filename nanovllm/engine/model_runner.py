@@ -150,9 +150,9 @@ class ModelRunner:
     def warmup_compiled_paths(self):
         """Compile, before any real request, every variant that serving could otherwise compile mid-step: a plain
         prefill, a prefill reading keys from the paged cache, a one-token chunk, eager decode over a short and over
-        the longest context, the sampler's kinds (rank 0) and the in-flight token fill. The steps run at once on
-        one GPU (run_warm_up: their Triton compiles in parallel); they all scribble on block 0, which no sequence
-        owns yet, and their outputs are dropped."""
+        the longest context, the sampler's kinds (rank 0), the in-flight token fill and the GEMMs' kernels
+        (warm_gemm_kernels). The steps run at once on one GPU (run_warm_up: their Triton compiles in parallel); they
+        all scribble on block 0, which no sequence owns yet, and their outputs are dropped."""
         n, max_len = min(self.block_size, self.config.max_model_len), self.config.max_model_len
 
         def step(kind: StepKind, *specs: tuple[int, int, int]) -> Callable[[], None]:
@@ -166,12 +166,34 @@ class ModelRunner:
         tasks = [step(StepKind.PREFILL, (n, 0, n), (n, 0, n)),
                  *(step(StepKind.PREFILL, (n, cached, n - cached)) for cached in (n // 2, n - 1)),
                  step(StepKind.DECODE, (n, n - 1, 1)), step(StepKind.DECODE, (max_len, max_len - 1, 1)),
-                 in_flight_fill]
+                 in_flight_fill, self.warm_gemm_kernels]
         if self.rank == 0:
             tasks += sampler_warm_up_tasks(self.config.hf_config.vocab_size, self.config.torch_dtype, self.device)
         run_warm_up(tasks, self.device, concurrently=self.world_size == 1)
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def warm_gemm_kernels(self):
+        """Run each distinct projection of the model (its weight shape, with or without bias; the LM head too) once
+        at every row count from 1 to max_num_seqs, on this rank's shard and without collectives. cuBLAS holds the
+        host until the device is idle the first time it runs one of its kernels, and it picks another kernel every
+        few rows (the LM head: every 8), so before this the first step at each new count (a prefill step's logits
+        rows, a decode step's batch, an eager step) stopped the overlapped loop: the device idled while the host
+        prepared the next step. Row counts of max_num_seqs and below are what the head and decode steps see; a
+        prefill step's token count, up to max_num_batched_tokens, is left to chance (its larger GEMMs change
+        kernel rarely)."""
+        linears = {}
+        for module in self.model.modules():
+            packed, weight = getattr(module, "packed", None), getattr(module, "weight", None)
+            if packed is not None and weight is not None:
+                bias = getattr(module, "bias", None)
+                linears.setdefault((tuple(weight.shape), bias is not None), (packed, weight, bias))
+        rows = self.config.max_num_seqs
+        for packed, weight, bias in linears.values():
+            x = torch.zeros(rows, weight.size(1), dtype=weight.dtype, device=weight.device)
+            for m in range(1, rows + 1):
+                packed.linear(x[:m], weight, bias)
 
     def _warmup_row(self, num_tokens: int, cached: int, scheduled: int, in_block_0: bool) -> Row:
         """Zeros with `cached` tokens already cached and `scheduled` to run. in_block_0: all its blocks are block

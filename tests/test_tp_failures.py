@@ -119,6 +119,24 @@ def test_failure_after_the_runner_is_built_stops_the_workers(qwen3_path, monkeyp
     assert multiprocessing.active_children() == []
 
 
+def test_an_option_rank_0_refuses_is_its_value_error_and_a_backend_is_checked_before_any_worker_starts(
+        qwen3_path, monkeypatch):
+    """A bad option under TP is the ValueError one rank gives, not a RuntimeError about a worker that failed too;
+    an attention backend the device cannot run is refused before the workers are spawned."""
+    from nanovllm.engine.executor import Executor
+    spawned = []
+    spawn = Executor._spawn_workers
+    monkeypatch.setattr(Executor, "_spawn_workers", lambda self, config: spawned.append(1) or spawn(self, config))
+    with pytest.raises(ValueError, match="attention_backend='flash_attn' needs a CUDA device"):
+        tp2(qwen3_path, device="cpu", attention_backend="flash_attn")
+    assert spawned == [] and multiprocessing.active_children() == []
+    with pytest.raises(ValueError, match="num_kvcache_blocks=1000000000000 needs"):
+        tp2(qwen3_path, device="cpu", num_kvcache_blocks=10 ** 12)
+    assert spawned == [1] and multiprocessing.active_children() == []
+    with tp2(qwen3_path, device="cpu") as llm:  # the next engine starts
+        assert len(llm.generate([[1, 2, 3]], SP, use_tqdm=False)[0]["token_ids"]) == SP.max_tokens
+
+
 def test_a_second_tensor_parallel_engine_is_refused_and_the_first_keeps_serving(qwen3_path):
     """The ranks meet in the process's one default process group: a second engine while the first lives is refused
     by name (its failed start-up used to destroy the first engine's group, and with it the first engine)."""

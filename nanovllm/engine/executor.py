@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanovllm.config import Config
+from nanovllm.config import Config, head_dim_of
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.layers.backends import create_backend
 
 MAIN_GUARD_HINT = ("it died before running any nanovllm code, which is what happens when the script that "
                    "builds the LLM has no `if __name__ == \"__main__\":` guard: worker processes are started with "
@@ -126,6 +127,10 @@ class Executor:
                 "tensor_parallel_size > 1 needs this process's default torch.distributed process group, and it is "
                 "already set up (another LLM with tensor_parallel_size > 1 that has not been exit()ed, or the "
                 "program's own init_process_group): exit() that LLM first, or build this one in another process")
+        # every rank checks its attention backend against the configuration; under TP a refusal there would come
+        # after the workers had started (seconds) and as their start-up failure: check here first
+        create_backend(config.attention_backend, rank_device(config, 0), config.kv_cache_dtype,
+                       config.kvcache_block_size, head_dim_of(config.hf_config), config.torch_dtype)
         try:
             if self.world_size > 1:
                 self._spawn_workers(config)
@@ -195,6 +200,8 @@ class Executor:
         watchdog.start()
         try:
             return start_rank(config, 0, device, self._init_file)
+        except (ValueError, TypeError):
+            raise  # rank 0's own refusal of an option, which every rank meets: not a worker's failure
         except BaseException as e:
             for rank, (process, conn) in enumerate(zip(self._workers, self._conns), start=1):
                 if conn.poll(1.0) or not process.is_alive():

@@ -68,10 +68,18 @@ class Config:
             limit = rope_context_length(config.hf_config)[1]
             warnings.warn(f"max_model_len={asked} is longer than the model's {limit}; using {config.max_model_len}",
                           stacklevel=4)  # LLM(...)'s line
+        asked = options.get("max_num_seqs")
+        if asked is not None and asked > config.max_num_seqs:
+            warnings.warn(f"max_num_seqs={asked} is more than max_num_batched_tokens={config.max_num_batched_tokens}"
+                          f", the tokens of one step, and a decode step takes one of each running sequence; using "
+                          f"{config.max_num_seqs}", stacklevel=4)
         return config
 
     def __post_init__(self):
         self._check_numbers()
+        # every running sequence decodes in each decode step, one token each, within the step's token budget
+        # (vLLM refuses max_num_batched_tokens < max_num_seqs; a small budget to force chunked prefill is common)
+        self.max_num_seqs = min(self.max_num_seqs, self.max_num_batched_tokens)
         self.model = model_folder(self.model)
         self.tokenizer = self.model if self.tokenizer is None else tokenizer_folder(self.tokenizer)
         self.hf_config = load_hf_config(self.model, self.trust_remote_code)

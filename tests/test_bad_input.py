@@ -126,6 +126,36 @@ def test_a_max_model_len_past_the_model_is_cut_to_it_with_a_warning(qwen3_path):
         with LLM(qwen3_path, kvcache_block_size=16) as engine:
             assert engine.config.max_model_len == 1024
 
+def test_max_num_seqs_is_cut_to_the_token_budget_so_no_step_carries_more_tokens(qwen3_path):
+    """A decode step takes a token of every running sequence, so no more sequences run than max_num_batched_tokens
+    (vLLM refuses the pair): asked for, it is cut with a warning at the LLM(...) line; by default silently. Every
+    step then stays within the budget, with the tokens of an engine without the limit (helper-25's sweep: steps
+    of 8 tokens under a budget of 2)."""
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[i + 1] for i in range(8)]
+    with LLM(qwen3_path, kvcache_block_size=16) as engine:
+        expected = engine.generate(prompts, sp, use_tqdm=False)
+    for mixed in (True, False):
+        with pytest.warns(UserWarning, match=r"max_num_seqs=8 is more than max_num_batched_tokens=2, the tokens of "
+                                             r"one step, .* using 2") as record:
+            engine = LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=2, max_num_seqs=8,
+                         async_scheduling=False, mixed_steps=mixed)
+        assert [w.filename for w in record] == [__file__]
+        with engine:
+            assert engine.config.max_num_seqs == 2
+            for prompt in prompts:
+                engine.add_request(prompt, sp)
+            sizes = []
+            while not engine.is_finished():
+                sizes.append(engine.step().num_tokens)
+            assert max(sizes) == 2 and sum(sizes) == 8 * 6
+            assert engine.generate(prompts, sp, use_tqdm=False) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with LLM(qwen3_path, kvcache_block_size=16, max_num_batched_tokens=48) as engine:
+            assert engine.config.max_num_seqs == 48
+
+
 def test_max_logprobs_sets_the_cap(qwen3_path):
     with LLM(qwen3_path, kvcache_block_size=16, max_model_len=64, max_logprobs=-1) as engine:
         greedy_one = dict(temperature=0, max_tokens=1)

@@ -176,20 +176,19 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_gemm_kernels(self):
         """Run each distinct projection of the model (its weight shape, with or without bias; the LM head too) once
-        at every row count from 1 to max_num_seqs, on this rank's shard and without collectives. cuBLAS holds the
-        host until the device is idle the first time it runs one of its kernels, and it picks another kernel every
-        few rows (the LM head: every 8), so before this the first step at each new count (a prefill step's logits
-        rows, a decode step's batch, an eager step) stopped the overlapped loop: the device idled while the host
-        prepared the next step. Row counts of max_num_seqs and below are what the head and decode steps see; a
-        prefill step's token count, up to max_num_batched_tokens, is left to chance (its larger GEMMs change
-        kernel rarely)."""
+        at every row count from 1 to max_num_seqs (at most 512, the largest decode graph), on this rank's shard and
+        without collectives. cuBLAS holds the host until the device is idle the first time it runs one of its
+        kernels, and it picks another kernel every few rows (the LM head: every 8), so before this the first step
+        at each new count (a prefill step's logits rows, a decode step's batch, an eager step) stopped the
+        overlapped loop: the device idled while the host prepared the next step. A prefill step's token count, up
+        to max_num_batched_tokens, is left to chance (its larger GEMMs change kernel rarely)."""
         linears = {}
         for module in self.model.modules():
             packed, weight = getattr(module, "packed", None), getattr(module, "weight", None)
             if packed is not None and weight is not None:
                 bias = getattr(module, "bias", None)
                 linears.setdefault((tuple(weight.shape), bias is not None), (packed, weight, bias))
-        rows = self.config.max_num_seqs
+        rows = min(self.config.max_num_seqs, 512)  # bounds the start-up: the 8B head reads 1.2 GB a call
         for packed, weight, bias in linears.values():
             x = torch.zeros(rows, weight.size(1), dtype=weight.dtype, device=weight.device)
             for m in range(1, rows + 1):

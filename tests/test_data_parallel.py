@@ -218,6 +218,28 @@ class TestTwoReplicas:
         assert llm.actors == []
 
 
+def draws_as_calls_run(llm) -> list[dict]:
+    """Calls that run nothing: a stream left before its first event, bad input, a generate refused as busy. They
+    must draw no seed, so the sampled generate after them gets the seeds it would get without them."""
+    sampled = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)  # no seed: the engine draws one
+    llm.stream([[9, 9, 9]], sampled).close()
+    with pytest.raises(ValueError, match=r"token id 512 is out of range"):  # at the call, not at the first event
+        llm.stream([[9, 512]], sampled)
+    stream = llm.stream([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=3, seed=1))
+    next(stream)
+    with pytest.raises(RuntimeError, match="already busy in this thread"):
+        llm.generate([[8, 8]], sampled, use_tqdm=False)
+    stream.close()
+    return llm.generate(random_prompts([3, 20, 7], seed=11), sampled, use_tqdm=False)
+
+
+def test_seeds_are_drawn_when_a_call_runs_as_on_one_engine(cluster, qwen3_path):
+    with LLM(qwen3_path, data_parallel_size=2, **OPTIONS) as dp:
+        outputs = draws_as_calls_run(dp)
+    with LLM(qwen3_path, **OPTIONS) as one:
+        assert outputs == draws_as_calls_run(one)
+
+
 def test_an_engine_nobody_refers_to_frees_its_replicas(cluster, qwen3_path):
     """Dropped without exit(), a DataParallelLLM's finaliser frees its actors and placement groups: the next one
     finds the cluster's CPUs free (it would otherwise wait for them, then fail)."""

@@ -243,8 +243,8 @@ class DataParallelLLM:
         self.data_parallel_size = check_data_parallel_size(data_parallel_size)
         self._config = driver_config(model, options)  # bad options fail here, before Ray is even imported
         self.tokenizer = load_tokenizer(self._config)
-        # seeds for requests without one, drawn here as one engine would: a request then samples the same tokens
-        # whichever replica runs it, also when it runs again after a replica died
+        # seeds for requests without one, drawn on the driver as one engine would: a request then samples the same
+        # tokens whichever replica runs it, also when it runs again after a replica died
         self._rng = random.Random(self._config.seed)
         self._one_call = OneCallAtATime()
         # workers on other nodes, or in another working directory, need the path as the driver sees it
@@ -367,6 +367,7 @@ class DataParallelLLM:
         requests = self._requests(prompts, sampling_params)
         with self._one_call():
             self._check_open()
+            self._draw_seeds(requests)
             return self._run("generate", requests, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -385,8 +386,8 @@ class DataParallelLLM:
                use_tqdm: bool = False) -> Iterator[dict]:
         """The engine's stream events from every replica as they come, "index" being the prompt's place in this
         call. A replica that dies mid-stream is replaced and its unfinished requests run again; as a request's
-        outputs do not depend on the replica (its seed is drawn here), what was already sent is skipped."""
-        requests = self._requests(prompts, sampling_params)
+        outputs do not depend on the replica (its seed is drawn on the driver), what was already sent is skipped."""
+        requests = self._requests(prompts, sampling_params)  # bad input raises here, not at the first next()
         return self._stream(requests)
 
     def _stream(self, requests: list[Request]) -> Iterator[dict]:
@@ -394,6 +395,7 @@ class DataParallelLLM:
         sent: dict[tuple[int, int], list] = {}  # (index, completion) -> [tokens sent, chars sent, finished]
         with self._one_call():
             self._check_open()
+            self._draw_seeds(requests)
             for r in self._replicas:
                 r.restarts = 0
             live = self._live()
@@ -560,12 +562,15 @@ class DataParallelLLM:
         """Tokenized and checked on the driver, with the engine's rules, so a bad request reaches no replica."""
         self._check_open()
         defaults = sampling_params is None
-        requests = self._requests_builder.build(prompts, self.default_sampling_params() if defaults
-                                                else sampling_params, defaults)
+        return self._requests_builder.build(prompts, self.default_sampling_params() if defaults
+                                            else sampling_params, defaults)
+
+    def _draw_seeds(self, requests: list[Request]):
+        """Seeds for the requests that bring none, drawn once the call runs, as one engine draws them: a call
+        refused as busy, or a stream left before its first event, draws none."""
         for r in requests:
             if r.sampling_params.seed is None:
                 r.sampling_params = dataclasses.replace(r.sampling_params, seed=self._rng.getrandbits(62))
-        return requests
 
     # ---- shutting down -----------------------------------------------------------------------------------
 

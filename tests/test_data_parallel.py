@@ -240,6 +240,65 @@ def test_seeds_are_drawn_when_a_call_runs_as_on_one_engine(cluster, qwen3_path):
         assert outputs == draws_as_calls_run(one)
 
 
+SHUT_DOWN = r"this LLM has been shut down with exit\(\); create a new one"
+
+
+def assert_shut_down(llm, actors: list):
+    """No replica is left, and every call says why."""
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.info.remote(), timeout=30)
+    sp = SamplingParams(max_tokens=2)
+    with pytest.raises(RuntimeError, match=SHUT_DOWN):
+        llm.generate([[1, 2]], sp, use_tqdm=False)
+    with pytest.raises(RuntimeError, match=SHUT_DOWN):
+        llm.stream([[1, 2]], sp)
+    with pytest.raises(RuntimeError, match=SHUT_DOWN):
+        llm.chat([{"role": "user", "content": "w1"}], sp, use_tqdm=False)
+
+
+def test_exit_from_another_thread_stops_a_running_generate(cluster, qwen3_path):
+    """As on one engine: the call raises exit()'s reason at once, and exit() does not wait for it (uninterrupted,
+    this generate runs for most of a minute)."""
+    llm = LLM(qwen3_path, data_parallel_size=2, **OPTIONS)
+    actors = llm.actors
+    took = {}
+
+    def exit_later():
+        time.sleep(1.0)
+        start = time.perf_counter()
+        llm.exit()
+        took["exit"] = time.perf_counter() - start
+
+    exiting = threading.Thread(target=exit_later)
+    exiting.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(RuntimeError, match=SHUT_DOWN):
+            llm.generate(random_prompts([10] * 512, seed=5), SamplingParams(max_tokens=1000, ignore_eos=True),
+                         use_tqdm=False)
+        ended = time.perf_counter() - start
+    finally:
+        exiting.join()
+    assert took["exit"] < 5, f"exit() took {took['exit']:.1f} s"
+    assert ended < 7, f"generate ended {ended:.1f} s after it started, exit() was called after 1 s"
+    assert_shut_down(llm, actors)
+
+
+def test_exit_with_an_open_stream(cluster, qwen3_path):
+    llm = LLM(qwen3_path, data_parallel_size=2, **OPTIONS)
+    actors = llm.actors
+    stream = llm.stream([[1, 2]] * 4, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    next(stream)
+    start = time.perf_counter()
+    llm.exit()
+    took = time.perf_counter() - start
+    with pytest.raises(RuntimeError, match=SHUT_DOWN):
+        next(stream)
+    assert took < 5, f"exit() took {took:.1f} s"
+    assert_shut_down(llm, actors)
+
+
 def test_an_engine_nobody_refers_to_frees_its_replicas(cluster, qwen3_path):
     """Dropped without exit(), a DataParallelLLM's finaliser frees its actors and placement groups: the next one
     finds the cluster's CPUs free (it would otherwise wait for them, then fail)."""

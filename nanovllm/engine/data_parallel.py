@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral
 from types import ModuleType
@@ -35,6 +36,8 @@ PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to find room for a replica (a bus
 START_TIMEOUT_S = 900.0  # for a replica to load its model (cold compile caches, large checkpoints)
 POLL_INTERVAL_S = 0.5
 MAX_RESTARTS = 3  # per replica and generate call: a request that kills every replica must not loop forever
+EXIT_TIMEOUT_S = 30.0  # for a replica's engine to stop its step and free its GPUs and workers before it is killed
+SHUT_DOWN = "this LLM has been shut down with exit(); create a new one"
 
 
 def import_ray() -> ModuleType:
@@ -100,6 +103,7 @@ class EngineReplica:
         from nanovllm.llm import LLM  # here: llm.py imports this module
         self.slot = slot
         self.engine = LLM(model, **options)
+        self.exiting = False
 
     def info(self) -> ReplicaInfo:
         import ray
@@ -113,22 +117,37 @@ class EngineReplica:
         stops at the next step and drops its requests (None), so the driver's Ctrl-C frees the replica."""
         import ray
         engine = self.engine
-        return engine._generate(engine._requests(prompts, sampling_params), False,
-                                ray.get_runtime_context().is_canceled)
+        with self._ended_by_exit():
+            return engine._generate(engine._requests(prompts, sampling_params), False,
+                                    ray.get_runtime_context().is_canceled)
 
     def stream(self, prompts: list[list[int]], sampling_params: list[SamplingParams]) -> Iterator[list[dict]]:
         """The engine's stream events, a step's worth at a time (fewer, larger Ray objects)."""
         batch = []
-        for event in self.engine.stream(prompts, sampling_params):
-            batch.append(event)
-            if event["finished"] or len(batch) >= 64:
+        with self._ended_by_exit():
+            for event in self.engine.stream(prompts, sampling_params):
+                batch.append(event)
+                if event["finished"] or len(batch) >= 64:
+                    yield batch
+                    batch = []
+            if batch:
                 yield batch
-                batch = []
-        if batch:
-            yield batch
 
     def exit(self):
+        """Runs beside a running generate or stream (its own concurrency group, see `_spawn`): as on one engine,
+        that call stops at its next step."""
+        self.exiting = True
         self.engine.exit()
+
+    @contextmanager
+    def _ended_by_exit(self):
+        """A call that exit() stopped ends quietly, as a cancelled one: the driver, which called exit(), reads it
+        no more, and Ray would log its RuntimeError as an unhandled error."""
+        try:
+            yield
+        except RuntimeError:
+            if not self.exiting:
+                raise
 
 
 def _unsent(event: dict, share: list[int], seen: dict, sent: dict) -> dict | None:
@@ -213,10 +232,11 @@ class _RaySession:
 RAY_SESSION = _RaySession()
 
 
-def _retire(replica: "_Replica"):
+def _retire(replica: "_Replica", reason: str):
     """Forget a replica's (killed or dead) actor and free its placement group."""
     from ray.util import remove_placement_group
     replica.actor = replica.started = None
+    replica.last_error = reason
     remove_placement_group(replica.placement_group)
 
 
@@ -226,11 +246,12 @@ def _release(ray, replicas: list["_Replica"]):
     try:
         if ray.is_initialized():
             live = [r for r in replicas if r.actor is not None]
-            exits = [r.actor.exit.remote() for r in live]
-            ray.wait(exits, num_returns=len(exits), timeout=30)  # let the engines free their GPUs and workers
+            # not queued behind a running call: each engine stops it at its next step, then frees its GPUs
+            exits = [r.actor.exit.options(concurrency_group="exit").remote() for r in live]
+            ray.wait(exits, num_returns=len(exits), timeout=EXIT_TIMEOUT_S)
             for r in live:
                 ray.kill(r.actor)
-                _retire(r)
+                _retire(r, "shut down with exit()")
     finally:
         RAY_SESSION.release(ray)
 
@@ -316,7 +337,8 @@ class DataParallelLLM:
     def _spawn(self, replica: _Replica):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         bundle = self._bundle
-        actor_class = self._ray.remote(EngineReplica).options(
+        # one call at a time, as on one engine; exit() runs beside it in a group of its own
+        actor_class = self._ray.remote(concurrency_groups={"exit": 1})(EngineReplica).options(
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(replica.placement_group, 0))
         options = dict(self._options)
@@ -406,6 +428,7 @@ class DataParallelLLM:
             try:
                 while streams:
                     ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_INTERVAL_S)
+                    self._check_open()  # exit() from another thread ends the replicas, and this call with them
                     for gen in ready:
                         replica, actor, share, seen = streams[gen]
                         try:
@@ -421,10 +444,10 @@ class DataParallelLLM:
                             out = _unsent(event, share, seen, sent)
                             if out is not None:
                                 yield out
+                                self._check_open()  # exit() while the caller held the stream
                     self._check_starts()
             finally:
-                for gen in streams:  # the caller left early: the replicas drop those requests
-                    ray.cancel(gen)
+                self._cancel(streams)
 
     def _start_stream(self, replica: _Replica, share: list[int], requests: list[Request]) -> dict:
         gen = replica.actor.stream.options(num_returns="streaming").remote(
@@ -434,6 +457,7 @@ class DataParallelLLM:
     def _resume_stream(self, replica: _Replica, actor, share: list[int], sent: dict, requests: list[Request],
                        error) -> dict:
         """Run a dead replica's unfinished requests again, on its replacement or spread over the others."""
+        self._check_open()  # a replica that exit() ended is not to be replaced
         finished, started = {}, Counter()  # per request: every started completion finished; how many started
         for (index, _), state in sent.items():
             finished[index] = finished.get(index, True) and state[2]
@@ -466,6 +490,7 @@ class DataParallelLLM:
             with bar:
                 while jobs:
                     ready, _ = self._ray.wait(list(jobs), num_returns=1, timeout=POLL_INTERVAL_S)
+                    self._check_open()  # exit() from another thread ends the replicas, and this call with them
                     for ref in ready:
                         job = jobs.pop(ref)
                         outputs = self._collect(ref, job, requests, jobs)
@@ -476,11 +501,17 @@ class DataParallelLLM:
                         bar.update(len(outputs))
                         bar.set_postfix(output=f"{num_tokens / (time.perf_counter() - start):.0f}tok/s")
                     self._check_starts()
-        except BaseException:  # Ctrl-C or an error: the replicas drop this call's shares, the next call runs at once
-            for ref in jobs:
-                self._ray.cancel(ref)
+        except BaseException:
+            self._cancel(jobs)
             raise
         return results
+
+    def _cancel(self, refs):
+        """The call ends early (Ctrl-C, an error, a stream left): the replicas drop its work at their next step, so
+        the next call runs at once. After exit() there are no replicas left to tell."""
+        if not self._closed and self._ray.is_initialized():
+            for ref in refs:
+                self._ray.cancel(ref)
 
     def _collect(self, ref, job: _Job, requests: list[Request], jobs: dict) -> list[dict]:
         """The outputs of a finished job; for a job whose replica died, none (its requests are resubmitted)."""
@@ -511,6 +542,7 @@ class DataParallelLLM:
     def _recover(self, job: _Job, error, requests: list[Request], jobs: dict) -> dict:
         """A replica died with `job` unfinished: restart it once per death (a replacement that fails to start is
         given up) and run the job again there, or spread it over the others."""
+        self._check_open()  # a replica that exit() ended is not to be replaced
         replica = job.replica
         if replica.actor is job.actor:  # the first of this actor's jobs to fail: replace the actor
             self._replace(replica, job.actor, error, len(job.indices))
@@ -534,7 +566,7 @@ class DataParallelLLM:
             replica.restarts += 1
             self._spawn(replica)
         else:
-            _retire(replica)
+            _retire(replica, replica.last_error)
 
     def _check_starts(self):
         """Note the replacements that are up; kill one that is not up in time (its node is gone and there is no
@@ -576,7 +608,7 @@ class DataParallelLLM:
 
     def _check_open(self):
         if self._closed:
-            raise RuntimeError("this LLM has been shut down with exit(); create a new one")
+            raise RuntimeError(SHUT_DOWN)
         if not self._ray.is_initialized():
             raise RuntimeError("Ray was shut down under this data-parallel LLM (ray.shutdown()), and its replicas "
                                "with it: create a new LLM")

@@ -1,5 +1,6 @@
 """Tiny random-weight Qwen3 / Qwen2 checkpoints made with transformers, float32, shared by the tests."""
 import gc
+import os
 import random
 
 import pytest
@@ -52,6 +53,52 @@ def make_model(path, kind: str, seed: int = 0, **overrides) -> str:
                 p.normal_(0, 0.2)
     model.save_pretrained(path)
     return str(path)
+
+
+# What torch saw before any test hid the GPU (it keeps the device count it found first).
+HAS_CUDA = torch.cuda.is_available()
+GPU_VIEW = dict(is_available=torch.cuda.is_available, device_count=torch.cuda.device_count,
+                env=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def hide_gpu(mp: pytest.MonkeyPatch):
+    mp.setattr(torch.cuda, "is_available", lambda: False)
+    mp.setattr(torch.cuda, "device_count", lambda: 0)
+    mp.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def show_gpu(mp: pytest.MonkeyPatch):
+    mp.setattr(torch.cuda, "is_available", GPU_VIEW["is_available"])
+    mp.setattr(torch.cuda, "device_count", GPU_VIEW["device_count"])
+    if GPU_VIEW["env"] is None:
+        mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        mp.setenv("CUDA_VISIBLE_DEVICES", GPU_VIEW["env"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_unless_marked_cuda(request):
+    """The tests compare the engine with float32 transformers on the CPU, and device "auto" would take a GPU (and
+    its dtype) where there is one. So on a GPU host a module not marked cuda runs as on a CPU machine, its
+    module-scoped engines included: torch reports no GPU in this process, and CUDA_VISIBLE_DEVICES hides it from
+    the processes its tests start (tensor-parallel workers, scripts, Ray's local cluster). A test marked cuda in
+    such a module sees the GPU again (gpu_for_cuda_tests)."""
+    if not HAS_CUDA or request.node.get_closest_marker("cuda") is not None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        hide_gpu(mp)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def gpu_for_cuda_tests(request, cpu_unless_marked_cuda):
+    if HAS_CUDA and request.node.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        with pytest.MonkeyPatch.context() as mp:
+            show_gpu(mp)
+            yield
+        return
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,11 @@ def cluster():
     from ray.cluster_utils import Cluster
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the in-process reference engines: one core each, like the replicas
-    two_nodes = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=OBJECT_STORE))
+    # CPU nodes also on a GPU host (num_gpus=0: Ray would count the host's GPUs on each)
+    node = dict(num_cpus=1, num_gpus=0, object_store_memory=OBJECT_STORE)
+    two_nodes = Cluster(initialize_head=True, head_node_args=node)
     try:
-        two_nodes.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+        two_nodes.add_node(**node)
         two_nodes.wait_for_nodes()
         ray.init(address=two_nodes.address)
         yield two_nodes

@@ -301,6 +301,47 @@ def test_exit_with_an_open_stream(cluster, qwen3_path):
     assert_shut_down(llm, actors)
 
 
+def test_exit_while_a_replica_is_replaced(cluster, qwen3_path, monkeypatch):
+    """exit() from another thread as a running call replaces a dead replica: the replacement is ended with the
+    others (it was made after exit() had released them, and left running), and exit() does not wait for its engine
+    to come up (here that takes two minutes)."""
+    import nanovllm.engine.data_parallel as data_parallel
+
+    class SlowToStart(data_parallel.EngineReplica):  # local: Ray sends the class itself to the actor
+        def __init__(self, *args):
+            time.sleep(120)
+            super().__init__(*args)
+
+    llm = LLM(qwen3_path, data_parallel_size=2, **OPTIONS)
+    actors, made, took = llm.actors, [], {}
+    spawn = llm._spawn
+
+    def exit_now():
+        start = time.perf_counter()
+        llm.exit()
+        took["exit"] = time.perf_counter() - start
+
+    exiting = threading.Thread(target=exit_now)
+
+    def spawn_as_exit_begins(replica):
+        exiting.start()
+        time.sleep(0.5)  # exit() is under way
+        monkeypatch.setattr(data_parallel, "EngineReplica", SlowToStart)
+        spawn(replica)
+        made.append(replica.actor)
+
+    llm._spawn = spawn_as_exit_begins
+    ray.kill(actors[0])
+    try:
+        with pytest.warns(RuntimeWarning, match=r"replica 0 \(pid \d+\) died .*; restarting it"), \
+                pytest.raises(RuntimeError, match=SHUT_DOWN):
+            llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
+    finally:
+        exiting.join()
+    assert len(made) == 1 and took["exit"] < 5, took
+    assert_shut_down(llm, actors + made)
+
+
 def test_an_engine_nobody_refers_to_frees_its_replicas(cluster, qwen3_path):
     """Dropped without exit(), a DataParallelLLM's finaliser frees its actors and placement groups: the next one
     finds the cluster's CPUs free (it would otherwise wait for them, then fail)."""

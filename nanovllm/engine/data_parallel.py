@@ -246,8 +246,10 @@ def _release(ray, replicas: list["_Replica"]):
     try:
         if ray.is_initialized():
             live = [r for r in replicas if r.actor is not None]
+            # a replacement still building its engine runs no method before that ends: it is killed at once
+            up = [r for r in live if ray.wait([r.started], timeout=0)[0]]
             # not queued behind a running call: each engine stops it at its next step, then frees its GPUs
-            exits = [r.actor.exit.options(concurrency_group="exit").remote() for r in live]
+            exits = [r.actor.exit.options(concurrency_group="exit").remote() for r in up]
             ray.wait(exits, num_returns=len(exits), timeout=EXIT_TIMEOUT_S)
             for r in live:
                 ray.kill(r.actor)
@@ -268,6 +270,8 @@ class DataParallelLLM:
         # tokens whichever replica runs it, also when it runs again after a replica died
         self._rng = random.Random(self._config.seed)
         self._one_call = OneCallAtATime()
+        # exit() (any thread) against a replacement spawned by a running call: no actor is made once exit() began
+        self._spawning = threading.Lock()
         # workers on other nodes, or in another working directory, need the path as the driver sees it
         self._model = os.path.abspath(os.fspath(model))
         if options.get("tokenizer") is not None:
@@ -562,11 +566,13 @@ class DataParallelLLM:
         who = f"pid {replica.info.pid}" if started else "starting"  # also keeps the warnings apart
         warnings.warn(f"data-parallel replica {replica.slot} ({who}) died ({str(error).splitlines()[0]}); {what} "
                       f"and running its {num_requests} unfinished requests again", RuntimeWarning, stacklevel=5)
-        if restart:
-            replica.restarts += 1
-            self._spawn(replica)
-        else:
-            _retire(replica, replica.last_error)
+        with self._spawning:
+            self._check_open()  # exit() ran since this call last looked: its release has passed this replica
+            if restart:
+                replica.restarts += 1
+                self._spawn(replica)
+            else:
+                _retire(replica, replica.last_error)
 
     def _check_starts(self):
         """Note the replacements that are up; kill one that is not up in time (its node is gone and there is no
@@ -615,9 +621,10 @@ class DataParallelLLM:
 
     def exit(self):
         """End the replicas' engines and actors and free their placement groups. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._spawning:  # a replacement being spawned is then in the replicas that the release ends
+            if self._closed:
+                return
+            self._closed = True
         self._finalizer()
 
     def __enter__(self) -> "DataParallelLLM":

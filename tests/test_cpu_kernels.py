@@ -155,6 +155,23 @@ def test_prefill_attention_error_as_pytorch(heads, kv_heads, head_dim, q_lens, k
     assert torch.equal(TorchBackend().prefill(q, k, v, k_cache, v_cache, ctx, 0.125), got)
 
 
+def test_attention_with_a_nan_key_is_nan_as_pytorch():
+    """A NaN key makes the heads that see it NaN, as in PyTorch (the kernels used to leave that key out and give a
+    finite answer)."""
+    value = float("nan")
+    q, k_cache, v_cache, ctx = decode_case([20, 40], 16, 4, 2, 64, BF16, "cpu")
+    k_cache[ctx.block_tables[0, 0], 3, 0] = value  # a visible key of sequence 0, KV head 0
+    got = cpu.decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125)
+    pytorch = grouped_decode(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.125)
+    assert torch.equal(got.isnan(), pytorch.isnan()) and got.isnan().any()
+    q, k, v, k_cache, v_cache, ctx = prefill_case([5, 17], [5, 40], 16, 4, 2, 64, BF16, "cpu", True, seed=3)
+    k_cache[ctx.block_tables[1, 0], 2, 1] = value  # a cached key of sequence 1, KV head 1
+    got = cpu.prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables,
+                                0.125)
+    pytorch = reference_prefill(q, k, v, k_cache, v_cache, ctx, 0.125)
+    assert torch.equal(got.isnan(), pytorch.isnan()) and got.isnan().any()
+
+
 @pytest.mark.parametrize("threads", [1, 8])
 def test_attention_with_any_thread_count(threads):
     """More threads than tasks (some get none, some only a row without keys) or one thread: the same results."""

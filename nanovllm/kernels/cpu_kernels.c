@@ -59,9 +59,10 @@ static inline void store32(bf16 *p, pair32 v) { _mm512_storeu_si512(p, narrow(v)
 static inline void mask_store32(__mmask32 m, bf16 *p, pair32 v) { _mm512_mask_storeu_epi16(p, m, narrow(v)); }
 
 /* 2**x: 2**n * 2**f with n = round(x), f in [-1/2, 1/2] by a degree-6 polynomial (relative error ~2e-7);
- * scalef makes 0 far below and inf far above */
+ * scalef makes 0 far below and inf far above. x goes second into min/max, which return their second operand
+ * when one is NaN: a NaN stays NaN (a NaN score then makes its softmax NaN, as in PyTorch) */
 static inline __m512 exp2_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-150.0f)), _mm512_set1_ps(150.0f));
+    x = _mm512_min_ps(_mm512_set1_ps(150.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), x));
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, n);
     __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);

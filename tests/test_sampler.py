@@ -443,6 +443,16 @@ def test_rows_without_penalties_keep_their_logits_in_a_penalised_batch():
     assert not torch.equal(ours[0], logits[0])
 
 
+def test_a_min_p_below_float32_s_range_samples_as_min_p_0():
+    """The device reads min_p as float32, where 1e-300 is 0: the row is then unfiltered there, and the host's choice
+    of draw must agree (it waited for a filtered draw and returned uninitialised token ids)."""
+    logits = random_logits(4, 50, seed=8)
+    seeds = [11, 12, 13, 14]
+    tiny = sample(logits, tensors_for([SamplingParams(temperature=1.0, min_p=1e-300)] * 4, seeds=seeds))
+    off = sample(logits, tensors_for([SamplingParams(temperature=1.0)] * 4, seeds=seeds))
+    assert torch.equal(tiny.token_ids, off.token_ids)
+
+
 def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
     vocab, eos = 50, 49
     logits = torch.zeros(4, vocab)

@@ -476,15 +476,17 @@ def sampling_tensors(params: Sequence[SamplingParams], seeds: Sequence[int], pos
     device = torch.device(device)
     settings, kind_of_row = _distinct_settings(params)
     temperature, top_k, top_p, min_p, repetition, presence, frequency, min_tokens = settings.T
+    # which rows sample and which filter, decided on the float32 values the device tests (_filtered_rows): a
+    # min_p below float32's range is 0 there, and such a row must not wait for a filtered draw it never gets
+    temperature, top_p_complement, min_p = (x.astype(np.float32) for x in (temperature, 1.0 - top_p, min_p))
     sampled = temperature > 0
-    filtered = sampled & ((top_k > 0) | (top_p < 1) | (min_p > 0))
+    filtered = sampled & ((top_k > 0) | (top_p_complement > 0) | (min_p > 0))
     penalized = bool(((repetition != 1) | (presence != 0) | (frequency != 0)).any())
     # SamplingTensors' field -> its host values (float32 or int64), sent in one copy
-    fields = {"temperatures": temperature.astype(np.float32)[kind_of_row],
-              "noise_keys": row_noise_keys(seeds, positions)}
+    fields = {"temperatures": temperature[kind_of_row], "noise_keys": row_noise_keys(seeds, positions)}
     if filtered.any():
-        fields["top_p_complement"] = (1.0 - top_p).astype(np.float32)[kind_of_row]
-        fields["min_p"] = min_p.astype(np.float32)[kind_of_row]
+        fields["top_p_complement"] = top_p_complement[kind_of_row]
+        fields["min_p"] = min_p[kind_of_row]
         fields["top_k"] = np.where(top_k > 0, top_k, TOP_K_OFF).astype(np.int64)[kind_of_row]
     if penalized:
         if output_counts is None or prompt_mask is None:

@@ -563,6 +563,15 @@ def test_min_tokens_holds_eos_back(qwen3_path, hf_model, tmp_path):
     assert held["finish_reason"] == ("stop" if ref[-1] == eos else "length") and held["stop_reason"] is None
 
 
+def test_min_tokens_holds_eos_back_under_ignore_eos(llm):
+    """As in vLLM: ignore_eos keeps EOS from ending the completion, min_tokens still keeps it from being drawn."""
+    eos = llm.config.eos[0]
+    sp = SamplingParams(temperature=0, max_tokens=6, min_tokens=3, ignore_eos=True, logit_bias={eos: 50.0})
+    out = llm.generate([random_prompts([7], seed=5)[0]], sp, use_tqdm=False)[0]
+    assert eos not in out["token_ids"][:3] and out["token_ids"][3:] == [eos] * 3
+    assert out["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("include", [False, True], ids=["left-out", "included"])
 def test_the_stop_token_that_ends_a_completion_is_not_in_its_text(word_llm, include):
     """As in vLLM: token_ids end with the stop token, the text stops before its text (after it with
@@ -868,12 +877,23 @@ def test_truncate_prompt_tokens_keeps_the_end_of_the_prompt(qwen3_path, hf_refer
         assert_pool_empty(engine)
 
 
-def test_max_tokens_none_runs_up_to_max_model_len(qwen3_path, hf_reference):
+def test_max_tokens_none_runs_up_to_max_model_len(qwen3_path, hf_model):
     prompts = random_prompts([10, 33, 1], seed=46)
     with LLM(qwen3_path, kvcache_block_size=BLOCK, max_model_len=40) as engine:
         sp = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, min_tokens=5)
         outs = engine.generate(prompts, sp, use_tqdm=False)
-        assert ids_of(outs) == [hf_reference(qwen3_path, p, 40 - len(p)) for p in prompts]
+        # transformers' greedy steps, EOS banned for the first five tokens (min_tokens) and never a stop
+        expected = []
+        for p in prompts:
+            ids = list(p)
+            while len(ids) < 40:
+                with torch.no_grad():
+                    logits = hf_model(qwen3_path)(torch.tensor([ids])).logits[0, -1]
+                if len(ids) - len(p) < 5:
+                    logits[list(engine.config.eos)] = float("-inf")
+                ids.append(int(logits.argmax()))
+            expected.append(ids[len(p):])
+        assert ids_of(outs) == expected
         assert [o["finish_reason"] for o in outs] == ["length"] * 3
         assert sp.max_tokens is None  # the caller's object is left as it was
         with pytest.raises(ValueError, match="prompt length 40 leaves no room for a completion under "

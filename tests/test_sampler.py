@@ -465,7 +465,7 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
     banned = processed_logits(logits, t).isinf()
     assert banned[0].nonzero().flatten().tolist() == [3, eos]
     assert not banned[1].any()  # three tokens exist: nothing is banned any more
-    assert banned[2].nonzero().flatten().tolist() == [3]  # EOS is no stop with ignore_eos
+    assert banned[2].nonzero().flatten().tolist() == [3, eos]  # as vLLM: also with ignore_eos
     assert banned[3].nonzero().flatten().tolist() == [3, 4, eos]
     tokens = sample(logits, t).token_ids.tolist()
     assert tokens[0] == 4 and tokens[1] == 3 and tokens[2] == 4 and tokens[3] not in (3, 4, eos)

@@ -228,7 +228,7 @@ class RequestBuilder:
         vocabulary) biased to -inf, or, while min_tokens holds them back, nothing but EOS and stop tokens."""
         banned = {t for t, b in (sp.logit_bias or {}).items() if b == float("-inf")}
         banned |= {word[0] for word in sp.bad_words_token_ids or () if len(word) == 1}  # banned at every step
-        held = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.config.eos))
+        held = set(sp.stop_token_ids) | set(self.config.eos)  # EOS also under ignore_eos (the sampler's _bans)
         vocab_size = self.config.hf_config.vocab_size
         if sp.allowed_token_ids is not None:
             left = [t for t in sp.allowed_token_ids if t not in banned]

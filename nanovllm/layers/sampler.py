@@ -468,7 +468,7 @@ def sampling_tensors(params: Sequence[SamplingParams], seeds: Sequence[int], pos
     """Build one step's SamplingTensors and send them to the device in one copy.
 
     params, seeds, positions: per row its settings, its seed and its output position (tokens generated so
-    far). eos_token_ids: banned, with each row's stop_token_ids, while position < min_tokens (EOS not when
+    far). eos_token_ids: banned, with each row's stop_token_ids, while position < min_tokens (also under
     ignore_eos). output_counts / prompt_mask [B, V]: needed when a row has a penalty, ignored otherwise."""
     if not params or not len(params) == len(seeds) == len(positions):
         raise ValueError(f"need one seed and one position per row, got {len(params)} rows, {len(seeds)} seeds "
@@ -531,11 +531,12 @@ def _distinct_settings(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np
 
 def _bans(params: Sequence[SamplingParams], positions: Sequence[int],
           eos_token_ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """EOS and the stop ids of the rows still short of min_tokens, as (row, token id) pairs."""
+    """EOS and the stop ids of the rows still short of min_tokens, as (row, token id) pairs; EOS also under
+    ignore_eos, as vLLM holds it back (ignore_eos only keeps it from ending the completion)."""
     rows, ids = [], []
     for row, (p, position) in enumerate(zip(params, positions)):
         if position < p.min_tokens:
-            banned = p.stop_token_ids if p.ignore_eos else [*p.stop_token_ids, *eos_token_ids]
+            banned = [*p.stop_token_ids, *eos_token_ids]
             rows += [row] * len(banned)
             ids += banned
     if not rows:

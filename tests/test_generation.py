@@ -306,6 +306,24 @@ def test_bad_words_without_a_tokenizer_are_refused(llm):
     assert llm.generate([[5, 6, 7]], greedy(4), use_tqdm=False) == before
 
 
+def test_a_bad_word_the_tokenizer_drops_is_refused(qwen3_path, tmp_path):
+    """A word the tokenizer turns into no tokens (here its normaliser deletes "x") bans nothing: refused by name
+    (it raised an IndexError where only the spaced form had tokens)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path / "drops_x"
+    shutil.copytree(qwen3_path, folder)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(510)} | {"<eos>": 511, "_": 510}, unk_token="w0"))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("x", ""), normalizers.Replace(" ", " _ ")])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(folder)
+    with LLM(str(folder), kvcache_block_size=BLOCK) as engine:
+        assert engine.get_tokenizer().encode(" xx", add_special_tokens=False) == [510]  # only the spaced form has one
+        with pytest.raises(ValueError, match=re.escape("bad_words word 'xx' tokenises to no tokens")):
+            engine.generate(["w1 w2"], greedy(4, bad_words=["xx"]), use_tqdm=False)
+        assert len(engine.generate(["w1 w2"], greedy(4, bad_words=["w3"]), use_tqdm=False)[0]["token_ids"]) == 4
+
+
 def test_sampled_completions_never_hold_a_bad_word(word_llm):
     prompts = [words_of(p) for p in random_prompts([3, 10, 25], seed=41)]
     words = [[t, t + 1] for t in range(0, 500, 2)] + [[t] for t in range(1, 200, 2)]  # many pairs, many singles

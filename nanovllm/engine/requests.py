@@ -212,13 +212,15 @@ class RequestBuilder:
         sequences = []
         for word in words:
             plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:  # the tokenizer drops all of it (its normaliser, say): nothing to ban
+                raise ValueError(f"bad_words word {word!r} tokenises to no tokens with this model's tokenizer")
             spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
             sequences.append(plain)
             if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
                 sequences.append(spaced)
         vocab_size = self.config.hf_config.vocab_size
         for ids in sequences:
-            if not ids or max(ids) >= vocab_size:
+            if max(ids) >= vocab_size:
                 raise ValueError(f"bad_words {words!r} tokenise to {sequences}, ids outside the model's vocabulary "
                                  f"[0, vocab_size={vocab_size})")
         return sequences

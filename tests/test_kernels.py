@@ -22,6 +22,7 @@ rounds half up and lets a mantissa carry corrupt the exponent (1.99 -> 1.0, Trit
 kernels values already on the fp8 grid (and far-out ones, which saturate); the rounding itself is checked on
 CUDA, byte for byte against torch.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -110,6 +111,21 @@ def decode_case(context_lens, block_size, num_heads, num_kv_heads, head_dim, dty
     ctx = Context(is_prefill=False, context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
                   block_tables=tables.to(device))
     return q, k_cache, v_cache, ctx
+
+
+def with_decode_rows(ctx: Context, num_decode_rows: int) -> Context:
+    """The prefill context as the runner builds it for a backend that reads a mixed step's trailing one-token rows
+    as decode rows (step_inputs.prefill_layout): their key counts, block tables and longest-first order."""
+    assert num_decode_rows and ctx.block_tables is not None
+    cu_k = ctx.cu_seqlens_k.tolist()
+    lens = [b - a for a, b in zip(cu_k[-num_decode_rows - 1:], cu_k[-num_decode_rows:])]
+    assert (ctx.cu_seqlens_q[-num_decode_rows:] - ctx.cu_seqlens_q[-num_decode_rows - 1:-1]).eq(1).all()
+    device = ctx.block_tables.device
+    order = sorted(range(len(lens)), key=lens.__getitem__, reverse=True)
+    return dataclasses.replace(ctx, num_decode_rows=num_decode_rows,
+                               context_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+                               decode_block_tables=ctx.block_tables[-num_decode_rows:].contiguous(),
+                               decode_order=torch.tensor(order, dtype=torch.int32, device=device))
 
 
 def fill_stale_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context) -> None:
@@ -206,6 +222,19 @@ def _check_prefill_paged():
         out = prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
                                 ctx.block_tables, 0.3, TileConfig(16, block_n, 4, 1))
         assert_matches_torch("prefill", case, out)
+
+
+def _check_prefill_with_decode_rows():
+    """The triton backend's mixed step: chunks through the prefill kernel, the trailing one-token rows through the
+    decode kernel into the same output; the same result as the torch backend's prefill over every row."""
+    from nanovllm.layers.backends.triton_attn import TritonBackend
+    # chunks (one a single token before longer rows), then decodes (one of a single key); then decodes alone
+    for q_lens, k_lens, tail in (([1, 17, 40, 1, 1, 1], [5, 40, 40, 90, 16, 1], 3), ([1, 1, 1], [5, 33, 1], 3)):
+        for block_size in (16, 64):
+            case = prefill_case(q_lens, k_lens, block_size, 6, 2, 32, torch.float32, "cpu", paged=True)
+            q, k, v, k_cache, v_cache, ctx = case
+            out = TritonBackend().prefill(q, k, v, k_cache, v_cache, with_decode_rows(ctx, tail), 0.3)
+            assert_matches_torch("prefill", case, out)
 
 
 def _check_decode():
@@ -630,6 +659,7 @@ INTERPRETER_CHECKS = {
     "store_kvcache": _check_store_kvcache,
     "prefill_varlen": _check_prefill_varlen,
     "prefill_paged": _check_prefill_paged,
+    "prefill_with_decode_rows": _check_prefill_with_decode_rows,
     "decode": _check_decode,
     "odd_head_dim": _check_odd_head_dim,
     "decode_empty_rows": _check_decode_empty_rows,
@@ -880,6 +910,30 @@ def test_prefill_paged_prefix_and_chunks_cuda(backend_name, block_size, num_head
     case = prefill_case(q_lens, k_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda",
                         paged=True)
     assert_backend_matches_torch(backend, "prefill", case, head_dim ** -0.5, ATOL, RTOL)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_heads, num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_prefill_with_decode_rows_cuda(block_size, num_heads, num_kv_heads, head_dim, fp8):
+    """A mixed step's decodes through the decode kernel (the engine's cache layout): as the torch backend's
+    prefill over every row, and bit-equal to the decode kernel run on those rows alone."""
+    backend = gpu_backend("triton")
+    scales = fp8_scales(num_kv_heads, "cuda") if fp8 else None
+    q_lens, k_lens = [1, 300, 64, 513, 1, 1, 1, 1], [1, 300, 1000, 700, 1500, 2049, 17, 700]
+    case = prefill_case(q_lens, k_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda",
+                        paged=True)
+    q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
+    case = (q, k, v, *triton_layout(k_cache, v_cache), ctx)
+    mixed = with_decode_rows(ctx, 4)
+    out = backend.prefill(*case[:5], mixed, head_dim ** -0.5, scales)
+    assert_matches_torch("prefill", case, out, head_dim ** -0.5, ATOL, RTOL, scales)
+    decode_ctx = Context(False, context_lens=mixed.context_lens, block_tables=mixed.decode_block_tables,
+                         decode_order=mixed.decode_order)
+    assert torch.equal(out[-4:], backend.decode(q[-4:], *case[3:5], decode_ctx, head_dim ** -0.5, scales))
 
 
 @cuda

@@ -135,6 +135,28 @@ def test_prefill_logits_of_scored_prompts_and_of_one_token_chunks():
     assert (lay.logits_indices, lay.scores_prompts) == ([2, 3], True)
     assert prefill_layout(apply_step({}, prefill(new(1, [10, 11, 12], [7], 0, 3))), BS).scores_prompts is False
 
+
+def test_mixed_step_s_trailing_one_token_rows_as_decode_rows():
+    """A mixed step: a chunk, then decodes (the scheduler's order). Asked for, the trailing one-token rows are
+    laid out again as decode rows (key counts, their own block tables, longest first); the varlen fields still
+    cover every row. A one-token row before a longer one stays a chunk only."""
+    states: dict[int, SeqState] = {}
+    finish_step(apply_step(states, prefill(new(2, [20] * 5, [2, 3], 0, 5), new(3, [30] * 9, [4, 5, 6], 0, 9))))
+    rows = apply_step(states, prefill(new(4, [40] * 3, [8], 2, 1), new(1, [10] * 6, [7, 9], 0, 6),
+                                      CachedSequence(2, [], 1, 21), CachedSequence(3, [], 1, None)))
+    lay = prefill_layout(rows, BS, decode_rows=True, ordered=True)
+    assert (lay.cu_seqlens_q, lay.cu_seqlens_k) == ([0, 1, 7, 8, 9], [0, 3, 9, 15, 25])
+    assert (lay.block_tables, lay.width) == ([8, -1, -1, 7, 9, -1, 2, 3, -1, 4, 5, 6], 3)
+    assert lay.decode_context_lens == [6, 10]
+    assert lay.decode_block_tables == [2, 3, -1, 4, 5, 6]
+    assert lay.decode_order == [1, 0]
+    plain = prefill_layout(rows, BS)  # a backend that does not ask
+    assert (plain.decode_context_lens, plain.decode_block_tables, plain.decode_order) == ([], [], [])
+    assert prefill_layout(rows, BS, decode_rows=True).decode_order == []  # ordered only when asked
+    # nothing from the cache (a first prefill of one-token prompts): no decode rows
+    lay = prefill_layout(apply_step({}, prefill(new(5, [1], [0], 0, 1), new(6, [2], [1], 0, 1))), BS, True, True)
+    assert (lay.width, lay.decode_context_lens) == (0, [])
+
 # ---- decode_layout -------------------------------------------------------------------------------------
 
 def test_decode_with_a_known_token_and_one_in_flight():

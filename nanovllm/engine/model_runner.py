@@ -250,17 +250,23 @@ class ModelRunner:
         some row scores its prompt."""
         # a token still in flight (input id -1) is read from the previous step's output, on the device
         in_flight = any(r.last_token is None for r in rows)
+        ordered = self.attn_backend.orders_decode
         if kind == StepKind.PREFILL:
-            lay = prefill_layout(rows, self.block_size)
+            lay = prefill_layout(rows, self.block_size, self.attn_backend.decodes_in_mixed_steps, ordered)
             pending = self._pending_rows(rows, lay.input_ids) if in_flight else []
-            ids, pos, slots, cu_q, cu_k, tables, logits_indices, pending = self._upload(
+            ids, pos, slots, cu_q, cu_k, tables, logits_indices, pending, lens, tail_tables, order = self._upload(
                 lay.input_ids, lay.positions, lay.slot_mapping, lay.cu_seqlens_q, lay.cu_seqlens_k,
-                lay.block_tables, lay.logits_indices, pending)
+                lay.block_tables, lay.logits_indices, pending, lay.decode_context_lens, lay.decode_block_tables,
+                lay.decode_order)
             ctx = Context(True, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, slots,
                           block_tables=tables.view(len(rows), lay.width) if lay.width else None)
+            if lay.decode_context_lens:
+                ctx.num_decode_rows = len(lay.decode_context_lens)
+                ctx.context_lens = lens
+                ctx.decode_block_tables = tail_tables.view(ctx.num_decode_rows, lay.width)
+                ctx.decode_order = order if ordered else None
             ids = fill_in_flight(ids, pending, self.last_sampled) if in_flight else ids
             return ids, pos, ctx, logits_indices, lay.scores_prompts
-        ordered = self.attn_backend.orders_decode
         lay = decode_layout(rows, self.block_size, ordered)
         pending = self._pending_rows(rows, lay.input_ids) if in_flight else []
         ids, pos, slots, lens, tables, order, pending = self._upload(

@@ -3,7 +3,7 @@
 The runner keeps a `SeqState` per sequence between steps (`apply_step` updates them from a ScheduledStep),
 lays a step out with `prefill_layout` / `decode_layout`, and only uploads and runs what comes out.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.engine.step import ScheduledStep
 from nanovllm.sampling_params import SamplingParams
@@ -53,6 +53,11 @@ class PrefillLayout:
     width: int
     logits_indices: list[int]  # which tokens' logits to compute: each row's last, all of a prompt-logprobs row's
     scores_prompts: bool = False  # some row scores its prompt tokens (a one-token chunk adds no extra logit)
+    # the trailing rows of one token (a mixed step's decodes) as decode rows, when asked for and keys come from
+    # the cache: their key counts, their block tables (flattened, `width` wide), longest first when ordered
+    decode_context_lens: list[int] = field(default_factory=list)
+    decode_block_tables: list[int] = field(default_factory=list)
+    decode_order: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -112,13 +117,17 @@ def block_table_rows(tables: list[list[int]]) -> tuple[list[int], int]:
     return flat, width
 
 
-def prefill_layout(rows: list[Row], block_size: int) -> PrefillLayout:
+def prefill_layout(rows: list[Row], block_size: int, decode_rows: bool = False,
+                   ordered: bool = False) -> PrefillLayout:
     """Flatten the scheduled chunk of every sequence into one varlen batch.
 
         seq A: cached [a0 a1 a2] new [a3 a4]      seq B: new [b0 b1 b2]
         input_ids    = [a3 a4 b0 b1 b2]           positions = [3 4 0 1 2]
         cu_seqlens_q = [0 2 5]   (new tokens)     cu_seqlens_k = [0 5 8]   (all keys each new token may see)
         slot_mapping = cache slot of a3 a4 b0 b1 b2
+
+    decode_rows (AttentionBackend.decodes_in_mixed_steps): also the trailing one-token rows (the scheduler puts a
+    mixed step's decodes last) as a decode step's rows, ordered as decode_layout orders them.
     """
     input_ids, positions, slot_mapping = [], [], []
     cu_q, cu_k = [0], [0]
@@ -145,8 +154,23 @@ def prefill_layout(rows: list[Row], block_size: int) -> PrefillLayout:
             scored = True
         else:
             indices.append(end - 1)
-    return PrefillLayout(input_ids, positions, slot_mapping, cu_q, cu_k, max_q, max_k, tables, width, indices,
-                         scored)
+    lay = PrefillLayout(input_ids, positions, slot_mapping, cu_q, cu_k, max_q, max_k, tables, width, indices,
+                        scored)
+    if decode_rows and paged:
+        tail = 0
+        while tail < len(rows) and rows[-1 - tail].num_tokens == 1:
+            tail += 1
+        if tail:
+            lay.decode_context_lens = [b - a for a, b in zip(cu_k[-tail - 1:], cu_k[-tail:])]
+            lay.decode_block_tables = tables[(len(rows) - tail) * width:]
+            if ordered:
+                lay.decode_order = longest_first(lay.decode_context_lens)
+    return lay
+
+
+def longest_first(context_lens: list[int]) -> list[int]:
+    """Row indices by context length, longest first (ties in batch order)."""
+    return sorted(range(len(context_lens)), key=context_lens.__getitem__, reverse=True)
 
 
 def wants_prompt_logprobs(row: Row) -> bool:
@@ -164,5 +188,5 @@ def decode_layout(rows: list[Row], block_size: int, ordered: bool = False) -> De
     input_ids = [-1 if row.last_token is None else row.last_token for row in rows]
     tables, width = block_table_rows([row.state.block_table for row in rows])
     context_lens = [p + 1 for p in positions]
-    order = sorted(range(len(rows)), key=context_lens.__getitem__, reverse=True) if ordered else []
+    order = longest_first(context_lens) if ordered else []
     return DecodeLayout(input_ids, positions, slot_mapping, context_lens, tables, width, order)

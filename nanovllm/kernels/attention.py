@@ -263,8 +263,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
                       v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       max_seqlen_q: int, block_tables: torch.Tensor | None, scale: float,
                       config: TileConfig | None = None, k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal varlen prefill. q: [num_tokens, num_heads, head_dim]; returns the same shape.
+                      v_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal varlen prefill. q: [num_tokens, num_heads, head_dim]; returns the same shape (in `out` if given:
+    a tensor of q's shape and dtype with unit stride along head_dim, e.g. a slice of a larger output).
 
     block_tables None: keys/values are k, v ([num_tokens, num_kv_heads, head_dim], k_len == q_len).
     Otherwise they come from k_cache/v_cache (v_cache may be key-major, see decode_attention) through
@@ -274,7 +275,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.numel() - 1
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output(q, out)
     if num_tokens == 0 or num_seqs == 0:
         return out
     cfg = config or prefill_config(head_dim, q.dtype)
@@ -305,6 +306,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, STRIDE_VD=vt.stride(-1), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
+    return out
+
+
+def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1
     return out
 
 
@@ -504,8 +512,10 @@ def decode_splits(max_keys: int, num_seqs: int, num_kv_heads: int, block_n: int,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, config: TileConfig | None = None,
                      num_splits: int | None = None, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
-    """One new query token per sequence against its paged context. q: [B, num_heads, head_dim] -> same shape.
+                     v_scale: torch.Tensor | None = None, seq_order: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One new query token per sequence against its paged context. q: [B, num_heads, head_dim] -> same shape
+    (in `out` if given, as prefill_attention's).
 
     v_cache may be key-major within its blocks (values_key_major; the triton backend's layout for an fp8 cache).
     context_lens: [B] int32 keys per sequence (the new token included, already stored);
@@ -521,7 +531,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // num_kv_heads
     cfg = config or decode_config(head_dim, group, q.dtype, fp8, key_major)
     assert cfg.block_m >= group
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output(q, out)
     if num_seqs == 0:
         return out
     max_keys = block_tables.size(1) * page_size

@@ -28,6 +28,12 @@ class Context:
     # decode, for a backend that starts its programs in an order (AttentionBackend.orders_decode): the rows,
     # longest context first, [num_seqs] int32, computed on the host with the step's other inputs
     decode_order: torch.Tensor | None = None
+    # prefill reading the cache, for a backend that asks (AttentionBackend.decodes_in_mixed_steps): the last
+    # num_decode_rows sequences have one new token each (a mixed step's decodes), described again as a decode
+    # step's rows: context_lens, decode_order and decode_block_tables ([num_decode_rows, max_num_blocks]) are
+    # theirs; cu_seqlens_*, max_seqlen_* and block_tables still cover every sequence
+    num_decode_rows: int = 0
+    decode_block_tables: torch.Tensor | None = None
     # a backend's own data derived from the fields above, built by the step's first layer for the others
     plan: object = None
 

@@ -32,6 +32,9 @@ class AttentionBackend(ABC):
     name: str = ""
     # whether decode reads ctx.decode_order (the rows longest first), which the runner then uploads with the step
     orders_decode: bool = False
+    # whether prefill reads a mixed step's one-token rows as decode rows (Context.num_decode_rows and the fields
+    # after it), which the runner then uploads with the step; other backends attend to them as prefill rows
+    decodes_in_mixed_steps: bool = False
     # whether the cache is allocated head-major within each block: the same shape, contiguous per block and KV
     # head (strides: block, head_dim, block_size * head_dim, 1), so one head's keys of a block are one run of
     # memory; without it the caches are contiguous tensors

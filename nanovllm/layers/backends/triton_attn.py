@@ -22,6 +22,10 @@ class TritonBackend(AttentionBackend):
     # tile of 128 keys: 16 KiB instead of 128 rows of 128 bytes); 2-3% less decode time with an fp8 cache on an
     # H200 at bench.py's batches, the same with bf16
     head_major_blocks = True
+    # a mixed step's decodes through the decode kernel: in the prefill kernel each one-token row took a 64-row tile
+    # per query head. At bench.py's nine prefill steps (benchmarks/prefill_attention.py, one H200) a layer's
+    # attention took 2.57 instead of 3.56 ms with 0.6B's heads, 4.32 instead of 6.92 ms with 8B's
+    decodes_in_mixed_steps = True
 
     def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
                      kv_cache_dtype: str = "auto") -> None:
@@ -47,8 +51,20 @@ class TritonBackend(AttentionBackend):
         return rotation.rotate_and_store(q, k, v, k_cache, v_cache, slot_mapping, kv_scales)
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
-        return prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
-                                 ctx.block_tables, scale, None, *_scales(kv_scales))
+        tail = ctx.num_decode_rows if ctx.block_tables is not None else 0
+        if not tail:
+            return prefill_attention(q, k, v, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
+                                     ctx.max_seqlen_q, ctx.block_tables, scale, None, *_scales(kv_scales))
+        # the first rows' chunks through the prefill kernel, the trailing one-token rows as a decode step
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        chunks, split = ctx.cu_seqlens_q.numel() - 1 - tail, q.size(0) - tail
+        if chunks:
+            prefill_attention(q[:split], k[:split], v[:split], k_cache, v_cache, ctx.cu_seqlens_q[:chunks + 1],
+                              ctx.cu_seqlens_k[:chunks + 1], ctx.max_seqlen_q, ctx.block_tables, scale, None,
+                              *_scales(kv_scales), out=out[:split])
+        decode_attention(q[split:], k_cache, v_cache, ctx.context_lens, ctx.decode_block_tables, scale, None, None,
+                         *_scales(kv_scales), seq_order=ctx.decode_order, out=out[split:])
+        return out
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales: KVScales | None = None):
         # the runner's order starts the longest sequences' programs first, so that the last ones to finish are

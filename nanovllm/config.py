@@ -190,6 +190,11 @@ def load_hf_config(model: str | os.PathLike, trust_remote_code: bool = False) ->
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {hf_config.model_type!r} of {model!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ValueError(f"config.json of {model!r} has a quantization_config (quant_method {method!r}): quantized "
+                         f"checkpoints are not supported; use the model's float16 / bfloat16 weights")
     try:
         rope_tables(hf_config, head_dim_of(hf_config))  # a rotary embedding the model cannot run: refused here
     except ValueError as e:
@@ -202,17 +207,27 @@ def head_dim_of(hf_config: PretrainedConfig) -> int:
 
 
 def eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
-    """End-of-sequence ids from config.json and generation_config.json (chat models often list several)."""
+    """End-of-sequence ids from config.json and generation_config.json (chat models often list several); ids
+    outside the vocabulary (e.g. -1 for none) are left out with a warning: no draw can produce them."""
     ids = []
-    sources = [getattr(hf_config, "eos_token_id", None)]
+    sources = [("config.json", getattr(hf_config, "eos_token_id", None))]
     gen_path = os.path.join(model, "generation_config.json")
     if os.path.isfile(gen_path):
-        sources.append(read_json(gen_path).get("eos_token_id"))
-    for value in sources:
+        sources.append(("generation_config.json", read_json(gen_path).get("eos_token_id")))
+    for source, value in sources:
         for t in value if isinstance(value, list) else [value]:
-            if isinstance(t, int) and t not in ids:
+            if isinstance(t, int) and not isinstance(t, bool) and t not in ids and in_vocabulary(
+                    t, hf_config.vocab_size, f"{source}'s eos_token_id"):
                 ids.append(t)
     return tuple(ids)
+
+
+def in_vocabulary(token_id: int, vocab_size: int, what: str) -> bool:
+    if 0 <= token_id < vocab_size:
+        return True
+    warnings.warn(f"{what} {token_id} is outside the model's vocabulary [0, {vocab_size}); not used as an "
+                  f"end-of-sequence id", stacklevel=4)
+    return False
 
 
 # generation_config.json key -> SamplingParams field, the ones vLLM takes from a model folder

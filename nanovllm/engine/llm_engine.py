@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from itertools import count
 from time import perf_counter
 
-from nanovllm.config import Config
+from nanovllm.config import Config, in_vocabulary
 from nanovllm.engine.exclusive import InterruptDeferral, OneCallAtATime
 from nanovllm.engine.executor import Executor
 from nanovllm.engine.readback import SampledTokens
@@ -73,7 +73,9 @@ class LLMEngine:
             config.num_kvcache_blocks = self.executor.num_kvcache_blocks
             self.tokenizer = load_tokenizer(config)
             tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-            if isinstance(tokenizer_eos, int):  # the primary EOS first (see Scheduler._finish_reason)
+            if isinstance(tokenizer_eos, int) and in_vocabulary(tokenizer_eos, config.hf_config.vocab_size,
+                                                                 "the tokenizer's eos_token_id"):
+                # the primary EOS first (see Scheduler._finish_reason)
                 config.eos = (tokenizer_eos,) + tuple(t for t in config.eos if t != tokenizer_eos)
             self.requests = RequestBuilder(config, self.tokenizer)
             self.scheduler = Scheduler(config)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.layers.cpu_packed import PackedWeight
-from nanovllm.layers.linear import divide
+from nanovllm.layers.linear import check_loaded_shape, divide
 from nanovllm.utils.parallel import tp_all_reduce, tp_rank, tp_size
 
 
@@ -25,6 +25,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor):
+        check_loaded_shape(loaded_weight, [self.num_embeddings, param.size(1)])
         shard = param.size(0)
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * shard, shard))
 

@@ -1,13 +1,21 @@
 """Linear layers that own their tensor-parallel sharding.
 
 Each Parameter carries a `weight_loader(param, loaded_weight[, shard_id])` that copies this rank's slice of a
-full checkpoint tensor into it, so the loader never needs to know how a layer is split.
+full checkpoint tensor into it, so the loader never needs to know how a layer is split. A checkpoint tensor whose
+shape is not the whole (unsplit) shape its part of the layer has is refused, also where copying would broadcast it
+or a rank's slice of it would fit.
 """
 import torch
 from torch import nn
 
 from nanovllm.layers.cpu_packed import PackedWeight
 from nanovllm.utils.parallel import tp_all_reduce, tp_rank, tp_size
+
+
+def check_loaded_shape(loaded_weight: torch.Tensor, shape: list[int]):
+    """A checkpoint tensor must have exactly the shape the model built from config.json expects."""
+    if list(loaded_weight.shape) != list(shape):
+        raise ValueError(f"shape {list(loaded_weight.shape)}, expected {list(shape)}")
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -33,7 +41,12 @@ class LinearBase(nn.Module):
         self.packed = PackedWeight()
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor):
-        if self.tp_dim is not None and param.dim() > self.tp_dim and self.tp_size > 1:
+        split = self.tp_dim is not None and param.dim() > self.tp_dim and self.tp_size > 1
+        shape = list(param.shape)
+        if split:
+            shape[self.tp_dim] *= self.tp_size
+        check_loaded_shape(loaded_weight, shape)
+        if split:
             shard = param.size(self.tp_dim)
             loaded_weight = loaded_weight.narrow(self.tp_dim, self.tp_rank * shard, shard)
         param.data.copy_(loaded_weight)
@@ -65,6 +78,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
+        check_loaded_shape(loaded_weight, [self.output_sizes[shard_id], *param.shape[1:]])
         target = param.data.narrow(0, offset, size)
         target.copy_(loaded_weight.chunk(self.tp_size, 0)[self.tp_rank])
 
@@ -88,6 +102,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         q_size = self.num_heads * self.head_size
         kv_size = self.num_kv_heads * self.head_size
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
+        check_loaded_shape(loaded_weight, [size * self.tp_size, *param.shape[1:]])
         target = param.data.narrow(0, offset, size)
         target.copy_(loaded_weight.chunk(self.tp_size, 0)[self.tp_rank])
 

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from glob import glob
 
 import torch
@@ -17,11 +18,33 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E
 MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself enforces
 
 
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor):
+    if loaded_weight.shape != param.shape:  # copy_ would broadcast a smaller tensor
+        raise ValueError(f"shape {list(loaded_weight.shape)}, expected {list(param.shape)}")
     param.data.copy_(loaded_weight)
 
 
 def weight_files(path: str) -> list[str]:
+    """The checkpoint's files, chosen as transformers chooses them: model.safetensors if there is one, else the
+    shards that model.safetensors.index.json names (all of them must be there), else every *.safetensors."""
+    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
+        return [os.path.join(path, SINGLE_FILE)]
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        from nanovllm.config import read_json  # config imports this module
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(v, str) and os.path.basename(v) == v for v in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor names to file names in the folder")
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise ValueError(f"{index} names weight files that are not in the folder: {missing}")
+        return [os.path.join(path, n) for n in names]
     files = sorted(glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ValueError(f"model folder {path!r} has no *.safetensors files")
@@ -86,22 +109,48 @@ def _entry_problem(entry) -> str | None:
 
 
 def load_model(model: nn.Module, path: str):
-    """Load every *.safetensors in `path`; fused parameters take their shards through their weight_loader."""
+    """Load the checkpoint's files (weight_files); fused parameters take their parts through their weight_loader.
+
+    Every parameter must get its weights, a fused one each of its parts. Parameters that share one tensor (a tied
+    LM head and the embedding) take it from the first of their names the checkpoint holds, in the model's order:
+    a tied checkpoint that also carries lm_head.weight loads the embedding, as vLLM does (with a warning if the
+    head differs from it).
+    """
     packed = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
-    loaded: set[str] = set()
-    for file in weight_files(path):
+    files = weight_files(path)
+    held = {}  # checkpoint tensor name -> its file
+    for file in files:
         try:
-            _load_file(file, packed, params, modules, loaded)
+            with safe_open(file, "pt", "cpu") as f:
+                held.update(dict.fromkeys(f.keys(), file))
+        except SafetensorError as e:
+            raise _damaged(file, str(e)) from e
+    by_tensor = {}
+    for name, param in params.items():
+        by_tensor.setdefault(id(param), []).append(name)
+    # a parameter name that shares its tensor with an earlier name the checkpoint holds is not loaded
+    held_targets = {_target_of(n, packed)[0] for n in held}
+    skipped = {name for names in by_tensor.values() if len(names) > 1
+               for name in [n for n in names if n in held_targets][1:]}
+    loaded: dict[str, set] = {}  # parameter -> the parts (shard ids; None for a whole tensor) it got
+    duplicates = []
+    for file in files:
+        try:
+            _load_file(file, [n for n, f in held.items() if f == file], packed, params, modules, skipped, loaded,
+                       duplicates)
         except SafetensorError as e:  # e.g. a file that changed on disk since Config checked it
             raise _damaged(file, str(e)) from e
-    _check_complete(model, params, loaded, path)
+    _check_complete(params, by_tensor, packed, loaded, path)
+    for name, file in duplicates:
+        _warn_if_tied_copy_differs(name, file, params, by_tensor)
 
 
-def _load_file(file: str, packed: dict, params: dict, modules: dict, loaded: set[str]):
+def _load_file(file: str, names: list[str], packed: dict, params: dict, modules: dict, skipped: set[str],
+               loaded: dict[str, set], duplicates: list):
     with safe_open(file, "pt", "cpu") as f:
-        for name in f.keys():
+        for name in names:
             target, shard_id = _target_of(name, packed)
             param = params.get(target)
             if param is None:
@@ -111,15 +160,20 @@ def _load_file(file: str, packed: dict, params: dict, modules: dict, loaded: set
                     raise ValueError(f"checkpoint weight {name!r} has no place in the model built from its config "
                                      f"(a bias the config does not declare, e.g. attention_bias?)")
                 continue  # e.g. rotary inv_freq buffers some checkpoints carry
-            loader = getattr(param, "weight_loader", default_weight_loader)
+            if target in skipped:
+                duplicates.append((target, file))
+                continue
             weight = f.get_tensor(name)
+            if weight.dtype not in WEIGHT_DTYPES:
+                raise ValueError(f"checkpoint weight {name!r} of {file} is {weight.dtype}: quantized checkpoints are "
+                                 f"not supported (weights must be float16, bfloat16 or float32)")
+            loader = getattr(param, "weight_loader", default_weight_loader)
             try:
                 loader(param, weight) if shard_id is None else loader(param, weight, shard_id)
-            except RuntimeError as e:  # a shape the config does not give (copy_ / narrow refuse it)
-                raise ValueError(f"checkpoint weight {name!r} of {file} has shape {list(weight.shape)}, which does not "
-                                 f"fit the model that config.json describes ({target}: {list(param.shape)}): "
-                                 f"{e}") from e
-            loaded.add(target)
+            except (RuntimeError, ValueError) as e:  # a shape the config does not give
+                raise ValueError(f"checkpoint weight {name!r} of {file} does not fit the model that config.json "
+                                 f"describes ({target}: {list(param.shape)} on this rank): {e}") from e
+            loaded.setdefault(target, set()).add(shard_id)
 
 
 def _target_of(name: str, packed: dict) -> tuple[str, object]:
@@ -129,15 +183,37 @@ def _target_of(name: str, packed: dict) -> tuple[str, object]:
     return name, None
 
 
-def _check_complete(model: nn.Module, params: dict, loaded: set[str], path: str):
-    # a tied lm_head shares its tensor with the embedding and needs no weight of its own
-    by_tensor = {}
-    for name, param in params.items():
-        by_tensor.setdefault(id(param), []).append(name)
-    missing = [names[0] for names in by_tensor.values() if not loaded.intersection(names)]
+def _check_complete(params: dict, by_tensor: dict, packed: dict, loaded: dict[str, set], path: str):
+    """Every tensor loaded under one of its names, a fused parameter with each of its parts."""
+    parts_of = {}  # fused module name -> {shard id: checkpoint module name}
+    for source, (fused, shard_id) in packed.items():
+        parts_of.setdefault(fused, {})[shard_id] = source
+    missing = []
+    for names in by_tensor.values():
+        got = [n for n in names if n in loaded]
+        if not got:
+            missing.append(names[0])
+            continue
+        module, _, leaf = got[0].rpartition(".")
+        prefix, _, fused = module.rpartition(".")
+        parts = parts_of.get(fused)
+        if parts is not None:
+            missing += [f"{prefix}.{parts[s]}.{leaf}" for s in parts if s not in loaded[got[0]]]
     if missing:
         raise ValueError(f"checkpoint in {path!r} lacks weights for {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}")
+
+
+def _warn_if_tied_copy_differs(name: str, file: str, params: dict, by_tensor: dict):
+    param = params[name]
+    owner = by_tensor[id(param)][0]
+    with safe_open(file, "pt", "cpu") as f:
+        weight = f.get_tensor(name)
+    copy = torch.empty_like(param)
+    getattr(param, "weight_loader", default_weight_loader)(copy, weight)  # this rank's part, as the owner's
+    if not torch.equal(copy, param):
+        warnings.warn(f"the checkpoint's {name!r} differs from {owner!r}, which it shares a tensor with "
+                      f"(tie_word_embeddings); using {owner!r}", stacklevel=2)
 
 
 def init_dummy_weights(model: nn.Module, seed: int):

@@ -28,12 +28,17 @@ from nanovllm.layers.backends.triton_attn import TritonBackend
 from nanovllm.layers.kv_quant import FP8_DTYPE
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(p: argparse.ArgumentParser):
+    """The attention shape flags (defaults: Qwen3-0.6B's heads, the engine's 256-slot pages)."""
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page-size", type=int, default=256)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(p)
     p.add_argument("--num-pages", type=int, default=4485, help="cache pages (the 0.6B bench's bf16 cache: 4485)")
     p.add_argument("--steps", type=int, nargs="+", default=[50, 250, 450, 650, 850, 1000])
     p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto", "fp8_e4m3"], choices=["auto", "fp8_e4m3"])
@@ -41,9 +46,9 @@ def parse_args():
     return p.parse_args()
 
 
-def bench_batches(steps: list[int]) -> list[list[int]]:
-    """Context lengths of the sequences decoding at each step of bench.py's default workload (its random draws,
-    in its order: each prompt's length, then its tokens; then every output length)."""
+def bench_lengths() -> tuple[list[int], list[int]]:
+    """The prompt and output lengths of bench.py's default workload (its random draws, in its order: each
+    prompt's length, then its tokens; then every output length)."""
     rng = random.Random(0)
     prompt_lens = []
     for _ in range(256):
@@ -51,7 +56,12 @@ def bench_batches(steps: list[int]) -> list[list[int]]:
         for _ in range(n):
             rng.randint(0, 10000)
         prompt_lens.append(n)
-    output_lens = [rng.randint(100, 1024) for _ in range(256)]
+    return prompt_lens, [rng.randint(100, 1024) for _ in range(256)]
+
+
+def bench_batches(steps: list[int]) -> list[list[int]]:
+    """Context lengths of the sequences decoding at each step of bench.py's default workload."""
+    prompt_lens, output_lens = bench_lengths()
     return [[p + s + 1 for p, o in zip(prompt_lens, output_lens) if o > s] for s in steps]
 
 
@@ -108,6 +118,18 @@ def time_call(fn, iters: int) -> float:
     return best
 
 
+def time_variant(name: str, call, reference, iters: int, line: list[str]):
+    """(output, seconds a call, max difference from reference, or from itself without one), or None with a line
+    saying why when the call fails (e.g. a tile too large for shared memory)."""
+    try:
+        out = call()
+    except Exception as e:
+        line.append(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return None
+    diff = (out.float() - (out if reference is None else reference).float()).abs().max().item()
+    return out, time_call(call, iters), diff
+
+
 def read_bandwidth() -> float:
     x = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda").fill_(1)
     seconds = time_call(lambda: x.sum(), 20)
@@ -161,16 +183,12 @@ def main():
                         order = torch.argsort(context_lens, descending=True) if sort_in_call else longest_first
                     return decode_attention(q, k_cache, v_cache, context_lens, tables, scale, config, None, ks, vs,
                                             order)
-                try:
-                    out = call()
-                except Exception as e:  # e.g. a tile too large for shared memory
-                    line.append(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                timed = time_variant(name, call, reference, args.iters, line)
+                if timed is None:
                     failed.add(name)
                     continue
-                if reference is None:
-                    reference = out
-                diff = (out.float() - reference.float()).abs().max().item()
-                seconds = time_call(call, args.iters)
+                out, seconds, diff = timed
+                reference = out if reference is None else reference
                 totals[name] = totals.get(name, 0.0) + seconds
                 line.append(f"  {name}: {seconds * 1e6:.0f} us {kv_bytes / seconds / 1e9:,.0f} GB/s "
                             f"(max diff {diff:.1e})")

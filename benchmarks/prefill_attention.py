@@ -12,36 +12,21 @@ those steps, one attention layer each, from a CUDA graph, with each tile configu
 the time of all steps and the rate of the causal products (4 * head_dim flops a query head and visible key).
 """
 import argparse
-import random
 
 import torch
 
 from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention, prefill_config
 
-from decode_attention import time_call
+from decode_attention import add_shape_args, bench_lengths, time_variant
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--page-size", type=int, default=256)
+    add_shape_args(p)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--max-steps", type=int, default=0, help="time only the first N steps (0: all)")
     p.add_argument("--iters", type=int, default=10)
     return p.parse_args()
-
-
-def bench_prompt_lens() -> list[int]:
-    rng = random.Random(0)
-    lens = []
-    for _ in range(256):
-        n = rng.randint(100, 1024)
-        for _ in range(n):
-            rng.randint(0, 10000)
-        lens.append(n)
-    return lens
 
 
 def prefill_steps(prompt_lens: list[int], budget: int) -> list[list[tuple[int, int]]]:
@@ -128,7 +113,7 @@ def flash_attn_call(case, scale):
 def main():
     args = parse_args()
     dtype = torch.bfloat16
-    steps = prefill_steps(bench_prompt_lens(), args.max_num_batched_tokens)
+    steps = prefill_steps(bench_lengths()[0], args.max_num_batched_tokens)
     if args.max_steps:
         steps = steps[:args.max_steps]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -149,16 +134,12 @@ def main():
             def call():
                 return prefill_attention(case["q"], case["k"], case["v"], case["k_cache"], case["v_cache"],
                                          case["cu_q"], case["cu_k"], case["max_q"], case["tables"], scale, config)
-            try:
-                out = call()
-            except Exception as e:  # e.g. a tile too large for shared memory
-                line.append(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-                totals[name] = float("inf")
+            timed = time_variant(name, call, reference, args.iters, line)
+            if timed is None:
+                totals[name] = step_seconds[name] = float("inf")
                 continue
-            if reference is None:
-                reference = out
-            diff = (out.float() - reference.float()).abs().max().item()
-            seconds = time_call(call, args.iters)
+            out, seconds, diff = timed
+            reference = out if reference is None else reference
             totals[name] = totals.get(name, 0.0) + seconds
             step_seconds[name] = seconds
             line.append(f"  {name}: {seconds * 1e6:.0f} us, {flops / seconds / 1e12:.0f} TFLOP/s (max diff {diff:.1e})")
@@ -185,15 +166,18 @@ def main():
                 decode_attention(case["q"][split:], case["k_cache"], case["v_cache"], lens, tables, scale,
                                  seq_order=order, out=out[split:])
                 return out
-            diff = (apart().float() - reference.float()).abs().max().item()
-            seconds = time_call(apart, args.iters)
+            timed = time_variant(name, apart, reference, args.iters, line)
+            if timed is None:
+                totals[name] = float("inf")
+                continue
+            _, seconds, diff = timed
             totals[name] = totals.get(name, 0.0) + seconds
             line.append(f"  {name} ({tail} rows): {seconds * 1e6:.0f} us, {flops / seconds / 1e12:.0f} TFLOP/s "
                         f"(max diff {diff:.1e})")
         fa = flash_attn_call(case, scale)
-        if fa is not None:
-            seconds = time_call(fa, args.iters)
-            diff = (fa().float() - reference.float()).abs().max().item()
+        timed = fa and time_variant("flash-attn varlen", fa, reference, args.iters, line)
+        if timed:
+            _, seconds, diff = timed
             fa_total += seconds
             fa_flops += flops
             line.append(f"  flash-attn varlen: {seconds * 1e6:.0f} us, {flops / seconds / 1e12:.0f} TFLOP/s "

@@ -317,6 +317,10 @@ def test_a_tied_checkpoint_s_differing_lm_head_is_not_loaded_over_the_embedding(
         got = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
     edit_weights(folder, lambda w: w.pop("lm_head.weight"))  # the embedding for both, as transformers ties it
     assert got == hf_reference(folder, [1, 2, 3], GREEDY.max_tokens)
+    # one of another shape is refused by name, as any other (its check ran outside the naming wrapper)
+    edit_weights(folder, lambda w: w.update({"lm_head.weight": torch.zeros(600, 64)}))
+    with pytest.raises(ValueError, match=r"'lm_head.weight' of .* does not fit .*: shape \[600, 64\], expected"):
+        LLM(folder, **SMALL)
 
 
 def shard(folder: str, names_per_file: list[list[str]]) -> dict:
@@ -354,3 +358,25 @@ def test_sharded_checkpoints_load_the_files_their_index_names(tmp_path, hf_refer
     save_file(weights, os.path.join(folder, "model.safetensors"))  # beside the index: the one transformers reads
     with LLM(folder, **SMALL) as llm:
         assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"] == expect
+
+
+def test_an_index_may_name_shards_in_subfolders_not_outside(tmp_path, hf_reference):
+    """transformers joins the index's file names to the folder, so shards may sit in a subfolder; a name that
+    leaves the folder is refused."""
+    from safetensors import safe_open
+    folder = make_model(tmp_path / "m", "qwen3")
+    expect = hf_reference(folder, [1, 2, 3], GREEDY.max_tokens)
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    shard(folder, [names])
+    os.mkdir(os.path.join(folder, "weights"))
+    file = "model-00001-of-00001.safetensors"
+    os.rename(os.path.join(folder, file), os.path.join(folder, "weights", file))
+    edit_json(folder, "model.safetensors.index.json",
+              lambda d: d.update(weight_map=dict.fromkeys(names, f"weights/{file}")))
+    with LLM(folder, **SMALL) as llm:
+        assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"] == expect
+    edit_json(folder, "model.safetensors.index.json",
+              lambda d: d.update(weight_map=dict.fromkeys(names, f"../{file}")))
+    with pytest.raises(ValueError, match=rf"names weight files outside the model folder: \['../{file}'\]"):
+        LLM(folder, **SMALL)

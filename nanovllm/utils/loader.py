@@ -38,9 +38,12 @@ def weight_files(path: str) -> list[str]:
         from nanovllm.config import read_json  # config imports this module
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(v, str) and os.path.basename(v) == v for v in weight_map.values()):
-            raise ValueError(f"{index} has no weight_map of tensor names to file names in the folder")
+                isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor names to file names")
         names = sorted(set(weight_map.values()))
+        outside = [n for n in names if os.path.isabs(n) or os.path.normpath(n).split(os.sep)[0] == os.pardir]
+        if outside:  # shards may sit in subfolders (transformers joins the names to the folder), not elsewhere
+            raise ValueError(f"{index} names weight files outside the model folder: {outside}")
         missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
         if missing:
             raise ValueError(f"{index} names weight files that are not in the folder: {missing}")
@@ -171,9 +174,13 @@ def _load_file(file: str, names: list[str], packed: dict, params: dict, modules:
             try:
                 loader(param, weight) if shard_id is None else loader(param, weight, shard_id)
             except (RuntimeError, ValueError) as e:  # a shape the config does not give
-                raise ValueError(f"checkpoint weight {name!r} of {file} does not fit the model that config.json "
-                                 f"describes ({target}: {list(param.shape)} on this rank): {e}") from e
+                raise _does_not_fit(name, file, target, param, e) from e
             loaded.setdefault(target, set()).add(shard_id)
+
+
+def _does_not_fit(name: str, file: str, target: str, param: nn.Parameter, error: Exception) -> ValueError:
+    return ValueError(f"checkpoint weight {name!r} of {file} does not fit the model that config.json describes "
+                      f"({target}: {list(param.shape)} on this rank): {error}")
 
 
 def _target_of(name: str, packed: dict) -> tuple[str, object]:
@@ -210,7 +217,10 @@ def _warn_if_tied_copy_differs(name: str, file: str, params: dict, by_tensor: di
     with safe_open(file, "pt", "cpu") as f:
         weight = f.get_tensor(name)
     copy = torch.empty_like(param)
-    getattr(param, "weight_loader", default_weight_loader)(copy, weight)  # this rank's part, as the owner's
+    try:  # this rank's part, as the owner's; a tensor of another shape is refused as if it were loaded
+        getattr(param, "weight_loader", default_weight_loader)(copy, weight)
+    except (RuntimeError, ValueError) as e:
+        raise _does_not_fit(name, file, name, param, e) from e
     if not torch.equal(copy, param):
         warnings.warn(f"the checkpoint's {name!r} differs from {owner!r}, which it shares a tensor with "
                       f"(tie_word_embeddings); using {owner!r}", stacklevel=2)

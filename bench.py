@@ -31,6 +31,7 @@ from random import Random, randint, seed
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.config import load_hf_config
 from nanovllm.engine.kv_cache import block_bytes
 
 QWEN3_COMMON = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, head_dim=128,
@@ -110,6 +111,8 @@ def parse_args():
                 "--data-parallel-size 1")
     if args.kernels and (args.profile or args.decode_batch):
         p.error("--kernels profiles the headline run alone: leave out --profile and --decode-batch")
+    if args.profile and args.decode_batch:
+        p.error("--profile splits the headline run's time: leave out --decode-batch")
     if args.decode_batch and min(args.decode_batch) < 1:
         p.error(f"--decode-batch sizes must be >= 1, got {args.decode_batch}")
     if args.decode_batch and args.max_output_len < 2:
@@ -169,20 +172,23 @@ def sampling_settings(args) -> dict:
                 repetition_penalty=args.repetition_penalty)
 
 
-def random_workload(args) -> Workload:
-    """nano-vllm's workload (its draws, in its order), data_parallel_size times over."""
+def random_workload(args, vocab_size: int) -> Workload:
+    """nano-vllm's workload (its draws, in its order), data_parallel_size times over; token ids below 10,000 (below
+    the vocabulary's size for a smaller one)."""
     seed(0)
     lo = min(args.min_len, args.max_input_len, args.max_output_len)
     num_seqs = args.num_seqs * args.data_parallel_size
-    prompts = [[randint(0, 10000) for _ in range(randint(lo, args.max_input_len))] for _ in range(num_seqs)]
+    top = min(10000, vocab_size - 1)
+    prompts = [[randint(0, top) for _ in range(randint(lo, args.max_input_len))] for _ in range(num_seqs)]
     sps = [SamplingParams(**sampling_settings(args), ignore_eos=True, max_tokens=randint(lo, args.max_output_len))
            for _ in range(num_seqs)]
     return Workload(prompts, sps)
 
 
-def fixed_batch_workload(args, batch: int) -> Workload:
+def fixed_batch_workload(args, batch: int, vocab_size: int) -> Workload:
     rng = Random(batch)  # other tokens for each batch size, so that the prefix cache serves none of them
-    prompts = [[rng.randint(0, 10000) for _ in range(args.max_input_len)] for _ in range(batch)]
+    top = min(10000, vocab_size - 1)
+    prompts = [[rng.randint(0, top) for _ in range(args.max_input_len)] for _ in range(batch)]
     sp = SamplingParams(**sampling_settings(args), ignore_eos=True, max_tokens=args.max_output_len)
     return Workload(prompts, [sp] * batch)
 
@@ -334,14 +340,24 @@ def main():
                   disable_custom_all_reduce=not args.custom_all_reduce)
     except (ValueError, TypeError) as e:  # an option only the engine can check (the folder, device, dtype...)
         raise SystemExit(f"bench.py: error: {e}")
+    try:
+        run(llm, args, load_hf_config(path).vocab_size, time.perf_counter() - t)
+    except (ValueError, TypeError) as e:  # a request the engine refuses (e.g. past a model's shorter context)
+        raise SystemExit(f"bench.py: error: {e}")
+    finally:
+        llm.exit()
+
+
+def run(llm, args, vocab_size: int, start_seconds: float):
     if args.data_parallel_size > 1:
         on_cpu = False
-        print(f"{args.data_parallel_size} replicas ready in {time.perf_counter() - t:.1f}s: {llm.replicas}")
+        print(f"{args.data_parallel_size} replicas ready in {start_seconds:.1f}s: {llm.replicas}")
     else:
         on_cpu = llm.config.device.type == "cpu"
         if on_cpu and args.kernels:
-            llm.exit()
-            raise SystemExit("bench.py: error: --kernels profiles CUDA kernels, and this run is on the CPU")
+            raise ValueError("--kernels profiles CUDA kernels, and this run is on the CPU")
+        if on_cpu and args.profile:
+            raise ValueError("--profile times each step's share of the GPU, and this run is on the CPU")
         print(f"attention backend: {llm.executor.runner.attn_backend.name}, KV blocks: "
               f"{llm.config.num_kvcache_blocks}, device: {llm.config.device}, dtype: {llm.config.torch_dtype}, "
               f"torch threads: {torch.get_num_threads()}")
@@ -349,14 +365,14 @@ def main():
     if args.decode_batch:
         decode_tps = {}
         for batch in args.decode_batch:
-            times = timed_steps(llm, fixed_batch_workload(args, batch))
+            times = timed_steps(llm, fixed_batch_workload(args, batch, vocab_size))
             times.report(f"[batch {batch}] ")
             decode_tps[batch] = times.decode_tps
         base = args.decode_batch[0]
         for batch, tps in decode_tps.items():
             print(f"decode at batch {batch}: {tps:.2f}tok/s, {tps / decode_tps[base]:.2f}x batch {base}")
     else:
-        work = random_workload(args)
+        work = random_workload(args, vocab_size)
         if args.kernels:
             profiled_generate(llm, work)
         elif not on_cpu:  # the headline: overlapped steps, as users run them
@@ -366,7 +382,6 @@ def main():
             times.report()
             if on_cpu:
                 print_throughput(work.output_tokens, times.prefill_s + times.decode_s)
-    llm.exit()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python example.py --model ~/huggingface/Qwen3-0.6B --max-tokens 128 --temperature 0
 """
 import argparse
+import math
 import os
 
 from nanovllm import LLM, SamplingParams
@@ -21,8 +22,8 @@ def _positive_int(text: str) -> int:
 
 def _temperature(text: str) -> float:
     value = float(text)
-    if not value >= 0.0:  # written this way so that NaN is refused too
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
+    if not 0.0 <= value < math.inf:  # written this way so that NaN is refused too
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
     return value
 
 
@@ -59,20 +60,30 @@ def main() -> None:
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
     sampling_params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     with build(args) as llm:
-        if args.stream:
-            tokenizer = llm.tokenizer
-            for conversation in conversations:
-                prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-                print(f"\n\nPrompt: {prompt!r}\nCompletion: ", end="", flush=True)
-                for event in llm.stream([tokenizer.encode(prompt, add_special_tokens=False)], sampling_params):
-                    print(event["text"], end="", flush=True)
-            print()
-            return
-        outputs = llm.chat(conversations, sampling_params)
+        try:  # what the engine or the tokenizer refuses (a max_tokens past the model's context, no chat template)
+            if args.stream:
+                stream_chats(llm, conversations, sampling_params)
+                return
+            outputs = llm.chat(conversations, sampling_params)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"example.py: error: {e}")
     for conversation, output in zip(conversations, outputs):
         print("\n")
         print(f"Prompt: {conversation[0]['content']!r}")
         print(f"Completion: {output['text']!r}")
+
+
+def stream_chats(llm: LLM, conversations: list[list[dict]], sampling_params: SamplingParams) -> None:
+    tokenizer = llm.tokenizer
+    if tokenizer is None:
+        raise ValueError("the model folder has no tokenizer: the example chats in text (give one with a folder "
+                         "that holds tokenizer files)")
+    for conversation in conversations:
+        prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        print(f"\n\nPrompt: {prompt!r}\nCompletion: ", end="", flush=True)
+        for event in llm.stream([tokenizer.encode(prompt, add_special_tokens=False)], sampling_params):
+            print(event["text"], end="", flush=True)
+    print()
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def prefill_layout(rows: list[Row], block_size: int, decode_rows: bool = False,
             tail += 1
         if tail:
             lay.decode_context_lens = [b - a for a, b in zip(cu_k[-tail - 1:], cu_k[-tail:])]
+            # a copy of the tail rows rather than a view into `tables`: uploaded as its own part it starts 16-byte
+            # aligned, so the decode kernel meets the variant its CUDA graphs compiled (utils/packing.py)
             lay.decode_block_tables = tables[(len(rows) - tail) * width:]
             if ordered:
                 lay.decode_order = longest_first(lay.decode_context_lens)

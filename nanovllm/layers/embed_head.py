@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.layers.cpu_packed import PackedWeight
-from nanovllm.layers.linear import check_loaded_shape, divide
+from nanovllm.layers.linear import divide
+from nanovllm.utils.loader import check_loaded_shape
 from nanovllm.utils.parallel import tp_all_reduce, tp_rank, tp_size
 
 

@@ -9,13 +9,8 @@ import torch
 from torch import nn
 
 from nanovllm.layers.cpu_packed import PackedWeight
+from nanovllm.utils.loader import check_loaded_shape
 from nanovllm.utils.parallel import tp_all_reduce, tp_rank, tp_size
-
-
-def check_loaded_shape(loaded_weight: torch.Tensor, shape: list[int]):
-    """A checkpoint tensor must have exactly the shape the model built from config.json expects."""
-    if list(loaded_weight.shape) != list(shape):
-        raise ValueError(f"shape {list(loaded_weight.shape)}, expected {list(shape)}")
 
 
 def divide(numerator: int, denominator: int) -> int:

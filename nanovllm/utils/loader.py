@@ -22,9 +22,15 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_loaded_shape(loaded_weight: torch.Tensor, shape: list[int]):
+    """A checkpoint tensor must have exactly the (unsplit) shape the model built from config.json expects: copy_
+    would broadcast a smaller one, and a rank's slice of a larger one could fit."""
+    if list(loaded_weight.shape) != list(shape):
+        raise ValueError(f"shape {list(loaded_weight.shape)}, expected {list(shape)}")
+
+
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor):
-    if loaded_weight.shape != param.shape:  # copy_ would broadcast a smaller tensor
-        raise ValueError(f"shape {list(loaded_weight.shape)}, expected {list(param.shape)}")
+    check_loaded_shape(loaded_weight, list(param.shape))
     param.data.copy_(loaded_weight)
 
 

@@ -1,9 +1,10 @@
 """nanovllm: a small, fast offline LLM inference engine (a nano-vllm clone) that also runs on the CPU."""
 from importlib.metadata import PackageNotFoundError, version
 
+from nanovllm.engine.sequence import Logprob
 from nanovllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "demo_model_path"]
+__all__ = ["LLM", "Logprob", "SamplingParams", "demo_model_path"]
 
 try:
     __version__ = version("nanovllm")  # pyproject.toml's, when installed

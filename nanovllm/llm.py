@@ -1,3 +1,4 @@
+import itertools
 from collections.abc import Iterator
 from contextlib import closing
 from time import perf_counter
@@ -27,10 +28,13 @@ class LLM(LLMEngine):
 
     def __init__(self, model: str, data_parallel_size: int = 1, **options):
         super().__init__(model, **options)
+        self._request_counter = itertools.count()  # outputs' request_id, as vLLM numbers an LLM's requests
 
     def default_sampling_params(self) -> SamplingParams:
         """vLLM's defaults with what the model folder's generation_config.json sets (see README)."""
         return SamplingParams(**self.config.generation_defaults)
+
+    get_default_sampling_params = default_sampling_params  # vLLM's name
 
     def get_tokenizer(self):
         """The model folder's tokenizer (None when it has none), as vLLM's LLM.get_tokenizer()."""
@@ -47,7 +51,8 @@ class LLM(LLMEngine):
         returns None and the requests are dropped."""
         with self._exclusive():
             groups = self._enqueue_all(requests)
-            outputs = OutputProcessor(self.tokenizer, groups, stream=False, prompts=[r.prompt for r in requests])
+            outputs = OutputProcessor(self.tokenizer, groups, stream=False, prompts=[r.prompt for r in requests],
+                                      request_ids=[str(next(self._request_counter)) for _ in requests])
             for _ in self._run(groups, outputs, use_tqdm):
                 if cancelled is not None and cancelled():
                     return None

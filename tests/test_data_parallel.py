@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, Logprob, SamplingParams
 from nanovllm.engine.data_parallel import DataParallelLLM, spread_by_cost
 
 ray = pytest.importorskip("ray")
@@ -123,7 +123,14 @@ class TestTwoReplicas:
             llm.generate(["w5 w6"], greedy, use_tqdm=False)[0]["token_ids"]
         own = "{% for m in messages %} {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} w3{% endif %}"
         chat = llm.chat([conversation], greedy, use_tqdm=False, chat_template=own)[0]  # vLLM's option: a template
-        assert chat["prompt_token_ids"] == [5, 6, 3]
+        assert (chat["prompt_token_ids"], chat["prompt"]) == ([5, 6, 3], " w5 w6 w3")  # the rendered text, as vLLM
+        # vLLM's request ids, numbered on the driver, and Logprob entries with their decoded tokens through Ray
+        with_logprobs = llm.generate(["w5 w6", "w7"], SamplingParams(temperature=0, max_tokens=3, logprobs=2),
+                                     use_tqdm=False)
+        assert int(with_logprobs[1].request_id) == int(with_logprobs[0].request_id) + 1 == int(chat.request_id) + 2
+        for entry in with_logprobs[0].logprobs + with_logprobs[1].logprobs:
+            assert all(type(lp) is Logprob and lp.rank >= 1 and lp.decoded_token == llm.get_tokenizer().decode([t])
+                       for t, lp in entry.items())
         assert chat["token_ids"] == llm.generate([[5, 6, 3]], greedy, use_tqdm=False)[0]["token_ids"]
         text_out = llm.generate(["w5 w6"], greedy, use_tqdm=False)[0]  # vLLM's attributes, through Ray
         assert (text_out.prompt, text_out.outputs[0].token_ids) == ("w5 w6", text_out["token_ids"])

@@ -4,6 +4,7 @@ values (issue 11's "Prove it" list)."""
 import dataclasses
 import json
 import math
+import pickle
 import re
 import shutil
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, Logprob, SamplingParams
 
 VOCAB = 512
 BLOCK = 16
@@ -127,6 +128,14 @@ def assert_entry(entry: dict[int, float], row: torch.Tensor, token: int, n: int)
     assert list(entry) == list(expected)
     for token_id, logprob in expected.items():
         assert abs(entry[token_id] - logprob) <= 1e-4, (token_id, entry[token_id], logprob)
+        assert entry[token_id].logprob == float(entry[token_id])
+    # vLLM's ranks: a top-N entry its place; the chosen token, when not among them, how many tokens are at least as
+    # likely (bounds: float32 rounding may reorder tokens within 1e-4 of it)
+    for place, t in enumerate(row.topk(n).indices.tolist(), 1):
+        assert entry[t].rank == place
+    if token not in row.topk(n).indices.tolist():
+        chosen = row[token].item()
+        assert (row > chosen + 1e-4).sum().item() + 1 <= entry[token].rank <= (row >= chosen - 1e-4).sum().item()
 
 
 # ---- 1, 2: penalties --------------------------------------------------------------------------------------------
@@ -638,6 +647,7 @@ def test_n_completions_share_the_prompt_blocks(word_model, overlap, prompt_logpr
     assert {k: v for k, v in outs[0].items() if k not in ("outputs", "prompt", "prompt_token_ids", "prompt_logprobs",
                                                           "num_cached_tokens", "finished")} \
         == {k: v for k, v in outs[0]["outputs"][0].items() if k != "index"}
+    assert (outs[0].request_id, again[0].request_id) == ("0", "1")  # one per prompt, not per completion
     assert [c.index for c in outs[0].outputs] == list(range(n))
     assert outs[0]["prompt_token_ids"] == prompt
     if prompt_logprobs is not None:
@@ -654,18 +664,22 @@ def test_chat_renders_the_template_and_generates(word_llm):
             {"role": "user", "content": "w10"}]
     expected_prompts = [[510, 1, 5, 6, 3], [510, 1, 7, 2, 8, 9, 1, 10, 3]]
     sp = greedy(8)
+
+    def from_ids(outs: list[dict]) -> list[dict]:  # as generate gives them from the ids: no prompt text
+        return [{**o, "prompt": None} for o in outs]
+
     one = word_llm.chat(user, sp, use_tqdm=False)
-    assert one[0]["prompt_token_ids"] == expected_prompts[0]
-    assert one == word_llm.generate(expected_prompts[:1], sp, use_tqdm=False)
+    assert one[0]["prompt_token_ids"] == expected_prompts[0] and one[0]["prompt"] == "<bos> w1 w5 w6 w3"
+    assert from_ids(one) == word_llm.generate(expected_prompts[:1], sp, use_tqdm=False)
     both = word_llm.chat([user, talk], sp, use_tqdm=False)
     assert [o["prompt_token_ids"] for o in both] == expected_prompts
-    assert both == word_llm.generate(expected_prompts, sp, use_tqdm=False)
+    assert from_ids(both) == word_llm.generate(expected_prompts, sp, use_tqdm=False)
     greeted = word_llm.chat(user, sp, use_tqdm=False, chat_template_kwargs={"greeting": "w42"})
     assert greeted[0]["prompt_token_ids"] == [510, 1, 5, 6, 42, 3]
-    assert greeted == word_llm.generate([[510, 1, 5, 6, 42, 3]], sp, use_tqdm=False)
+    assert from_ids(greeted) == word_llm.generate([[510, 1, 5, 6, 42, 3]], sp, use_tqdm=False)
     # OpenAI-style content parts, as vLLM takes them: text parts joined with newlines
     parts = [{"role": "user", "content": [{"type": "text", "text": "w5"}, {"type": "text", "text": "w6"}]}]
-    assert word_llm.chat(parts, sp, use_tqdm=False) == one
+    assert from_ids(word_llm.chat(parts, sp, use_tqdm=False)) == from_ids(one)  # its text has "w5\nw6"
     # an assistant turn that only calls tools has no content
     tool_turn = [*user, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]
     assert word_llm.chat(tool_turn, sp, use_tqdm=False)[0]["prompt_token_ids"] == [510, 1, 5, 6, 2, 3]
@@ -694,10 +708,59 @@ def test_outputs_read_as_vllm_request_outputs(word_llm):
         assert (first.text, first.token_ids, first.finish_reason) == (o["text"], o["token_ids"], "length")
         assert first.text == " ".join(f"w{t}" for t in first.token_ids)
         assert (first.index, o.finished) == (0, True) and "index" not in o  # the request has no branch number
-    with pytest.raises(AttributeError, match=r"an output has no field 'request_id'; its fields: \['cumulative_logp"):
-        outs[0].request_id
+    with pytest.raises(AttributeError, match=r"an output has no field 'metrics'; its fields: \['cumulative_logp"):
+        outs[0].metrics
+    # vLLM's request_id: the engine's requests numbered "0", "1", ... over its calls (an attribute, not a field)
+    first_id = int(outs[0].request_id)
+    assert [o.request_id for o in outs] == [str(first_id + i) for i in range(4)]
+    again = word_llm.generate(prompts[:1], greedy(3), use_tqdm=False)
+    assert again[0].request_id == str(first_id + 4) and again[0] == outs[0] and "request_id" not in outs[0]
     assert json.loads(json.dumps(outs)) == outs
-    assert [o.prompt for o in word_llm.chat([{"role": "user", "content": "w5"}], greedy(2), use_tqdm=False)] == [None]
+    # chat reports the rendered conversation as its prompt, as vLLM's chat does
+    chat = word_llm.chat([{"role": "user", "content": "w5"}], greedy(2), use_tqdm=False)[0]
+    rendered = word_llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False,
+                                                            add_generation_prompt=True)
+    assert chat.prompt == rendered and chat.prompt_token_ids == word_llm.get_tokenizer().encode(
+        rendered, add_special_tokens=False)
+    # vLLM's TokensPrompt may carry its text: the ids are generated from, the text is reported
+    both = word_llm.generate([{"prompt_token_ids": [8, 9], "prompt": "eight nine"}], greedy(3), use_tqdm=False)[0]
+    assert (both.prompt, both.prompt_token_ids, both.token_ids) == ("eight nine", [8, 9], outs[2].token_ids)
+
+def test_logprobs_are_vllm_logprob_objects(word_llm, llm):
+    """Each entry is vLLM's Logprob (.logprob, .rank, .decoded_token) and the float it holds; decoded_token is the
+    token decoded alone, None with detokenize=False or without a tokenizer."""
+    sp = SamplingParams(temperature=1.5, seed=4, max_tokens=6, logprobs=3, prompt_logprobs=2)
+    out = word_llm.generate(["w5 w6 w7 w8"], sp, use_tqdm=False)[0]
+    tokenizer = word_llm.get_tokenizer()
+    entries = [(e, 3) for e in out.outputs[0].logprobs] + [(e, 2) for e in out.prompt_logprobs[1:]]
+    assert len(entries) == 6 + 3
+    for entry, n in entries:
+        for token_id, lp in entry.items():
+            assert type(lp) is Logprob and isinstance(lp, float)
+            assert lp.logprob == float(lp) and type(lp.logprob) is float and lp.logprob <= 0
+            assert lp.decoded_token == tokenizer.decode([token_id]) == f"w{token_id}"
+        ranks = [lp.rank for lp in entry.values()]  # the scored token first, then the top n
+        if len(entry) == n + 1:  # not among the top n: at least n + 1 tokens are at least as likely
+            assert ranks[1:] == list(range(1, n + 1)) and ranks[0] > n
+        else:
+            assert sorted(ranks) == list(range(1, n + 1))
+    chosen = [e[t] for e, t in zip(out.logprobs, out.token_ids)]
+    assert all(lp.rank >= 1 for lp in chosen) and out.cumulative_logprob == pytest.approx(sum(chosen), abs=1e-5)
+    lp = chosen[0]
+    assert repr(lp) == f"Logprob(logprob={float(lp)!r}, rank={lp.rank}, decoded_token={lp.decoded_token!r})"
+    back = pickle.loads(pickle.dumps(lp))
+    assert type(back) is Logprob and (back, back.rank, back.decoded_token) == (lp, lp.rank, lp.decoded_token)
+    assert json.loads(json.dumps(out.logprobs[0])) == {str(t): float(v) for t, v in out.logprobs[0].items()}
+
+    raw = word_llm.generate(["w5 w6 w7 w8"], sp.clone(), use_tqdm=False)[0]
+    assert raw == out  # the same request again: equal entries
+    quiet = dataclasses.replace(sp, detokenize=False)
+    no_text = word_llm.generate(["w5 w6 w7 w8"], quiet, use_tqdm=False)[0]
+    tokenless = llm.generate([[5, 6, 7, 8]], sp, use_tqdm=False)[0]
+    for o in (no_text, tokenless):
+        for entry in o.outputs[0].logprobs + o.prompt_logprobs[1:]:
+            assert all(type(lp) is Logprob and lp.decoded_token is None and lp.rank >= 1 for lp in entry.values())
+
 
 # vLLM's LLM.chat options: another template, no generation prompt, continuing the last message, tools
 OWN_TEMPLATE = ("{{ bos_token }}{% if tools %} w4{% endif %}{% for m in messages %} {{ m['content'] }} w9{% endfor %}"
@@ -945,6 +1008,7 @@ def test_generation_config_supplies_the_defaults(qwen3_path, hf_model, tmp_path)
     folder = model_copy(qwen3_path, tmp_path / "qwen3_like", generation=qwen3_like)
     with LLM(folder, kvcache_block_size=BLOCK, seed=3) as engine:
         d = engine.default_sampling_params()
+        assert engine.get_default_sampling_params() == d  # vLLM's name
         assert (d.temperature, d.top_p, d.top_k, d.min_p, d.repetition_penalty, d.max_tokens) == (0.6, 0.95, 20, 0.05,
                                                                                                   1.05, 9)
         by_default = engine.generate(prompts, use_tqdm=False)

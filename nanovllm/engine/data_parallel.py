@@ -8,6 +8,7 @@ unfinished requests run again. Ray is imported only when a DataParallelLLM is bu
 """
 import dataclasses
 import heapq
+import itertools
 import os
 import random
 import threading
@@ -269,6 +270,7 @@ class DataParallelLLM:
         # seeds for requests without one, drawn on the driver as one engine would: a request then samples the same
         # tokens whichever replica runs it, also when it runs again after a replica died
         self._rng = random.Random(self._config.seed)
+        self._request_counter = itertools.count()  # outputs' request_id, numbered here as one engine numbers them
         self._one_call = OneCallAtATime()
         # exit() (any thread) against a replacement spawned by a running call: no actor is made once exit() began
         self._spawning = threading.Lock()
@@ -384,6 +386,8 @@ class DataParallelLLM:
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self._config.generation_defaults)
 
+    get_default_sampling_params = default_sampling_params  # vLLM's name
+
     def get_tokenizer(self):
         return self.tokenizer
 
@@ -485,6 +489,7 @@ class DataParallelLLM:
         """Spread the requests over the replicas, call `method` of each with its share, and gather the outputs in
         input order, running again the shares of replicas that die."""
         results: list[dict | None] = [None] * len(requests)
+        request_ids = [str(next(self._request_counter)) for _ in requests]
         for r in self._replicas:
             r.restarts = 0
         jobs = self._submit_spread(method, requests, list(range(len(requests))), {})
@@ -500,6 +505,7 @@ class DataParallelLLM:
                         outputs = self._collect(ref, job, requests, jobs)
                         for i, out in zip(job.indices, outputs):
                             out["prompt"] = requests[i].prompt  # the replica saw token ids; the text is here
+                            out.request_id = request_ids[i]  # the replica numbered its own share
                             results[i] = out
                             num_tokens += sum(len(o["token_ids"]) for o in out["outputs"])
                         bar.update(len(outputs))

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from tokenizers.decoders import DecodeStream
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import Logprob, Sequence
 
 
 def text_token_ids(seq: Sequence) -> list[int]:
@@ -19,8 +19,10 @@ def text_token_ids(seq: Sequence) -> list[int]:
 
 class Output(dict):
     """An output dict (nano-vllm's) whose keys also read as attributes, as vLLM's RequestOutput and
-    CompletionOutput: `out["text"]` or `out.outputs[0].text`."""
-    __slots__ = ()
+    CompletionOutput: `out["text"]` or `out.outputs[0].text`. A prompt's output also has vLLM's `request_id`, an
+    attribute only: it numbers the engine's requests, so it is not one of the fields by which the outputs of the
+    same request in two calls compare equal."""
+    __slots__ = ("request_id",)
 
     def __getattr__(self, name: str):
         try:
@@ -46,11 +48,14 @@ class OutputProcessor:
     """Tracks the completions of one generate/stream call. `update` takes the sequences that received tokens in
     a step and returns those a stop string has ended; `events` and `outputs` give what the user sees."""
 
-    def __init__(self, tokenizer, requests: list[list[Sequence]], stream: bool, prompts: list[str | None] = ()):
+    def __init__(self, tokenizer, requests: list[list[Sequence]], stream: bool, prompts: list[str | None] = (),
+                 request_ids: list[str] = ()):
         self.tokenizer = tokenizer
         self.requests = requests
         self.prompts = list(prompts) or [None] * len(requests)  # the prompts' text, where given as text
+        self.request_ids = list(request_ids) or [str(i) for i in range(len(requests))]
         self.completions: dict[int, Completion] = {}
+        self._token_texts: dict[int, str] = {}  # logprobs' decoded_token, each id decoded once
         self.stream = stream
         for branches in requests:
             for seq in branches:
@@ -171,20 +176,37 @@ class OutputProcessor:
 
     def outputs(self) -> list[dict]:
         results = []
-        for branches, prompt in zip(self.requests, self.prompts, strict=True):
+        for branches, prompt, request_id in zip(self.requests, self.prompts, self.request_ids, strict=True):
             completions = [self._completion(seq) for seq in branches]
             first = branches[0]
             prompt_logprobs = first.prompt_logprobs
             if prompt_logprobs is None and first.sampling_params.prompt_logprobs is not None:
                 prompt_logprobs = [None]  # a one-token prompt goes straight to decode: nothing scored it
+            self._decode_logprob_tokens(prompt_logprobs, first)
             top = {key: value for key, value in completions[0].items() if key != "index"}
             results.append(Output(top, prompt=prompt, finished=True,
                                   prompt_token_ids=first.token_ids[:first.num_prompt_tokens],
                                   prompt_logprobs=prompt_logprobs,
                                   num_cached_tokens=first.num_cached_prompt_tokens or 0, outputs=completions))
+            results[-1].request_id = request_id
         return results
 
     def _completion(self, seq: Sequence) -> Output:
+        self._decode_logprob_tokens(seq.logprobs, seq)
         return Output(index=seq.branch, text=self.text(self.completions[seq.seq_id]),
                       token_ids=seq.completion_token_ids, finish_reason=seq.finish_reason,
                       stop_reason=seq.stop_reason, logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob)
+
+    def _decode_logprob_tokens(self, entries: list[dict[int, Logprob] | None] | None, seq: Sequence):
+        """Each Logprob's decoded_token, as vLLM fills it: the token decoded alone (`tokenizer.decode([id])`); left
+        None without a tokenizer or with detokenize=False."""
+        if not entries or self.tokenizer is None or not seq.sampling_params.detokenize:
+            return
+        texts = self._token_texts
+        for entry in entries:
+            for token_id, logprob in (entry or {}).items():
+                if logprob.decoded_token is None:
+                    text = texts.get(token_id)
+                    if text is None:
+                        text = texts[token_id] = self.tokenizer.decode([token_id])
+                    logprob.decoded_token = text

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovllm.engine.sequence import Logprob
 from nanovllm.engine.step import StepResult
 from nanovllm.engine.step_inputs import Row, wants_prompt_logprobs
 from nanovllm.layers.sampler import SamplerOutput, TokenLogprobs, compute_logprobs
@@ -72,8 +73,8 @@ class SampledTokens:
         ids = self.tolist()
         logprobs = None
         if self._logprobs is not None:
-            chosen, top_ids, top_lps = (t.tolist() for t in self._logprobs)
-            logprobs = [None if n is None else _entry(ids[i], chosen[i], top_ids[i][:n], top_lps[i][:n])
+            chosen, top_ids, top_lps, ranks = (t.tolist() for t in self._logprobs)
+            logprobs = [None if n is None else _entry(ids[i], chosen[i], ranks[i], top_ids[i][:n], top_lps[i][:n])
                         for i, n in enumerate(self._output.num_logprobs)]
         prompt = None
         if self._output.prompt_logprobs is not None:
@@ -82,9 +83,10 @@ class SampledTokens:
                 entries = [None] if p.first else []
                 if p.count:
                     n = self._output.num_prompt_logprobs[i]
-                    chosen, top_ids, top_lps = (t.tolist() for t in self._prompt[i])
+                    chosen, top_ids, top_lps, ranks = (t.tolist() for t in self._prompt[i])
                     for j in range(p.offset, p.offset + p.count):
-                        entries.append(_entry(p.targets[j - p.offset], chosen[j], top_ids[j][:n], top_lps[j][:n]))
+                        entries.append(_entry(p.targets[j - p.offset], chosen[j], ranks[j], top_ids[j][:n],
+                                              top_lps[j][:n]))
                 prompt[i] = entries
         return StepResult(ids, logprobs, prompt)
 
@@ -98,12 +100,13 @@ def wait_watching(event: torch.cuda.Event, watch: Callable[[], str | None]):
         time.sleep(PEER_POLL_SECONDS)
 
 
-def _entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> dict[int, float]:
-    """{token id: logprob}: the chosen token first, then the top-N most likely first, the chosen one once (vLLM
-    builds its dict in that order)."""
-    entry = {token: logprob}
-    for top_id, top_logprob in zip(top_ids, top_logprobs):
-        entry.setdefault(top_id, top_logprob)
+def _entry(token: int, logprob: float, rank: int, top_ids: list[int],
+           top_logprobs: list[float]) -> dict[int, Logprob]:
+    """{token id: Logprob}: the chosen token first, then the top-N most likely first, the chosen one once (vLLM
+    builds its dict in that order; a chosen token among the top N takes its entry there, rank included)."""
+    entry = {token: Logprob(logprob, rank)}
+    for place, (top_id, top_logprob) in enumerate(zip(top_ids, top_logprobs), 1):
+        entry[top_id] = Logprob(top_logprob, place)
     return entry
 
 

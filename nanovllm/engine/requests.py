@@ -39,23 +39,29 @@ def load_tokenizer(config: Config):
 PROMPT_DICT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
 
 
-def prompt_of_dict(prompt: dict):
-    """The text or token ids of vLLM's prompt dicts: {"prompt": text} or {"prompt_token_ids": ids}."""
+def prompt_of_dict(prompt: dict) -> tuple[str | list[int], str | None]:
+    """(what to tokenise or the token ids, the prompt's text) of vLLM's prompt dicts: {"prompt": text} (TextPrompt)
+    or {"prompt_token_ids": ids} (TokensPrompt), whose optional "prompt" is the ids' text, reported in the output
+    and not tokenised."""
     keys = set(prompt)
-    given = [key for key in PROMPT_DICT_KEYS if key in keys]
-    if len(given) != 1:
-        raise ValueError(f"a prompt dict needs exactly one of 'prompt' (text) and 'prompt_token_ids', got keys "
+    if not keys & set(PROMPT_DICT_KEYS):
+        raise ValueError(f"a prompt dict needs 'prompt' (text) or 'prompt_token_ids', got keys "
                          f"{sorted(map(str, keys))}")
-    if keys - set(given):
-        raise ValueError(f"prompt dict keys {sorted(map(str, keys - set(given)))} are not supported: only "
-                         f"'{given[0]}' is read")
-    value = prompt[given[0]]
-    if given[0] == "prompt" and not isinstance(value, str):
-        raise TypeError(f"a prompt dict's 'prompt' is text (str), got {type(value).__name__}: token ids go under "
+    if keys - set(PROMPT_DICT_KEYS):
+        raise ValueError(f"prompt dict keys {sorted(map(str, keys - set(PROMPT_DICT_KEYS)))} are not supported: "
+                         f"only {' and '.join(map(repr, PROMPT_DICT_KEYS))} are read")
+    text = prompt.get("prompt")
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"a prompt dict's 'prompt' is text (str), got {type(text).__name__}: token ids go under "
                         "'prompt_token_ids'")
-    if given[0] == "prompt_token_ids" and not (isinstance(value, (list, tuple)) or hasattr(value, "tolist")):
-        raise TypeError(f"a prompt dict's 'prompt_token_ids' is a list of token ids, got {type(value).__name__}")
-    return value
+    if "prompt_token_ids" not in keys:
+        if text is None:
+            raise TypeError("a prompt dict's 'prompt' is text (str), got NoneType")
+        return text, text
+    ids = prompt["prompt_token_ids"]
+    if not (isinstance(ids, (list, tuple)) or hasattr(ids, "tolist")):
+        raise TypeError(f"a prompt dict's 'prompt_token_ids' is a list of token ids, got {type(ids).__name__}")
+    return ids, text
 
 
 def check_chat_options(chat_template, add_generation_prompt, continue_final_message, tools) -> dict:
@@ -117,10 +123,11 @@ class RequestBuilder:
 
     def render_chat(self, conversations, chat_template_kwargs: dict | None = None, *, chat_template: str | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    tools: list[dict] | None = None) -> list[list[int]]:
+                    tools: list[dict] | None = None) -> list[dict]:
         """One conversation (a list of {"role", "content"} messages) or a list of them, through the tokenizer's
-        chat template (or `chat_template`) as token ids (the template writes the special tokens itself); the
-        keyword options are vLLM's LLM.chat ones, handed to apply_chat_template."""
+        chat template (or `chat_template`) as prompt dicts: the token ids (the template writes the special tokens
+        itself) and the rendered text, which the output reports as its prompt (vLLM's). The keyword options are
+        vLLM's LLM.chat ones, handed to apply_chat_template."""
         if self.tokenizer is None:
             raise ValueError(f"model folder {self.config.model!r} has no tokenizer: chat needs its chat template")
         if not isinstance(conversations, (list, tuple)):
@@ -144,7 +151,7 @@ class RequestBuilder:
                 text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **template_options, **kwargs)
             except TemplateError as e:  # a broken template, or one that refuses the conversation
                 raise ValueError(f"the chat template failed on conversation {c}: {type(e).__name__}: {e}") from e
-            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+            prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False), "prompt": text})
         return prompts
 
     def build(self, prompts, sampling_params, defaults: bool = False) -> list[Request]:
@@ -166,8 +173,9 @@ class RequestBuilder:
         return [self.one(prompt, sp, defaults) for prompt, sp in zip(prompts, sampling_params)]
 
     def one(self, prompt, sampling_params: SamplingParams, defaults: bool = False) -> Request:
+        text = prompt if isinstance(prompt, str) else None
         if isinstance(prompt, dict):
-            prompt = prompt_of_dict(prompt)
+            prompt, text = prompt_of_dict(prompt)
         token_ids = self.tokenize(prompt)
         if isinstance(sampling_params, SamplingParams):
             # the request's own copy, checked again: fields set after construction (sp.temperature = -1) are
@@ -180,7 +188,7 @@ class RequestBuilder:
             if sampling_params.bad_words:
                 sampling_params._bad_words_token_ids = self._bad_words_of(tuple(sampling_params.bad_words))
         self.check(token_ids, sampling_params)
-        return Request(token_ids, sampling_params, prompt if isinstance(prompt, str) else None)
+        return Request(token_ids, sampling_params, text)
 
     def resolve(self, sp: SamplingParams, prompt_len: int, defaults: bool) -> SamplingParams:
         """Settings that mean "as much as the model allows", made concrete (a checked copy, where any changes):

@@ -5,6 +5,32 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.math import cdiv
 
 
+class Logprob(float):
+    """One entry of a logprobs dict: vLLM's Logprob (`.logprob`, `.rank`, `.decoded_token`) that is also the float
+    it holds, so code written for either reads it: `lp[t].logprob`, `lp[t] + 1.0`, `math.exp(lp[t])`.
+
+    rank: 1 for the most likely token; a sampled or prompt token's is how many tokens are at least as likely
+    (ties count against it, as vLLM counts), a top-N entry's its place. decoded_token: `tokenizer.decode([id])`,
+    None without a tokenizer or with `detokenize=False`."""
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None):
+        self = super().__new__(cls, logprob)
+        self.rank = rank
+        self.decoded_token = decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+    def __reduce__(self):  # pickled across processes (Ray replicas) with its fields
+        return Logprob, (float(self), self.rank, self.decoded_token)
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -33,9 +59,9 @@ class Sequence:
         self.num_cached_prompt_tokens: int | None = None  # prefix-cache hits when first admitted
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.seed = 0 if sampling_params.seed is None else sampling_params.seed  # the engine draws one if unset
-        self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if sampling_params.logprobs is not None else None
-        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         self.request_index = 0  # which prompt of its generate call, and which of its n completions
         self.branch = 0
         self.parent: "Sequence | None" = None  # n > 1: the branch whose prompt prefill the others wait for

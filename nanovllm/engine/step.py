@@ -11,6 +11,7 @@ the runner sees it (or again after preemption, when the runner has dropped it) a
 from dataclasses import dataclass, field
 from enum import Enum
 
+from nanovllm.engine.sequence import Logprob
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -63,9 +64,9 @@ class ScheduledStep:
 class StepResult:
     token_ids: list[int]  # one sampled id per row; a row that ran a mid-prompt chunk has one too, unused
     # rows that asked: the sampled token's logprob and the top-N ({token id: logprob}); None elsewhere
-    logprobs: list[dict[int, float] | None] | None = None
+    logprobs: list[dict[int, Logprob] | None] | None = None
     # row -> one entry per prompt token this chunk scored (the logprobs of token i given tokens < i)
-    prompt_logprobs: dict[int, list[dict[int, float]]] | None = None
+    prompt_logprobs: dict[int, list[dict[int, Logprob]]] | None = None
 
 
 @dataclass(slots=True)

@@ -88,9 +88,10 @@ class TokenLogprobs:
     token_logprobs: torch.Tensor  # [B] float32
     top_ids: torch.Tensor  # [B, N] int64, most likely first
     top_logprobs: torch.Tensor  # [B, N] float32
+    token_ranks: torch.Tensor  # [B] int64: the token's rank, vLLM's: how many tokens are at least as likely
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.token_logprobs, self.top_ids, self.top_logprobs
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.token_logprobs, self.top_ids, self.top_logprobs, self.token_ranks
 
 
 @dataclass(slots=True)
@@ -169,9 +170,9 @@ CPU_LOGPROB_ROWS = 8  # on the CPU fewer: the float32 rows stay in cache (32 row
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int,
                      rows: torch.Tensor | None = None) -> TokenLogprobs:
-    """Raw logprobs of token_ids [B] under logits [B, V] (or under logits[rows], rows [B]), and each row's num_top
-    most likely tokens (also what prompt logprobs need: the logits of each prompt position and the prompt token
-    that follows). Runs LOGPROB_ROWS rows at a time (row-wise: the same bits), so the float32 copies stay small
+    """Raw logprobs of token_ids [B] under logits [B, V] (or under logits[rows], rows [B]), their ranks, and each
+    row's num_top most likely tokens (also what prompt logprobs need: the logits of each prompt position and the
+    prompt token that follows). Runs LOGPROB_ROWS rows at a time (row-wise: the same bits), so the float32 copies stay small
     for long prompts."""
     num_rows = token_ids.size(0)
     block = min(LOGPROB_ROWS, CPU_LOGPROB_ROWS) if logits.device.type == "cpu" else LOGPROB_ROWS
@@ -184,7 +185,9 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
         logits = logits.index_select(0, rows)
     logprobs = torch.log_softmax(logits.float(), -1)
     top_logprobs, top_ids = logprobs.topk(num_top, -1)
-    return TokenLogprobs(logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_ids, top_logprobs)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs >= chosen).sum(-1)  # the token itself counts: rank 1 is the most likely
+    return TokenLogprobs(chosen.squeeze(1), top_ids, top_logprobs, ranks)
 
 
 def sampler_warm_up_tasks(vocab_size: int, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:

@@ -44,6 +44,8 @@ def expected(llm):
     ([{"prompt_token_ids": [1, 600]}], GREEDY, ValueError, "token id 600"),
     ([{}], GREEDY, ValueError, "a prompt dict needs 'prompt' (text) or 'prompt_token_ids', got keys []"),
     ([{"prompt": 5, "prompt_token_ids": [1]}], GREEDY, TypeError, "'prompt' is text (str), got int"),
+    ([{"prompt": None, "prompt_token_ids": [1]}], GREEDY, TypeError, "'prompt' is text (str), got NoneType"),
+    ([{"prompt": None}], GREEDY, TypeError, "'prompt' is text (str), got NoneType: token ids go under"),
     (5, GREEDY, TypeError, "prompts must be"),
     ([[1] * 190], SamplingParams(max_tokens=20), ValueError, "190 + max_tokens 20 = 210 exceeds max_model_len=200"),
     ([[1] * 100], SamplingParams(max_tokens=40), ValueError, "can never fit"),

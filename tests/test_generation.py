@@ -715,6 +715,10 @@ def test_outputs_read_as_vllm_request_outputs(word_llm):
     assert [o.request_id for o in outs] == [str(first_id + i) for i in range(4)]
     again = word_llm.generate(prompts[:1], greedy(3), use_tqdm=False)
     assert again[0].request_id == str(first_id + 4) and again[0] == outs[0] and "request_id" not in outs[0]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # the id travels with the output, as through Ray
+        back = pickle.loads(pickle.dumps(outs[1], protocol))
+        assert (type(back), back, back.request_id, back.outputs[0].text) == (
+            type(outs[1]), outs[1], outs[1].request_id, outs[1].outputs[0].text)
     assert json.loads(json.dumps(outs)) == outs
     # chat reports the rendered conversation as its prompt, as vLLM's chat does
     chat = word_llm.chat([{"role": "user", "content": "w5"}], greedy(2), use_tqdm=False)[0]

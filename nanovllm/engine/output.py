@@ -24,6 +24,13 @@ class Output(dict):
     same request in two calls compare equal."""
     __slots__ = ("request_id",)
 
+    def __getstate__(self) -> dict:  # the slot, for pickle's every protocol and for copy
+        return {"request_id": self.request_id} if hasattr(self, "request_id") else {}
+
+    def __setstate__(self, state: dict):
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def __getattr__(self, name: str):
         try:
             return self[name]

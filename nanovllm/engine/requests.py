@@ -51,12 +51,10 @@ def prompt_of_dict(prompt: dict) -> tuple[str | list[int], str | None]:
         raise ValueError(f"prompt dict keys {sorted(map(str, keys - set(PROMPT_DICT_KEYS)))} are not supported: "
                          f"only {' and '.join(map(repr, PROMPT_DICT_KEYS))} are read")
     text = prompt.get("prompt")
-    if text is not None and not isinstance(text, str):
-        raise TypeError(f"a prompt dict's 'prompt' is text (str), got {type(text).__name__}: token ids go under "
-                        "'prompt_token_ids'")
+    if "prompt" in keys and not isinstance(text, str):
+        hint = "" if "prompt_token_ids" in keys else ": token ids go under 'prompt_token_ids'"
+        raise TypeError(f"a prompt dict's 'prompt' is text (str), got {type(text).__name__}{hint}")
     if "prompt_token_ids" not in keys:
-        if text is None:
-            raise TypeError("a prompt dict's 'prompt' is text (str), got NoneType")
         return text, text
     ids = prompt["prompt_token_ids"]
     if not (isinstance(ids, (list, tuple)) or hasattr(ids, "tolist")):

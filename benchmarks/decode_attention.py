@@ -3,6 +3,7 @@ bandwidth.
 
     python benchmarks/decode_attention.py                          # Qwen3-0.6B heads, bf16 and fp8 caches
     python benchmarks/decode_attention.py --heads 32 --kv-heads 8  # Qwen3-8B heads
+    python benchmarks/decode_attention.py --sweep --kv-cache-dtypes fp8_e4m3   # 27 tiles around the kernel's own
 
 bench.py's workload (seed 0: 256 sequences, prompts and outputs of 100-1024 tokens) decodes, at step s, every
 sequence whose output is longer than s, each with its prompt and s + 1 tokens in the cache. For each step given
@@ -43,6 +44,8 @@ def parse_args():
     p.add_argument("--steps", type=int, nargs="+", default=[50, 250, 450, 650, 850, 1000])
     p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto", "fp8_e4m3"], choices=["auto", "fp8_e4m3"])
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--sweep", action="store_true",
+                   help="time a grid of tiles instead (32-128 keys, 2-8 warps, 2-4 stages; longest first)")
     return p.parse_args()
 
 
@@ -152,6 +155,17 @@ def variants(cfg: TileConfig) -> dict[str, TileConfig]:
     return out
 
 
+def sweep_variants(cfg: TileConfig) -> dict[str, TileConfig]:
+    """The kernel's own configuration, then a grid of tiles, all with the engine's longest-first order."""
+    out = {"longest first": cfg}
+    for block_n in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (2, 3, 4):
+                out[f"longest first, {block_n} keys, {warps} warps, {stages} stages"] = \
+                    TileConfig(cfg.block_m, block_n, warps, stages)
+    return out
+
+
 def main():
     args = parse_args()
     dtype = torch.bfloat16
@@ -174,7 +188,7 @@ def main():
             reference = None
             line = [f"{kv_dtype} step {step:4d} batch {len(lens):3d} ({kv_bytes / 1e9:.2f} GB):"]
             longest_first = torch.argsort(context_lens, descending=True)
-            for name, config in variants(cfg).items():
+            for name, config in (sweep_variants(cfg) if args.sweep else variants(cfg)).items():
                 ordered, sort_in_call = name.startswith("longest first"), name.endswith("(argsort in the call)")
 
                 def call():

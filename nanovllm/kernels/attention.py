@@ -481,7 +481,9 @@ def decode_config(head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = 
     # 128 keys, 4 warps, 2 stages: the best of 54 configurations (32-128 keys, 1-4 warps, 2-3 stages, with and
     # without extra splits) on an H200 at bench.py's decode batches (62-256 sequences, 8 KV heads of 128), for
     # bf16 and fp8 caches alike; 64 keys with 3 stages took 1.5% (bf16) and 8% (fp8) longer. 64 keys with 2 stages
-    # were 1.5-2% faster alone over head-major blocks but made bench.py 1.5-3% slower, so 128 stays
+    # were 1.5-2% faster alone over head-major blocks but made bench.py 1.5-3% slower, so 128 stays. Still the best
+    # for the fp8 cache's key-major values, of 27 tiles (32-128 keys, 2-8 warps, 2-4 stages; `--sweep` of
+    # benchmarks/decode_attention.py): the next, 2 warps, took 2.1-2.8% longer
     block_n = 128 if block_d <= 128 else 32
     if dtype == torch.float32:
         block_n //= 2

@@ -60,7 +60,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests = requests
         self.prompts = list(prompts) or [None] * len(requests)  # the prompts' text, where given as text
-        self.request_ids = list(request_ids) or [str(i) for i in range(len(requests))]
+        self.request_ids = list(request_ids)  # the engine's numbering, for outputs() (a stream reports none)
         self.completions: dict[int, Completion] = {}
         self._token_texts: dict[int, str] = {}  # logprobs' decoded_token, each id decoded once
         self.stream = stream

@@ -9,8 +9,9 @@ bench.py's workload (seed 0: 256 sequences, prompts and outputs of 100-1024 toke
 sequence whose output is longer than s, each with its prompt and s + 1 tokens in the cache. For each step given
 this times one decode_attention call (one layer, replayed from a CUDA graph as the engine runs it) over that batch,
 with the sequences' pages shuffled over a cache as large as the bench's, and reports the bytes of K and V the call
-must read divided by its time, next to torch.sum over 2 GiB (a plain read of HBM). Tile configurations next to the
-kernel's own are timed in the same run, each against it. The cache is laid out as the triton backend allocates it
+must read divided by its time, next to torch.sum over 2 GiB (a plain read of HBM). Tile configurations of the
+Triton kernel next to the engine's own choice (for an fp8 cache the Gluon kernel, kernels/gluon_decode.py) are
+timed in the same run, each against it. The cache is laid out as the triton backend allocates it
 (engine/kv_cache.py: head-major blocks, and key-major values for an fp8 cache where a tile fits in a page).
 
 The default steps sample the whole decode phase every 200 steps (256 sequences at step 50 down to 4 at step 1000),
@@ -149,15 +150,21 @@ def variants(cfg: TileConfig) -> dict[str, TileConfig]:
         "3 stages": TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 3),
         "half the keys, 3 stages": TileConfig(cfg.block_m, cfg.block_n // 2, cfg.num_warps, 3),
         "8 warps": TileConfig(cfg.block_m, cfg.block_n, 8, cfg.num_stages),
+        "longest first, Triton kernel": cfg,
     }
     if cfg.max_registers is not None:
         out["no register cap"] = replace(cfg, max_registers=None)
     return out
 
 
+# the variants that run as the engine does (kernel="auto": the Gluon kernel for an fp8 cache on the GPU, see
+# kernels/gluon_decode.py); every other variant is a tile of the Triton kernel and runs it
+AUTO = ("default", "longest first", "longest first (argsort in the call)")
+
+
 def sweep_variants(cfg: TileConfig) -> dict[str, TileConfig]:
     """The kernel's own configuration, then a grid of tiles, all with the engine's longest-first order."""
-    out = {"longest first": cfg}
+    out = {"longest first": cfg, "longest first, Triton kernel": cfg}
     for block_n in (32, 64, 128):
         for warps in (2, 4, 8):
             for stages in (2, 3, 4):
@@ -196,7 +203,7 @@ def main():
                     if ordered:
                         order = torch.argsort(context_lens, descending=True) if sort_in_call else longest_first
                     return decode_attention(q, k_cache, v_cache, context_lens, tables, scale, config, None, ks, vs,
-                                            order)
+                                            order, kernel="auto" if name in AUTO else "triton")
                 timed = time_variant(name, call, reference, args.iters, line)
                 if timed is None:
                     failed.add(name)

@@ -1173,6 +1173,53 @@ def test_triton_fp8_decode_register_cap_changes_nothing_cuda(num_heads, head_dim
 @cuda
 @needs_cuda
 @needs_triton
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(16, 8, 128), (32, 8, 128), (14, 2, 64), (64, 4, 128),
+                                                               (8, 8, 64)])
+@pytest.mark.parametrize("block_size", [128, 512])
+def test_gluon_fp8_decode_equals_triton_cuda(num_heads, num_kv_heads, head_dim, block_size):
+    """On the GPU an fp8 cache's decode runs the Gluon split kernel (gluon_decode.applies), which gives the Triton
+    kernel's bits: split or not, in any order of the sequences, with empty rows (CUDA-graph padding: zeros) and
+    with stale slots (fill_stale_slots) past the sequences' keys."""
+    from nanovllm.kernels import gluon_decode
+    from nanovllm.kernels.attention import decode_attention
+    scales = fp8_scales(num_kv_heads, "cuda")
+    lens = DECODE_LENS["mixed"] + [0, 129]
+    case = decode_case(lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
+    q, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
+    k_cache, v_cache = triton_layout(k_cache, v_cache)
+    assert gluon_decode.applies(q, k_cache, v_cache, 128)
+    fill_stale_slots(k_cache, v_cache, ctx)
+    args = (q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, head_dim ** -0.5, None)
+    orders = (None, torch.argsort(ctx.context_lens, descending=True))
+    for num_splits in (None, 1, 5):
+        for order in orders:
+            out = decode_attention(*args, num_splits, scales.k, scales.v, order)
+            expect = decode_attention(*args, num_splits, scales.k, scales.v, order, kernel="triton")
+            assert torch.equal(out, expect), (num_splits, (out.float() - expect.float()).abs().max())
+            assert torch.equal(out[len(lens) - 2], torch.zeros_like(out[0]))
+    assert_matches_torch("decode", (q, k_cache, v_cache, ctx), out, head_dim ** -0.5, ATOL, RTOL, scales)
+
+
+def test_gluon_fp8_decode_applies_to_cuda_fp8_only():
+    """The Gluon kernel is chosen for fp8 caches with key-major values on a CUDA GPU only: never on the CPU (the
+    Triton kernel and the interpreter serve there), never for a bf16 cache or float32 queries."""
+    from nanovllm.kernels import gluon_decode
+    scales = fp8_scales(2, "cpu")
+    case = decode_case([5, 300], 256, 4, 2, 128, torch.bfloat16, "cpu")
+    q, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
+    k_cache, v_cache = triton_layout(k_cache, v_cache)
+    assert not gluon_decode.applies(q, k_cache, v_cache, 128)
+    _, k16, v16, _ = case
+    assert not gluon_decode.applies(q, *triton_layout(k16, v16), 128)
+    with pytest.raises(ValueError, match="kernel"):
+        from nanovllm.kernels.attention import decode_attention
+        decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.1, None, None, scales.k,
+                         scales.v, kernel="gluon")
+
+
+@cuda
+@needs_cuda
+@needs_triton
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_triton_cache_layouts_equal_contiguous_cuda(fp8, block_size):

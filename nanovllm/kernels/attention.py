@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import gluon_decode
 from nanovllm.kernels.store_kvcache import quantize_fp8, values_key_major
 from nanovllm.layers.kv_quant import FP8_DTYPE
 
@@ -493,6 +494,8 @@ def decode_config(head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = 
     # bench.py's 0.6B fp8 run 1.7% faster on an H200 (32.1k vs 31.5k tok/s, 8B 10.5k either way). The bf16
     # kernel (138 registers) is held at 3 programs by shared memory and spills under the cap. With key-major
     # values the fp8 kernel takes 157 registers (3 programs) and ran 3% faster uncapped than capped at 128.
+    # On a CUDA GPU that case runs the Gluon kernel instead (gluon_decode: the same 128-key tiles, the same
+    # result, two copy buffers that take turns): 4.8-5.7% less time at bench.py's decode batches on an H200.
     max_registers = 128 if kv_fp8 and not values_key_major and block_n == 128 and block_h == 16 else None
     return TileConfig(block_m=block_h, block_n=block_n, num_warps=4, num_stages=2, max_registers=max_registers)
 
@@ -515,7 +518,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, scale: float, config: TileConfig | None = None,
                      num_splits: int | None = None, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None, seq_order: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """One new query token per sequence against its paged context. q: [B, num_heads, head_dim] -> same shape
     (in `out` if given, as prefill_attention's).
 
@@ -524,7 +527,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_tables: [B, max_blocks] int32; k_scale, v_scale: an fp8 cache's float32 [num_kv_heads] scales.
     seq_order: [B] the sequences in the order their programs start (e.g. longest first), or None (0..B-1).
     No host sync: safe under CUDA graph capture.
+    kernel: "auto" runs the split step in Gluon where gluon_decode.applies (an fp8 cache on a CUDA GPU; same
+    result, a deeper copy pipeline), else in Triton; "triton" always in Triton.
     """
+    if kernel not in ("auto", "triton"):
+        raise ValueError(f"kernel must be 'auto' or 'triton', got {kernel!r}")
     num_seqs, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.size(1), k_cache.size(2)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and num_heads % num_kv_heads == 0
@@ -556,18 +563,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = head_block(head_dim)
     ordered = seq_order is not None
     grid = (num_seqs * num_kv_heads, 1, num_splits) if ordered else (num_seqs, num_kv_heads, num_splits)
-    _decode_split_kernel[grid](
-        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order if ordered else q,
-        scale * LOG2E,
-        k_scale if fp8 else q, v_scale if fp8 else q, split_size, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(2), v_cache.stride(0), v_cache.stride(2), block_tables.stride(0),
-        *part_strides,
-        GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, ORDERED=ordered,
-        NUM_KV_HEADS=num_kv_heads, STRIDE_KSLOT=k_cache.stride(1), STRIDE_VSLOT=v_cache.stride(1),
-        STRIDE_VD=v_cache.stride(3), num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
-    )
+    if kernel == "auto" and gluon_decode.applies(q, k_cache, v_cache, cfg.block_n):
+        gluon_decode.decode_split(q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse,
+                                  seq_order, scale * LOG2E, k_scale, v_scale, split_size, num_splits, part_strides,
+                                  grid)
+    else:
+        _decode_split_kernel[grid](
+            q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order if ordered else q,
+            scale * LOG2E,
+            k_scale if fp8 else q, v_scale if fp8 else q, split_size, num_splits,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(2), v_cache.stride(0), v_cache.stride(2), block_tables.stride(0),
+            *part_strides,
+            GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+            PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, ORDERED=ordered,
+            NUM_KV_HEADS=num_kv_heads, STRIDE_KSLOT=k_cache.stride(1), STRIDE_VSLOT=v_cache.stride(1),
+            STRIDE_VD=v_cache.stride(3), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            maxnreg=cfg.max_registers,
+        )
     if num_splits > 1:
         # one tile width for every split count (masked past num_splits): no per-shape variants
         _decode_merge_kernel[(num_seqs, num_heads)](

@@ -1,0 +1,197 @@
+"""The split-KV decode kernel for an fp8 KV cache in Gluon (Triton's dialect with explicit layouts and copies),
+used on CUDA GPUs in place of attention._decode_split_kernel where it applies (`applies`).
+
+Same contract and arithmetic as that kernel's fp8 case with key-major values and tiles inside a page; the two give
+the same bits on an H200. What differs is the copy pipeline. Triton's pipeliner gives that kernel's loop one
+shared-memory buffer per operand, whatever num_stages says, and issues the copies of tile t + 1 after tile t's dots
+and waits for them at once: a program alternates between waiting for memory and computing, and only the other
+programs on its multiprocessor overlap the two. Here two buffers take turns: the cp.async copies of tile t + 1 are
+issued before tile t is computed, so each program keeps a tile in flight. Capped at 168 registers (ptxas's own
+choice is 177), three programs fit a multiprocessor, as for the Triton kernel.
+
+    keys of a split:    [ tile 0 | tile 1 | tile 2 | ... ]      BLOCK_N keys each, inside one page
+    ring slot:              0        1        0
+    iteration t:        wait for tile t, copy tile t + 1 into the other slot, then Q.K^T, softmax, P.V on tile t
+"""
+import functools
+
+import torch
+
+from nanovllm.kernels.store_kvcache import values_key_major
+from nanovllm.layers.kv_quant import FP8_DTYPE
+
+try:  # Triton 3.5+; without it the Triton kernel serves every case
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+STAGES = 2
+NUM_WARPS = 4
+MAX_REGISTERS = 168  # 3 programs of 128 threads fit the 65,536 registers of a multiprocessor
+BLOCK_N = 128
+BLOCK_H = 16  # query heads of a KV head, padded to the MMA's 16 rows
+
+
+def applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> bool:
+    """Whether this kernel serves a decode_attention call: a CUDA GPU with fp8 conversions (sm_89+), an fp8
+    cache with key-major values, 16-bit queries, head_dim 64 or 128, at most 16 query heads a KV head, and the
+    Triton kernel's tiles being 128 keys inside a page (so the splits are the same)."""
+    if gluon is None or not q.is_cuda or k_cache.dtype != FP8_DTYPE or not values_key_major(v_cache):
+        return False
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    page_size, num_kv_heads = k_cache.size(1), k_cache.size(2)
+    return (q.dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and block_n == BLOCK_N
+            and BLOCK_N <= page_size and num_heads // num_kv_heads <= BLOCK_H and _has_fp8(q.device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8(device_index: int | None) -> bool:
+    index = device_index if device_index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def decode_split(q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order, qk_scale,
+                 k_scale, v_scale, split_size, num_splits, part_strides, grid):
+    """Launch over decode_attention's grid and buffers (see its _decode_split_kernel launch)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.size(2)
+    ordered = seq_order is not None
+    _decode_split_kernel_fp8[grid](
+        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order if ordered else q,
+        qk_scale, k_scale, v_scale, split_size, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(2), v_cache.stride(0), v_cache.stride(2), block_tables.stride(0),
+        *part_strides,
+        GROUP=num_heads // num_kv_heads, BLOCK_H=BLOCK_H, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+        PAGE_SIZE=k_cache.size(1), ORDERED=ordered, NUM_KV_HEADS=num_kv_heads, STRIDE_KSLOT=k_cache.stride(1),
+        STRIDE_VD=v_cache.stride(3), STAGES=STAGES, NUM_WARPS=NUM_WARPS, num_warps=NUM_WARPS,
+        maxnreg=MAX_REGISTERS,
+    )
+
+
+@gluon.jit
+def _issue_tile(k_smem, v_smem, k_base, v_base, bt_row_ptr, t, start, end, k_offs, v_offs, stride_kpage,
+                stride_vpage, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                STRIDE_KSLOT: gl.constexpr):
+    """Start copying tile t (keys start + t * BLOCK_N ..) into ring slot t % STAGES; a tile past the end copies
+    nothing. Keys past the end inside the last tile are copied too (allocated slots of the same page; the loop
+    masks their scores, and an fp8 cache holds no NaN that 0 * v would keep)."""
+    start_n = start + t * BLOCK_N
+    valid = start_n < end
+    page = gl.load(bt_row_ptr + start_n // PAGE_SIZE, mask=valid, other=0).to(gl.int64)
+    row = gl.multiple_of(start_n % PAGE_SIZE, BLOCK_N)  # tiles start at multiples of BLOCK_N
+    slot = t % STAGES
+    async_copy.async_copy_global_to_shared(k_smem.index(slot),
+                                           k_base + page * stride_kpage + row * STRIDE_KSLOT + k_offs, mask=valid)
+    async_copy.async_copy_global_to_shared(v_smem.index(slot), v_base + page * stride_vpage + row + v_offs,
+                                           mask=valid)
+    async_copy.commit_group()
+
+
+@gluon.jit(do_not_specialize=["split_size", "num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_ps",
+                              "stride_lb", "stride_lh"])
+def _decode_split_kernel_fp8(
+    q_ptr, k_cache_ptr, v_cache_ptr, context_lens_ptr, block_tables_ptr, o_ptr, part_o_ptr, part_lse_ptr,
+    seq_order_ptr, qk_scale, k_scale_ptr, v_scale_ptr, split_size, num_splits,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_kpage, stride_kh, stride_vpage, stride_vh, stride_bt,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    PAGE_SIZE: gl.constexpr, ORDERED: gl.constexpr, NUM_KV_HEADS: gl.constexpr, STRIDE_KSLOT: gl.constexpr,
+    STRIDE_VD: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+):
+    # registers: the MMA accumulator layout (m16n8 tiles, the warps side by side along keys / head_dim) and its
+    # operands, 4 elements a thread along k (fp8 as loaded from shared memory, then float16); copies of 16 bytes a
+    # thread, rows of HEAD_DIM (K) or BLOCK_N (V^T) bytes
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NUM_WARPS], instr_shape=[16, 8])
+    op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    k_copy: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // HEAD_DIM, HEAD_DIM // 16], [NUM_WARPS, 1], [1, 0])
+    v_copy: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // BLOCK_N, BLOCK_N // 16], [NUM_WARPS, 1], [1, 0])
+    # shared memory: 16-byte vectors of a row swizzled over up to 8 phases (at most one phase per vector of a row)
+    k_smem_layout: gl.constexpr = gl.SwizzledSharedLayout(16, 1, min(8, HEAD_DIM // 16), order=[1, 0])
+    v_smem_layout: gl.constexpr = gl.SwizzledSharedLayout(16, 1, min(8, BLOCK_N // 16), order=[1, 0])
+
+    if ORDERED:
+        pid = gl.program_id(0)
+        seq = gl.load(seq_order_ptr + pid // NUM_KV_HEADS).to(gl.int32)
+        kv_head = pid % NUM_KV_HEADS
+    else:
+        seq = gl.program_id(0)
+        kv_head = gl.program_id(1)
+    split = gl.program_id(2)
+    ctx_len = gl.load(context_lens_ptr + seq)
+    start = split * split_size
+    if (num_splits > 1) & (start >= ctx_len):
+        return
+    end = gl.minimum(start + split_size, ctx_len)
+    seq64 = seq.to(gl.int64)
+
+    # K tiles [keys, head_dim] and key-major V tiles [head_dim, keys]: rows of HEAD_DIM or BLOCK_N bytes
+    k_smem = gl.allocate_shared_memory(k_cache_ptr.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], k_smem_layout)
+    v_smem = gl.allocate_shared_memory(v_cache_ptr.dtype.element_ty, [STAGES, HEAD_DIM, BLOCK_N], v_smem_layout)
+    k_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, k_copy))
+    k_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, k_copy))
+    k_offs = k_rows[:, None] * STRIDE_KSLOT + k_cols[None, :]
+    v_rows = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, v_copy))
+    v_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, v_copy))
+    v_offs = v_rows[:, None] * STRIDE_VD + v_cols[None, :]
+    bt_row_ptr = block_tables_ptr + seq64 * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    for t in gl.static_range(STAGES - 1):
+        _issue_tile(k_smem, v_smem, k_base, v_base, bt_row_ptr, t, start, end, k_offs, v_offs, stride_kpage,
+                    stride_vpage, STAGES, BLOCK_N, PAGE_SIZE, STRIDE_KSLOT)
+
+    # the query heads of this KV head as float16 (e4m3 converts to it exactly), saturating past its range
+    offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, mma))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
+    mask_h = offs_h < GROUP
+    heads = kv_head * GROUP + offs_h
+    q = gl.load(q_ptr + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_h[:, None],
+                other=0.0)
+    q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
+    q = gl.convert_layout(q, op_a)
+    k_scale = gl.load(k_scale_ptr + kv_head)
+    v_scale = gl.load(v_scale_ptr + kv_head)
+    qk_scale = qk_scale * k_scale
+
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+    l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, mma))
+    acc = gl.zeros([BLOCK_H, HEAD_DIM], gl.float32, mma)
+    arange_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    num_tiles = gl.cdiv(end - start, BLOCK_N)
+    for t in range(num_tiles):
+        # tile t has landed once at most STAGES - 2 younger groups are pending; the barrier makes every thread's
+        # copies visible, and frees slot (t - 1) % STAGES (read by the last iteration) for the next copy
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()
+        _issue_tile(k_smem, v_smem, k_base, v_base, bt_row_ptr, t + STAGES - 1, start, end, k_offs, v_offs,
+                    stride_kpage, stride_vpage, STAGES, BLOCK_N, PAGE_SIZE, STRIDE_KSLOT)
+        slot = t % STAGES
+        k = k_smem.index(slot).permute((1, 0)).load(op_b).to(gl.float16)  # K^T: [head_dim, keys]
+        qk = mma_v2(q, k, gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)) * qk_scale
+        qk = gl.where((arange_n < end - start - t * BLOCK_N)[None, :], qk, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk - m_safe[:, None])
+        alpha = gl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = v_smem.index(slot).permute((1, 0)).load(op_b).to(gl.float16)  # V: [keys, head_dim]
+        acc = mma_v2(gl.convert_layout(p.to(gl.float16), op_a), v, acc)
+        m_i = m_new
+    async_copy.wait_group(0)
+
+    out = acc / gl.maximum(l_i, 1e-30)[:, None] * v_scale
+    mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if num_splits == 1:
+        gl.store(o_ptr + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=mask)
+    else:
+        gl.store(part_o_ptr + seq64 * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                 out, mask=mask)
+        lse = m_i + gl.log2(l_i)
+        gl.store(part_lse_ptr + seq64 * stride_lb + heads * stride_lh + split, lse, mask=mask_h)

@@ -157,8 +157,8 @@ def variants(cfg: TileConfig) -> dict[str, TileConfig]:
     return out
 
 
-# the variants that run as the engine does (kernel="auto": the Gluon kernel for an fp8 cache on the GPU, see
-# kernels/gluon_decode.py); every other variant is a tile of the Triton kernel and runs it
+# the variants that run as the engine does (no config, kernel="auto": the Gluon kernel for an fp8 cache on the GPU,
+# see kernels/gluon_decode.py); every other variant is a tile of the Triton kernel and runs it
 AUTO = ("default", "longest first", "longest first (argsort in the call)")
 
 
@@ -202,8 +202,11 @@ def main():
                     order = None
                     if ordered:
                         order = torch.argsort(context_lens, descending=True) if sort_in_call else longest_first
-                    return decode_attention(q, k_cache, v_cache, context_lens, tables, scale, config, None, ks, vs,
-                                            order, kernel="auto" if name in AUTO else "triton")
+                    # the engine's own choice takes no config (a config means the Triton kernel's tiles)
+                    auto = name in AUTO
+                    return decode_attention(q, k_cache, v_cache, context_lens, tables, scale,
+                                            None if auto else config, None, ks, vs, order,
+                                            kernel="auto" if auto else "triton")
                 timed = time_variant(name, call, reference, args.iters, line)
                 if timed is None:
                     failed.add(name)

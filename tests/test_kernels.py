@@ -1217,6 +1217,31 @@ def test_gluon_fp8_decode_applies_to_cuda_fp8_only():
                          scales.v, kernel="gluon")
 
 
+def test_decode_attention_picks_its_split_kernel(monkeypatch):
+    """Where the Gluon kernel applies, decode_attention launches it, unless kernel="triton" or a config (the Triton
+    kernel's tiles) is given; elsewhere the Triton kernel. Launches are recorded, not run (no GPU here)."""
+    from nanovllm.kernels import attention, gluon_decode
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append("triton")
+
+    monkeypatch.setattr(attention, "_decode_split_kernel", Recorder())
+    monkeypatch.setattr(gluon_decode, "decode_split", lambda *args: launched.append("gluon"))
+    scales = fp8_scales(2, "cpu")
+    q, k_cache, v_cache, ctx = with_fp8_cache(decode_case([5, 300], 256, 4, 2, 128, torch.bfloat16, "cpu"), scales)
+    k_cache, v_cache = triton_layout(k_cache, v_cache)
+    cfg = attention.decode_config(128, 2, torch.bfloat16, True, True)
+    args = (q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, 0.1)
+    for applies in (True, False):
+        monkeypatch.setattr(gluon_decode, "applies", lambda *a, applies=applies: applies)
+        for config, kernel in ((None, "auto"), (None, "triton"), (cfg, "auto")):
+            launched.clear()
+            attention.decode_attention(*args, config, 1, scales.k, scales.v, kernel=kernel)
+            assert launched == ["gluon" if applies and config is None and kernel == "auto" else "triton"]
+
+
 @cuda
 @needs_cuda
 @needs_triton

@@ -528,7 +528,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     seq_order: [B] the sequences in the order their programs start (e.g. longest first), or None (0..B-1).
     No host sync: safe under CUDA graph capture.
     kernel: "auto" runs the split step in Gluon where gluon_decode.applies (an fp8 cache on a CUDA GPU; same
-    result, a deeper copy pipeline), else in Triton; "triton" always in Triton.
+    result, a deeper copy pipeline) and no config is given (a config is the Triton kernel's tiles), else in
+    Triton; "triton" always in Triton.
     """
     if kernel not in ("auto", "triton"):
         raise ValueError(f"kernel must be 'auto' or 'triton', got {kernel!r}")
@@ -563,7 +564,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = head_block(head_dim)
     ordered = seq_order is not None
     grid = (num_seqs * num_kv_heads, 1, num_splits) if ordered else (num_seqs, num_kv_heads, num_splits)
-    if kernel == "auto" and gluon_decode.applies(q, k_cache, v_cache, cfg.block_n):
+    if kernel == "auto" and config is None and gluon_decode.applies(q, k_cache, v_cache, cfg.block_n):
         gluon_decode.decode_split(q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse,
                                   seq_order, scale * LOG2E, k_scale, v_scale, split_size, num_splits, part_strides,
                                   grid)

@@ -1180,7 +1180,7 @@ def test_gluon_fp8_decode_equals_triton_cuda(num_heads, num_kv_heads, head_dim, 
     """On the GPU an fp8 cache's decode runs the Gluon split kernel (gluon_decode.applies), which gives the Triton
     kernel's bits: split or not, in any order of the sequences, with empty rows (CUDA-graph padding: zeros) and
     with stale slots (fill_stale_slots) past the sequences' keys."""
-    from nanovllm.kernels import gluon_decode
+    gluon_decode = pytest.importorskip("nanovllm.kernels.gluon_decode")
     from nanovllm.kernels.attention import decode_attention
     scales = fp8_scales(num_kv_heads, "cuda")
     lens = DECODE_LENS["mixed"] + [0, 129]
@@ -1203,7 +1203,7 @@ def test_gluon_fp8_decode_equals_triton_cuda(num_heads, num_kv_heads, head_dim, 
 def test_gluon_fp8_decode_applies_to_cuda_fp8_only():
     """The Gluon kernel is chosen for fp8 caches with key-major values on a CUDA GPU only: never on the CPU (the
     Triton kernel and the interpreter serve there), never for a bf16 cache or float32 queries."""
-    from nanovllm.kernels import gluon_decode
+    gluon_decode = pytest.importorskip("nanovllm.kernels.gluon_decode")
     scales = fp8_scales(2, "cpu")
     case = decode_case([5, 300], 256, 4, 2, 128, torch.bfloat16, "cpu")
     q, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
@@ -1217,10 +1217,22 @@ def test_gluon_fp8_decode_applies_to_cuda_fp8_only():
                          scales.v, kernel="gluon")
 
 
+def test_attention_keeps_the_triton_kernel_without_gluon():
+    """On a Triton older than the Gluon API the kernel was built for, importing the kernels still works and the
+    Triton kernel serves fp8 decode (a fresh interpreter that reports Triton 3.4)."""
+    code = ("import triton; triton.__version__ = '3.4.0'\n"
+            "from nanovllm.kernels import attention\n"
+            "assert attention.gluon_decode is None, attention.gluon_decode\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_decode_attention_picks_its_split_kernel(monkeypatch):
     """Where the Gluon kernel applies, decode_attention launches it, unless kernel="triton" or a config (the Triton
     kernel's tiles) is given; elsewhere the Triton kernel. Launches are recorded, not run (no GPU here)."""
-    from nanovllm.kernels import attention, gluon_decode
+    gluon_decode = pytest.importorskip("nanovllm.kernels.gluon_decode")
+    from nanovllm.kernels import attention
     launched = []
 
     class Recorder:

@@ -29,9 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels import gluon_decode
 from nanovllm.kernels.store_kvcache import quantize_fp8, values_key_major
 from nanovllm.layers.kv_quant import FP8_DTYPE
+
+try:  # the fp8 decode kernel in Gluon (Triton 3.6's API); without it the Triton kernel serves every case
+    from nanovllm.kernels import gluon_decode
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
+    gluon_decode = None
 
 LOG2E = 1.4426950408889634
 
@@ -564,7 +568,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = head_block(head_dim)
     ordered = seq_order is not None
     grid = (num_seqs * num_kv_heads, 1, num_splits) if ordered else (num_seqs, num_kv_heads, num_splits)
-    if kernel == "auto" and config is None and gluon_decode.applies(q, k_cache, v_cache, cfg.block_n):
+    if (kernel == "auto" and config is None and gluon_decode is not None
+            and gluon_decode.applies(q, k_cache, v_cache, cfg.block_n)):
         gluon_decode.decode_split(q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse,
                                   seq_order, scale * LOG2E, k_scale, v_scale, split_size, num_splits, part_strides,
                                   grid)

@@ -1,5 +1,6 @@
 """The split-KV decode kernel for an fp8 KV cache in Gluon (Triton's dialect with explicit layouts and copies),
-used on CUDA GPUs in place of attention._decode_split_kernel where it applies (`applies`).
+used on CUDA GPUs in place of attention._decode_split_kernel where it applies (`applies`). Importing this module
+raises ImportError on a Triton without Gluon's 3.6 API; attention.py then keeps the Triton kernel everywhere.
 
 Same contract and arithmetic as that kernel's fp8 case with key-major values and tiles inside a page; the two give
 the same bits on an H200. What differs is the copy pipeline. Triton's pipeliner gives that kernel's loop one
@@ -16,16 +17,18 @@ choice is 177), three programs fit a multiprocessor, as for the Triton kernel.
 import functools
 
 import torch
+import triton
 
-from nanovllm.kernels.store_kvcache import values_key_major
-from nanovllm.layers.kv_quant import FP8_DTYPE
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+    # Gluon is experimental and its API moves between releases; this kernel was built and checked on 3.6
+    raise ImportError(f"the Gluon decode kernel needs Triton 3.6 or newer, found {triton.__version__}")
 
-try:  # Triton 3.5+; without it the Triton kernel serves every case
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2  # noqa: E402
+
+from nanovllm.kernels.store_kvcache import values_key_major  # noqa: E402
+from nanovllm.layers.kv_quant import FP8_DTYPE  # noqa: E402
 
 STAGES = 2
 NUM_WARPS = 4
@@ -38,7 +41,7 @@ def applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     """Whether this kernel serves a decode_attention call: a CUDA GPU with fp8 conversions (sm_89+), an fp8
     cache with key-major values, 16-bit queries, head_dim 64 or 128, at most 16 query heads a KV head, and the
     Triton kernel's tiles being 128 keys inside a page (so the splits are the same)."""
-    if gluon is None or not q.is_cuda or k_cache.dtype != FP8_DTYPE or not values_key_major(v_cache):
+    if not q.is_cuda or k_cache.dtype != FP8_DTYPE or not values_key_major(v_cache):
         return False
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.size(1), k_cache.size(2)

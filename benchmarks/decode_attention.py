@@ -89,14 +89,18 @@ def make_case(lens: list[int], args, dtype: torch.dtype, fp8: bool, gen: torch.G
         scales = (torch.full((args.kv_heads,), 0.05, device="cuda"), torch.full((args.kv_heads,), 0.05, device="cuda"))
     # head-major blocks: [pages, kv_heads, page, head_dim] in memory, seen as [pages, page, kv_heads, head_dim]
     k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
-    if key_major_values(args, dtype, fp8):  # [pages, kv_heads, head_dim, page] in memory
-        v_cache = v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    run = key_major_values(args, dtype, fp8)
+    if run:  # runs of `run` keys, [runs, kv_heads, head_dim, run] in memory, seen as value blocks of `run` slots
+        runs = v_cache.reshape(args.num_pages * page // run, run, args.kv_heads, args.head_dim)
+        v_cache = runs.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     q = torch.randn(len(lens), args.heads, args.head_dim, dtype=dtype, device="cuda")
     return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device="cuda"), tables.cuda(), scales
 
 
-def key_major_values(args, dtype: torch.dtype, fp8: bool) -> bool:
-    return TritonBackend().key_major_values(args.page_size, args.head_dim, dtype, "fp8_e4m3" if fp8 else "auto")
+def key_major_values(args, dtype: torch.dtype, fp8: bool) -> int:
+    """The triton backend's choice for these shapes on this GPU: keys per key-major run of V (0: not key-major)."""
+    return TritonBackend(torch.device("cuda", torch.cuda.current_device())).key_major_values(
+        args.page_size, args.head_dim, dtype, "fp8_e4m3" if fp8 else "auto")
 
 
 def time_call(fn, iters: int) -> float:
@@ -183,7 +187,8 @@ def main():
     scale = args.head_dim ** -0.5
     for kv_dtype in args.kv_cache_dtypes:
         fp8 = kv_dtype == "fp8_e4m3"
-        cfg = decode_config(args.head_dim, args.heads // args.kv_heads, dtype, fp8, key_major_values(args, dtype, fp8))
+        cfg = decode_config(args.head_dim, args.heads // args.kv_heads, dtype, fp8,
+                            bool(key_major_values(args, dtype, fp8)))
         totals: dict[str, float] = {}
         failed: set[str] = set()
         total_bytes = 0

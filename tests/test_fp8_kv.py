@@ -66,7 +66,7 @@ def test_cache_layouts_keep_the_shape_and_store_each_heads_slots_together(qwen3_
     cpu = torch.device("cpu")
     plain = kv_cache.allocate_kv_cache(config, 5, cpu)
     heads = kv_cache.allocate_kv_cache(config, 5, cpu, head_major=True)
-    values = kv_cache.allocate_kv_cache(config, 5, cpu, head_major=True, key_major_values=True)
+    values = kv_cache.allocate_kv_cache(config, 5, cpu, head_major=True, key_major_values=16)
     for k, v in (plain, heads, values):
         assert k.shape == v.shape == (2, 5, 16, 2, 16) and k.dtype == v.dtype == config.kv_torch_dtype
         assert not k.float().any() and not v.float().any()  # zeroed
@@ -78,25 +78,35 @@ def test_cache_layouts_keep_the_shape_and_store_each_heads_slots_together(qwen3_
     assert heads[0].stride()[2:] == heads[1].stride()[2:] == (16, 16 * 16, 1) == values[0].stride()[2:]
     # key-major values: one head's values of a block as [head_dim, block_size]
     assert values[1].stride()[2:] == (1, 16 * 16, 16)
+    # in runs of 4 slots: value blocks of 4 slots, one head's values of a run as [head_dim, 4], the runs of a block
+    # one after another; the same slots as K's, in the same allocation
+    k, v = kv_cache.allocate_kv_cache(config, 5, cpu, head_major=True, key_major_values=4)
+    assert k.shape == (2, 5, 16, 2, 16) and v.shape == (2, 20, 4, 2, 16) and not v.float().any()
+    assert v.stride()[1:] == (4 * 2 * 16, 1, 4 * 16, 4) and v.data_ptr() - k.data_ptr() == k.numel() * k.element_size()
+    v[1, 7, 2, 1, 5] = 1.0  # slot 30 = block 1, offset 14: the 8th run of 4 slots (7 * 4 + 2 = 30)
+    assert v.flatten(1, 2)[1, 30, 1, 5] == 1.0 and v.flatten(1, 2).float().sum() == 1.0
+    with pytest.raises(ValueError, match="key_major_values=3 must divide"):
+        kv_cache.allocate_kv_cache(config, 5, cpu, key_major_values=3)
 
 
 def test_the_runner_allocates_the_layout_its_backend_asks_for(qwen3_path, monkeypatch):
     import nanovllm.engine.model_runner as model_runner
     asked = []
 
-    def allocate(config, num_blocks, device, head_major=False, key_major_values=False):
+    def allocate(config, num_blocks, device, head_major=False, key_major_values=0):
         asked.append((head_major, key_major_values))  # the torch backend itself reads contiguous caches only
         return kv_cache.allocate_kv_cache(config, num_blocks, device)
 
     class HeadMajor(TorchBackend):
         head_major_blocks = True
 
-        def key_major_values(self, block_size, head_dim, dtype, kv_cache_dtype):
-            return (block_size, head_dim, dtype, kv_cache_dtype) == (16, 16, torch.float32, "fp8_e4m3")
+        def key_major_values(self, block_size, head_dim, dtype, kv_cache_dtype, queries_per_kv=1):
+            asks = (block_size, head_dim, dtype, kv_cache_dtype, queries_per_kv)
+            return 4 if asks == (16, 16, torch.float32, "fp8_e4m3", 2) else 0  # the tiny Qwen3: 4 heads, 2 KV
 
     monkeypatch.setattr(model_runner, "allocate_kv_cache", allocate)
-    for backend, kv_cache_dtype, expect in ((TorchBackend(), "fp8", (False, False)),
-                                            (HeadMajor(), "auto", (True, False)), (HeadMajor(), "fp8", (True, True))):
+    for backend, kv_cache_dtype, expect in ((TorchBackend(), "fp8", (False, 0)),
+                                            (HeadMajor(), "auto", (True, 0)), (HeadMajor(), "fp8", (True, 4))):
         monkeypatch.setattr(model_runner, "create_backend", lambda *args, **kwargs: backend)
         with LLM(qwen3_path, kvcache_block_size=16, max_model_len=256, kv_cache_dtype=kv_cache_dtype) as llm:
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
@@ -104,16 +114,27 @@ def test_the_runner_allocates_the_layout_its_backend_asks_for(qwen3_path, monkey
 
 
 @pytest.mark.parametrize("block_size, head_dim, dtype, kv_cache_dtype, expect", [
-    (256, 128, torch.bfloat16, "fp8_e4m3", True), (128, 64, torch.float16, "fp8_e4m3", True),
-    (64, 128, torch.bfloat16, "fp8_e4m3", False),  # a decode tile (128 keys) spans blocks: per-key path
-    (256, 128, torch.bfloat16, "auto", False),  # bf16 values load through ldmatrix's transposing form
-    (64, 128, torch.float32, "fp8_e4m3", True),  # float32 models: 64-key tiles
+    (256, 128, torch.bfloat16, "fp8_e4m3", 256), (128, 64, torch.float16, "fp8_e4m3", 128),
+    (64, 128, torch.bfloat16, "fp8_e4m3", 0),  # a decode tile (128 keys) spans blocks: per-key path
+    (256, 128, torch.bfloat16, "auto", 0),  # bf16 values load through ldmatrix's transposing form
+    (64, 128, torch.float32, "fp8_e4m3", 64),  # float32 models: 64-key tiles
 ])
 def test_triton_backend_asks_for_key_major_values_where_its_decode_tiles_fit(block_size, head_dim, dtype,
-                                                                          kv_cache_dtype, expect):
+                                                                          kv_cache_dtype, expect, monkeypatch):
+    """Off CUDA (the Triton kernel in the interpreter) runs of a whole block; where the Gluon kernel serves, runs of
+    4 keys (its `serves` stands in for a GPU here)."""
     pytest.importorskip("triton")
-    from nanovllm.layers.backends.triton_attn import TritonBackend
-    assert TritonBackend().key_major_values(block_size, head_dim, dtype, kv_cache_dtype) is expect
+    from nanovllm.layers.backends import triton_attn
+    assert triton_attn.TritonBackend().key_major_values(block_size, head_dim, dtype, kv_cache_dtype) == expect
+    gluon_decode = triton_attn.gluon_decode
+    if gluon_decode is None:
+        return
+    cuda = triton_attn.TritonBackend(torch.device("cuda", 0))
+    for serves in (True, False):
+        monkeypatch.setattr(gluon_decode, "serves", lambda *args, serves=serves: serves)
+        for queries_per_kv in (1, 16, 32):  # the Gluon kernel takes up to 16 query heads a KV head
+            run = cuda.key_major_values(block_size, head_dim, dtype, kv_cache_dtype, queries_per_kv)
+            assert run == (gluon_decode.VALUE_RUN if expect and serves and queries_per_kv <= 16 else expect)
 
 
 def test_a_nan_is_stored_as_zero_and_inf_saturates():

@@ -138,10 +138,11 @@ def fill_stale_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context)
             stale[row[i // block_size], i % block_size] = False
     stale = stale.to(k_cache.device)
     for cache in (k_cache, v_cache):
+        mask = stale.reshape(cache.shape[:2])  # key-major values in runs: value blocks of fewer slots, same order
         if cache.dtype == FP8_DTYPE:
-            cache.view(torch.uint8)[stale] = 0x7E
+            cache.view(torch.uint8)[mask] = 0x7E
         else:
-            cache[stale] = float("nan")
+            cache[mask] = float("nan")
 
 def store_case(num_tokens, num_slots_free, block_size, num_kv_heads, head_dim, dtype, device, seed=0):
     """k, v as non-contiguous views of a fused qkv-like tensor, slots distinct with some -1 (padding)."""
@@ -179,7 +180,10 @@ def run_backend(backend, kind, case, scale, kv_scales=None):
 
 
 def assert_matches_torch(kind, case, out, scale=0.3, atol=1e-4, rtol=1e-4, kv_scales=None):
-    """`out` (a kernel's or a backend's) equals the plain-PyTorch backend's result on the same case."""
+    """`out` (a kernel's or a backend's) equals the plain-PyTorch backend's result on the same case (whose V cache
+    it reads in K's shape: values in runs are reshaped, the same slots in the same order)."""
+    k_cache, v_cache = case[-3], case[-2]
+    case = (*case[:-2], v_cache.reshape(k_cache.shape), case[-1])
     torch.testing.assert_close(out, run_backend(TorchBackend(), kind, case, scale, kv_scales), atol=atol, rtol=rtol)
 
 
@@ -493,57 +497,71 @@ def assert_stores_equal_in_layout(v_layout):
     kl, vl = head_major(k_cache), v_layout(v_cache)
     store_kvcache(k, v, kl, vl, slots)
     store_kvcache(k, v, k_cache, v_cache, slots)
-    assert torch.equal(kl, k_cache) and torch.equal(vl, v_cache)
+    assert torch.equal(kl, k_cache) and torch.equal(vl, v_layout(v_cache))
     positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, slots, _ = rope_store_case(7, 4, 2, 32, 4,
                                                                                            torch.float32, "cpu")
     kl, vl = head_major(k_cache), v_layout(v_cache)
     for kc, vc in ((kl, vl), (k_cache, v_cache)):
         fused.rope_store(positions, q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_cache,
                          rotary.sin_cache, kc, vc, slots, None, None)
-    assert torch.equal(kl, k_cache) and torch.equal(vl, v_cache)
+    assert torch.equal(kl, k_cache) and torch.equal(vl, v_layout(v_cache))
 
 
-def key_major(cache: torch.Tensor) -> torch.Tensor:
-    """The same values, stored key-major within each block: one head's values as [head_dim, block_size] (the
-    triton backend's V layout for an fp8 cache; see kv_cache.py)."""
-    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+def key_major(cache: torch.Tensor, run: int | None = None) -> torch.Tensor:
+    """The same values stored key-major in runs of `run` slots (default: a whole block): one head's values of a
+    run as [head_dim, run], seen as value blocks of `run` slots (the triton backend's V layout for an fp8 cache;
+    see kv_cache.py). A whole block keeps the cache's shape."""
+    num_blocks, block_size, heads, head_dim = cache.shape
+    run = run or block_size
+    runs = cache.reshape(num_blocks * block_size // run, run, heads, head_dim)
+    return runs.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def triton_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
-    """The caches laid out as the triton backend's engine allocates them for a `dtype` model (kv_cache.py):
-    head-major blocks, and key-major values where TritonBackend.key_major_values asks for them (fp8)."""
+    """The caches laid out as the triton backend's engine allocates them for a `dtype` model on their device
+    (kv_cache.py): head-major blocks, and key-major values where TritonBackend.key_major_values asks for them
+    (fp8: runs of 4 keys where the Gluon kernel serves, of a block elsewhere)."""
     from nanovllm.layers.backends.triton_attn import TritonBackend
     kv_cache_dtype = "fp8_e4m3" if k_cache.dtype == FP8_DTYPE else "auto"
-    if TritonBackend().key_major_values(k_cache.size(1), k_cache.size(3), dtype, kv_cache_dtype):
-        return head_major(k_cache), key_major(v_cache)
+    run = TritonBackend(k_cache.device).key_major_values(k_cache.size(1), k_cache.size(3), dtype, kv_cache_dtype)
+    if run:
+        return head_major(k_cache), key_major(v_cache, run)
     return head_major(k_cache), head_major(v_cache)
 
 
 def _check_key_major_values():
-    """Every Triton kernel that reads or writes V gives the same result on a key-major copy of it: decode by tiles
-    inside a block (float32: V masked; fp8: read whole) and by keys across blocks, split or not, paged prefill, the
-    store and the fused rotary store."""
+    """Every Triton kernel that reads or writes V gives the same result on a key-major copy of it, in runs of a
+    whole block or of fewer keys: decode by tiles inside a block (float32: V masked; fp8: read whole) and by keys
+    across blocks, split or not, paged prefill, the store and the fused rotary store."""
     from nanovllm.kernels.attention import TileConfig, decode_attention, prefill_attention, values_key_major
     lens = [1, 16, 17, 90, 33]
     for fp8 in (False, True):
         scales = fp8_scales(2, "cpu") if fp8 else None
         scale_args = (scales.k, scales.v) if fp8 else (None, None)
-        for block_size, block_n, num_splits in ((32, 16, None), (32, 16, 3), (16, 16, None), (16, 32, None)):
+        for block_size, block_n, num_splits, run in ((32, 16, None, None), (32, 16, 3, None), (16, 16, None, None),
+                                                     (16, 32, None, None), (32, 16, 3, 4), (32, 16, None, 8),
+                                                     (16, 32, None, 4), (32, 32, None, 16)):
             case = decode_case(lens, block_size, 6, 2, 32, torch.float32, "cpu", extra_width=2)
             q, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
-            kh, vk = head_major(k_cache), key_major(v_cache)
-            assert torch.equal(vk.float(), v_cache.float()) and values_key_major(vk) and vk.stride(1) == 1
+            kh, vk = head_major(k_cache), key_major(v_cache, run)
+            assert values_key_major(vk) and vk.stride(1) == 1 and vk.size(1) == (run or block_size)
+            assert torch.equal(vk.flatten(0, 1).float(), v_cache.flatten(0, 1).float())  # the same slots
             args = (ctx.context_lens, ctx.block_tables, 0.3, TileConfig(16, block_n, 4, 1), num_splits, *scale_args)
-            assert torch.equal(decode_attention(q, kh, vk, *args), decode_attention(q, k_cache, v_cache, *args))
+            # runs against whole-block runs: the same tile path (contiguous values take another, whose float32
+            # products the interpreter may round differently where the tile spans the block)
+            expect = decode_attention(q, *((kh, key_major(v_cache)) if run else (k_cache, v_cache)), *args)
+            assert torch.equal(decode_attention(q, kh, vk, *args), expect)
         case = prefill_case([3, 20, 1], [10, 37, 40], 16, 4, 2, 32, torch.float32, "cpu", paged=True)
         q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
         if fp8:
             k, v = fp8_round_trip(k, scales.k), fp8_round_trip(v, scales.v)  # on the grid (module docstring)
         args = (ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.block_tables, 0.3,
                 TileConfig(16, 16, 4, 1), *scale_args)
-        assert torch.equal(prefill_attention(q, k, v, head_major(k_cache), key_major(v_cache), *args),
-                           prefill_attention(q, k, v, k_cache, v_cache, *args))
+        for run in (None, 4):
+            assert torch.equal(prefill_attention(q, k, v, head_major(k_cache), key_major(v_cache, run), *args),
+                               prefill_attention(q, k, v, k_cache, v_cache, *args))
     assert_stores_equal_in_layout(key_major)
+    assert_stores_equal_in_layout(lambda cache: key_major(cache, 4))
 
 
 def _check_fused_silu_and_mul():
@@ -1261,18 +1279,21 @@ def test_decode_attention_picks_its_split_kernel(monkeypatch):
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_triton_cache_layouts_equal_contiguous_cuda(fp8, block_size):
     """The triton backend's cache layouts (head-major blocks; key-major values for fp8, which take the decode
-    kernel's other V path) give bit-identical prefill and decode on the GPU."""
+    kernel's other V path, in runs of a block or of 4 keys) give bit-identical prefill and decode on the GPU."""
     backend = gpu_backend("triton")
     scales = fp8_scales(8, "cuda") if fp8 else None
     case = decode_case(DECODE_LENS["mixed"], block_size, 16, 8, 128, torch.bfloat16, "cuda")
     q, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
     expect = backend.decode(q, k_cache, v_cache, ctx, 0.1, scales)
-    for kc, vc in ((head_major(k_cache), head_major(v_cache)), (head_major(k_cache), key_major(v_cache))):
+    layouts = [(head_major(k_cache), head_major(v_cache)), (head_major(k_cache), key_major(v_cache)),
+               (head_major(k_cache), key_major(v_cache, 4))]  # runs of 4 keys: the Gluon kernel's at 256 slots
+    for kc, vc in layouts:
         assert torch.equal(backend.decode(q, kc, vc, ctx, 0.1, scales), expect)
     case = prefill_case([5, 300], [40, 700], block_size, 16, 8, 128, torch.bfloat16, "cuda", paged=True)
     q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
     expect = backend.prefill(q, k, v, k_cache, v_cache, ctx, 0.1, scales)
-    for kc, vc in ((head_major(k_cache), head_major(v_cache)), (head_major(k_cache), key_major(v_cache))):
+    for kc, vc in ((head_major(k_cache), head_major(v_cache)), (head_major(k_cache), key_major(v_cache)),
+                   (head_major(k_cache), key_major(v_cache, 4))):
         assert torch.equal(backend.prefill(q, k, v, kc, vc, ctx, 0.1, scales), expect)
 
 

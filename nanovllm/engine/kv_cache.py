@@ -4,8 +4,14 @@ One zeroed allocation holds every layer's keys and values, seen as two tensors [
 num_kv_heads, head_dim]; the ModelRunner hands each attention layer its k and v. In memory a block holds its slots
 token by token (each token's heads together), or, for a backend that asks (`AttentionBackend.head_major_blocks`),
 head by head, so one KV head's keys of a block are one contiguous run; a backend may also ask for key-major values
-(`AttentionBackend.key_major_values`): one KV head's values of a block stored as [head_dim, block_size]. Every
-layout is the same shape, as a strided view. An fp8 cache (kv_cache_dtype="fp8_e4m3") takes 1 byte per element,
+(`AttentionBackend.key_major_values`): runs of n consecutive slots stored as [num_kv_heads, head_dim, n], seen as
+value blocks of n slots (n = block_size: one KV head's values of a block as [head_dim, block_size]):
+
+    v_cache: [num_blocks * block_size // n, n, num_kv_heads, head_dim]     slot s at [s // n, s % n]
+
+The slot numbering is the same as K's, so a store finds V's value block and offset from the slot as it finds K's
+block; a reader through a block table finds key i of block b at value block b * (block_size // n) + i // n.
+Every other layout is K's shape, as a strided view. An fp8 cache (kv_cache_dtype="fp8_e4m3") takes 1 byte per element,
 so the same memory holds twice the tokens of a bf16 one.
 """
 import os
@@ -79,10 +85,12 @@ def _cpu_memory_bytes(pages: str, unknown: int) -> int:
 
 
 def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device, head_major: bool = False,
-                      key_major_values: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      key_major_values: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(k_caches, v_caches), each [num_layers, num_blocks, block_size, num_kv_heads, head_dim]. Within a block:
-    slot-major ([block_size, num_kv_heads, head_dim]) by default; head_major: [num_kv_heads, block_size, head_dim];
-    key_major_values: V as [num_kv_heads, head_dim, block_size]. Non-default layouts are views of that shape."""
+    slot-major ([block_size, num_kv_heads, head_dim]) by default; head_major: [num_kv_heads, block_size, head_dim].
+    key_major_values = n (a divisor of block_size; 0: V laid out as K): V in runs of n slots, each stored as
+    [num_kv_heads, head_dim, n] and seen as [num_layers, num_blocks * block_size // n, n, num_kv_heads, head_dim].
+    Non-default layouts are strided views."""
     hf = config.hf_config
     sizes = {"slot": config.kvcache_block_size, "head": hf.num_key_value_heads // config.tensor_parallel_size,
              "dim": head_dim_of(hf)}
@@ -97,5 +105,10 @@ def allocate_kv_cache(config: Config, num_blocks: int, device: torch.device, hea
         return stored.permute(0, 1, *(2 + order.index(d) for d in ("slot", "head", "dim")))
 
     keys = ("head", "slot", "dim") if head_major else ("slot", "head", "dim")
-    values = ("head", "dim", "slot") if key_major_values else keys
-    return view(cache[0], keys), view(cache[1], values)
+    if not key_major_values:
+        return view(cache[0], keys), view(cache[1], keys)
+    run = key_major_values
+    if sizes["slot"] % run:
+        raise ValueError(f"key_major_values={run} must divide kvcache_block_size={sizes['slot']}")
+    runs = cache[1].view(hf.num_hidden_layers, num_blocks * sizes["slot"] // run, sizes["head"], sizes["dim"], run)
+    return view(cache[0], keys), runs.permute(0, 1, 4, 2, 3)

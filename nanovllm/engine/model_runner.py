@@ -90,8 +90,10 @@ class ModelRunner:
             self.warmup_model()
         kv_scales = self.calibrate_kv_scales() if config.kv_cache_dtype != "auto" else [None] * len(self.layers)
         self.num_kvcache_blocks = num_kvcache_blocks(config, device, self.world_size)
-        key_major_values = self.attn_backend.key_major_values(self.block_size, head_dim_of(config.hf_config),
-                                                              config.torch_dtype, config.kv_cache_dtype)
+        hf = config.hf_config
+        key_major_values = self.attn_backend.key_major_values(
+            self.block_size, head_dim_of(hf), config.torch_dtype, config.kv_cache_dtype,
+            hf.num_attention_heads // hf.num_key_value_heads)
         self.kv_cache = allocate_kv_cache(config, self.num_kvcache_blocks, device,
                                           head_major=self.attn_backend.head_major_blocks,
                                           key_major_values=key_major_values)

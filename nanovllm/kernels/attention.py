@@ -5,9 +5,13 @@ Keys are read from the paged cache through a block table. Key n of a sequence li
     page = block_table[seq, n // page_size]            (physical block id)
     k_cache[page, n % page_size, kv_head, :]
 
-V may instead be stored key-major within each page, v_cache[page, :, kv_head, d] one contiguous run of
-page_size values (`values_key_major`; the triton backend's layout for an fp8 cache), so that the decode
-kernel's P.V product reads V contiguously along its inner dimension, as Q.K^T reads K.
+V may instead be stored key-major, in runs of n consecutive keys (`values_key_major`; the triton backend's
+layout for an fp8 cache, see engine/kv_cache.py): v_cache is then [pages * page_size // n, n, kv_heads, head_dim]
+with unit stride along its n slots, and key i of a page lives at
+
+    v_cache[page * (page_size // n) + i // n, i % n, kv_head, :]                (n = page_size: V's shape is K's)
+
+so that the decode kernel's P.V product reads V contiguously along its inner dimension, as Q.K^T reads K.
 
 A KV tile of BLOCK_N keys either lies inside one page (BLOCK_N <= page_size: one scalar block-table read per
 tile, because tiles start at multiples of BLOCK_N and BLOCK_N divides page_size) or spans several pages
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.store_kvcache import quantize_fp8, values_key_major
+from nanovllm.kernels.store_kvcache import quantize_fp8, value_block_size, values_key_major
 from nanovllm.layers.kv_quant import FP8_DTYPE
 
 try:  # the fp8 decode kernel in Gluon (Triton 3.6's API); without it the Triton kernel serves every case
@@ -61,18 +65,22 @@ class TileConfig:
 
 @triton.jit
 def _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_page, stride_slot,
-             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Memory offset (int64, in elements) of keys offs_n of one sequence, without the head/dim part.
+             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, RUN: tl.constexpr):
+    """Memory offset (int64, in elements) of keys offs_n of one sequence, without the head/dim part. RUN: the
+    slots of one block of this cache (page_size, or the run of key-major values; stride_page is its block's).
 
     Unpaged: bt_row_ptr is unused and the keys are rows offs_n of a contiguous-token tensor.
     """
     if PAGED:
         if BLOCK_N <= PAGE_SIZE:
             page = tl.load(bt_row_ptr + start_n // PAGE_SIZE).to(tl.int64)
-            return page * stride_page + (offs_n % PAGE_SIZE).to(tl.int64) * stride_slot
         else:
-            pages = tl.load(bt_row_ptr + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-            return pages * stride_page + (offs_n % PAGE_SIZE).to(tl.int64) * stride_slot
+            page = tl.load(bt_row_ptr + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        slot = (offs_n % PAGE_SIZE).to(tl.int64)
+        if RUN == PAGE_SIZE:
+            return page * stride_page + slot * stride_slot
+        else:
+            return (page * (PAGE_SIZE // RUN) + slot // RUN) * stride_page + (slot % RUN) * stride_slot
     else:
         return offs_n.to(tl.int64) * stride_slot
 
@@ -81,12 +89,14 @@ def _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_page, stride_slot,
 def _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d,
                   stride_kpage, stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale, dtype: tl.constexpr,
                   MASK_ROWS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_D: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr):
+                  MASK_D: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr, V_RUN: tl.constexpr):
     """The K and V tiles ([BLOCK_N, BLOCK_D], as `dtype`) of keys offs_n of one sequence; k_ptr/v_ptr point at
     its KV head. KV_FP8: the values of the fp8 cache, unscaled (fresh unpaged K/V are quantised first).
-    STRIDE_VD: V's stride along head_dim (1, or the block size for key-major values)."""
-    k_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_kpage, stride_kslot, PAGED, PAGE_SIZE, BLOCK_N)
-    v_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_vpage, stride_vslot, PAGED, PAGE_SIZE, BLOCK_N)
+    STRIDE_VD: V's stride along head_dim (1, or its run for key-major values); V_RUN: slots of a V block."""
+    k_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_kpage, stride_kslot, PAGED, PAGE_SIZE, BLOCK_N,
+                      PAGE_SIZE)
+    v_rows = _kv_rows(bt_row_ptr, start_n, offs_n, mask_n, stride_vpage, stride_vslot, PAGED, PAGE_SIZE, BLOCK_N,
+                      V_RUN)
     k = _load_2d(k_ptr + k_rows[:, None] + offs_d[None, :], mask_n, mask_d, MASK_ROWS, MASK_D)
     v = _load_2d(v_ptr + v_rows[:, None] + offs_d[None, :] * STRIDE_VD, mask_n, mask_d, MASK_ROWS, MASK_D)
     if KV_FP8:
@@ -160,12 +170,13 @@ def _fp8_dot_query(q, KV_FP8: tl.constexpr):
 def _prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start_n, offs_m, offs_d, mask_d, shift, k_len,
                   qk_scale, stride_kpage, stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale,
                   MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_D: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr):
+                  MASK_D: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr,
+                  V_RUN: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < k_len
     k, v = _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d, stride_kpage,
                          stride_kslot, stride_vpage, stride_vslot, k_scale, v_scale, q.dtype, MASKED, PAGED,
-                         PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8, STRIDE_VD)
+                         PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8, STRIDE_VD, V_RUN)
     # query row i sits at key position shift + i (bottom-right causal alignment)
     visible = (offs_n[None, :] <= (shift + offs_m)[:, None]) & mask_n[None, :]
     return _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED, PRECISION)
@@ -181,7 +192,7 @@ def _prefill_kernel(
     stride_kpage, stride_kslot, stride_kh, stride_vpage, stride_vslot, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr, STRIDE_VD: tl.constexpr, V_RUN: tl.constexpr,
 ):
     # the last query tiles of a sequence see the most keys: hand them out first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -228,12 +239,12 @@ def _prefill_kernel(
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_row_ptr, start_n, offs_m, offs_d,
                                       mask_d, shift, k_len, qk_scale, stride_kpage, stride_kslot, stride_vpage,
                                       stride_vslot, k_scale, v_scale, False, PAGED, PAGE_SIZE, BLOCK_N, MASK_D,
-                                      PRECISION, KV_FP8, STRIDE_VD)
+                                      PRECISION, KV_FP8, STRIDE_VD, V_RUN)
     for start_n in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_row_ptr, start_n, offs_m, offs_d,
                                       mask_d, shift, k_len, qk_scale, stride_kpage, stride_kslot, stride_vpage,
                                       stride_vslot, k_scale, v_scale, True, PAGED, PAGE_SIZE, BLOCK_N, MASK_D,
-                                      PRECISION, KV_FP8, STRIDE_VD)
+                                      PRECISION, KV_FP8, STRIDE_VD, V_RUN)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -287,13 +298,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     paged = block_tables is not None
     if paged:
         kt, vt = k_cache, v_cache
-        page_size = k_cache.size(1)
+        page_size, v_run = k_cache.size(1), value_block_size(k_cache, v_cache)
         strides_k = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
         strides_v = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
         tables, stride_bt = block_tables, block_tables.stride(0)
     else:
         kt, vt = k, v
-        page_size = 1
+        page_size = v_run = 1
         strides_k = (0, k.stride(0), k.stride(1))
         strides_v = (0, v.stride(0), v.stride(1))
         tables, stride_bt = cu_seqlens_q, 0  # a dummy pointer, never read
@@ -308,8 +319,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides_k, *strides_v, stride_bt,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged, PAGE_SIZE=page_size,
-        PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, STRIDE_VD=vt.stride(-1), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
+        PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, STRIDE_VD=vt.stride(-1), V_RUN=v_run,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     return out
 
@@ -352,7 +363,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
     ORDERED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, STRIDE_KSLOT: tl.constexpr, STRIDE_VSLOT: tl.constexpr,
-    STRIDE_VD: tl.constexpr,
+    STRIDE_VD: tl.constexpr, V_RUN: tl.constexpr,
 ):
     if ORDERED:  # grid (num_seqs * num_kv_heads, 1, splits): every head of the longest sequence first
         pid = tl.program_id(0)
@@ -403,8 +414,12 @@ def _decode_split_kernel(
     HOIST: tl.constexpr = (KV_FP8 or V_KEY_MAJOR) and BLOCK_N <= PAGE_SIZE
     if HOIST:
         tile_k = arange_n[:, None] * STRIDE_KSLOT + offs_d[None, :]
-        if V_KEY_MAJOR:
-            tile_v = offs_d[:, None] * STRIDE_VD + arange_n[None, :]  # [BLOCK_D, BLOCK_N]: V^T
+        if V_KEY_MAJOR:  # [BLOCK_D, BLOCK_N]: V^T, from one run of keys or from BLOCK_N // V_RUN runs
+            if V_RUN >= BLOCK_N:
+                tile_v = offs_d[:, None] * STRIDE_VD + arange_n[None, :]
+            else:
+                tile_v = (offs_d[:, None] * STRIDE_VD + (arange_n // V_RUN).to(tl.int64)[None, :] * stride_vpage
+                          + (arange_n % V_RUN)[None, :])
         else:
             tile_v = arange_n[:, None] * STRIDE_VSLOT + offs_d[None, :]
     for start_n in range(start, end, BLOCK_N):
@@ -416,7 +431,9 @@ def _decode_split_kernel(
             k = _load_2d(k_base + page * stride_kpage + row * STRIDE_KSLOT + tile_k, mask_n, mask_d, False, MASK_D)
             k = k.to(q.dtype)
             if V_KEY_MAJOR:  # rows: head_dim, columns: keys
-                vt = _load_2d(v_base + page * stride_vpage + row + tile_v, mask_d, mask_n, MASK_D, not KV_FP8)
+                v_block = page * (PAGE_SIZE // V_RUN) + row // V_RUN  # V's block (a run) of the tile's first key
+                vt = _load_2d(v_base + v_block * stride_vpage + row % V_RUN + tile_v, mask_d, mask_n, MASK_D,
+                              not KV_FP8)
                 v = tl.trans(vt.to(q.dtype))
             else:
                 v = _load_2d(v_base + page * stride_vpage + row * STRIDE_VSLOT + tile_v, mask_n, mask_d, True,
@@ -425,7 +442,7 @@ def _decode_split_kernel(
             offs_n = start_n + arange_n
             k, v = _load_kv_tile(k_base, v_base, bt_row_ptr, start_n, offs_n, mask_n, offs_d, mask_d,
                                  stride_kpage, STRIDE_KSLOT, stride_vpage, STRIDE_VSLOT, k_scale, v_scale, q.dtype,
-                                 True, True, PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8, STRIDE_VD)
+                                 True, True, PAGE_SIZE, BLOCK_N, MASK_D, KV_FP8, STRIDE_VD, V_RUN)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, mask_n[None, :], True, PRECISION)
 
     # an empty split or sequence (l = 0, acc = 0) yields 0, not nan
@@ -526,7 +543,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One new query token per sequence against its paged context. q: [B, num_heads, head_dim] -> same shape
     (in `out` if given, as prefill_attention's).
 
-    v_cache may be key-major within its blocks (values_key_major; the triton backend's layout for an fp8 cache).
+    v_cache may be key-major, in runs of any power-of-two number of keys up to page_size (values_key_major; the
+    triton backend's layout for an fp8 cache; see the module docstring).
     context_lens: [B] int32 keys per sequence (the new token included, already stored);
     block_tables: [B, max_blocks] int32; k_scale, v_scale: an fp8 cache's float32 [num_kv_heads] scales.
     seq_order: [B] the sequences in the order their programs start (e.g. longest first), or None (0..B-1).
@@ -540,7 +558,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_seqs, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.size(1), k_cache.size(2)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and num_heads % num_kv_heads == 0
-    key_major = values_key_major(v_cache)
+    key_major, v_run = values_key_major(v_cache), value_block_size(k_cache, v_cache)
     fp8 = _check_kv_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
     cfg = config or decode_config(head_dim, group, q.dtype, fp8, key_major)
@@ -584,7 +602,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
             PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, ORDERED=ordered,
             NUM_KV_HEADS=num_kv_heads, STRIDE_KSLOT=k_cache.stride(1), STRIDE_VSLOT=v_cache.stride(1),
-            STRIDE_VD=v_cache.stride(3), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            STRIDE_VD=v_cache.stride(3), V_RUN=v_run, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             maxnreg=cfg.max_registers,
         )
     if num_splits > 1:

@@ -153,7 +153,7 @@ def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_pt
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
                  NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
-                 STRIDE_VCD: tl.constexpr):
+                 STRIDE_VCD: tl.constexpr, V_BLOCK_SIZE: tl.constexpr):
     """Grid (num_tokens, 2): program (t, 0) does token t's q heads, (t, 1) its k heads and, with STORE, writes
     the rotated k and the v heads to the token's cache slot (none for slot -1, a padded token)."""
     t = tl.program_id(0).to(tl.int64)
@@ -181,6 +181,7 @@ def _rope_kernel(positions_ptr, q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_pt
                 v1_ptrs = v_ptr + t * stride_vt + offs_h * stride_vh + offs_d[None, :]
                 v1 = tl.load(v1_ptrs, mask=mask, other=0.0)
                 v2 = tl.load(v1_ptrs + half, mask=mask, other=0.0)
+                block, offset = slot // V_BLOCK_SIZE, slot % V_BLOCK_SIZE  # key-major values' runs, see kv_cache
                 _store_half_rows(v_cache_ptr, block * stride_vcb + offset * stride_vcs, stride_vch, v_scale_ptr,
                                  v1, v2, NUM_K_HEADS, half, BLOCK_K_HEADS, BLOCK_HALF, FP8, STRIDE_VCD)
 
@@ -203,9 +204,9 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
         fp8 = check_store_args(k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         cache_args = (v, v.stride(0), v.stride(1), k_cache, v_cache, slot_mapping, k_scale if fp8 else q,
                       v_scale if fp8 else q, *k_cache.stride()[:3], *v_cache.stride()[:3])
-        block_size, stride_vcd = k_cache.size(1), v_cache.stride(3)
+        block_size, stride_vcd, v_block_size = k_cache.size(1), v_cache.stride(3), v_cache.size(1)
     else:  # dummy pointers and strides, never read
-        fp8, block_size, stride_vcd = False, 1, 1
+        fp8, block_size, stride_vcd, v_block_size = False, 1, 1, 1
         cache_args = (k, 0, 0, k, k, positions, q, q, 0, 0, 0, 0, 0, 0)
     block_half = triton.next_power_of_2(head_dim // 2)
     block_q_heads, block_k_heads = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_k_heads)
@@ -214,7 +215,8 @@ def _launch_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_we
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0), sin_cache.stride(0), *cache_args,
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, BLOCK_Q_HEADS=block_q_heads,
         BLOCK_K_HEADS=block_k_heads, BLOCK_HALF=block_half, NORM=norm, STORE=store is not None,
-        BLOCK_SIZE=block_size, FP8=fp8, STRIDE_VCD=stride_vcd, num_warps=row_warps(2 * block_q_heads * block_half),
+        BLOCK_SIZE=block_size, FP8=fp8, STRIDE_VCD=stride_vcd, V_BLOCK_SIZE=v_block_size,
+        num_warps=row_warps(2 * block_q_heads * block_half),
     )
     return q_out, k_out
 

@@ -7,6 +7,8 @@
              slot // bs   slot % bs
 
 (any strides; unit stride along head_dim for K, along head_dim or, key-major values, along the slots for V).
+Key-major values in runs of n slots are value blocks of n slots (engine/kv_cache.py): V's block and offset are
+slot // n and slot % n.
 
 One program per token copies its whole [num_kv_heads, head_dim] row of K and of V. An fp8 cache gets
 fp8(clamp(x / scale[head], -448, 448)) (see nanovllm.layers.kv_quant).
@@ -35,7 +37,7 @@ def _store_kvcache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK_ROW: tl.constexpr,
-    FP8: tl.constexpr, STRIDE_VCD: tl.constexpr,
+    FP8: tl.constexpr, STRIDE_VCD: tl.constexpr, V_BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -52,18 +54,29 @@ def _store_kvcache_kernel(
         v = quantize_fp8(v, tl.load(v_scale_ptr + head, mask=mask, other=1.0))
     block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
     tl.store(k_cache_ptr + block * stride_kcb + offset * stride_kcs + head * stride_kch + dim, k, mask=mask)
+    block, offset = slot // V_BLOCK_SIZE, slot % V_BLOCK_SIZE
     tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + head * stride_vch + dim * STRIDE_VCD, v,
              mask=mask)
 
 
 def values_key_major(v_cache: torch.Tensor) -> bool:
-    """Whether a [num_blocks, block_size, num_kv_heads, head_dim] V cache is stored key-major within its blocks
-    (unit stride along the slots, block_size along head_dim: one head's values of a block as [head_dim,
-    block_size]); otherwise it must have unit stride along head_dim."""
+    """Whether a [value_blocks, n, num_kv_heads, head_dim] V cache is stored key-major within its blocks
+    (unit stride along the slots, n along head_dim: one head's values of a block as [head_dim, n]); otherwise
+    it must have unit stride along head_dim."""
     if v_cache.stride(3) == 1:
         return False
     assert v_cache.stride(1) == 1 and v_cache.stride(3) == v_cache.size(1), "unsupported V cache layout"
     return True
+
+
+def value_block_size(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Slots in one block of the V cache: K's block size, or for key-major values in runs of n slots, n (a
+    divisor of it; V then has block_size // n times K's blocks, the same slots). Asserts the shapes agree."""
+    block_size, run = k_cache.size(1), v_cache.size(1)
+    assert k_cache.shape[2:] == v_cache.shape[2:] and block_size % run == 0, "K and V caches do not match"
+    assert v_cache.size(0) * run == k_cache.size(0) * block_size, "K and V caches do not match"
+    assert run == block_size or values_key_major(v_cache), "only key-major values come in runs"
+    return run
 
 
 def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -71,8 +84,9 @@ def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_
     """Asserts the shapes a kernel writing k, v to the cache needs (shared by the rotary kernel's fused store);
     returns whether the cache is fp8."""
     assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
-    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
+    assert k_cache.shape[2:] == k.shape[1:] and k_cache.stride(3) == 1
     values_key_major(v_cache)  # V: unit stride along head_dim, or key-major (asserts the layout)
+    value_block_size(k_cache, v_cache)
     assert slot_mapping.numel() == k.size(0)
     fp8 = k_cache.dtype == FP8_DTYPE
     assert fp8 == (k_scale is not None and v_scale is not None)
@@ -99,6 +113,6 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         k, v, k_cache, v_cache, slot_mapping, k_scale if fp8 else k, v_scale if fp8 else v,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         BLOCK_SIZE=k_cache.size(1), HEAD_DIM=head_dim, ROW=row, BLOCK_ROW=triton.next_power_of_2(row),
-        FP8=fp8, STRIDE_VCD=v_cache.stride(3),
+        FP8=fp8, STRIDE_VCD=v_cache.stride(3), V_BLOCK_SIZE=v_cache.size(1),
         num_warps=row_warps(triton.next_power_of_2(row)),
     )

@@ -40,7 +40,7 @@ def _backend(name: str, device: torch.device) -> AttentionBackend:
         raise ValueError(f"attention_backend={name!r} needs a CUDA device, got device={device.type!r}; use 'torch'")
     if name == "triton":
         from nanovllm.layers.backends.triton_attn import TritonBackend
-        return TritonBackend()
+        return TritonBackend(device)
     if name == "flash_attn":
         from nanovllm.layers.backends.flash_attn import FlashAttnBackend
         return FlashAttnBackend()

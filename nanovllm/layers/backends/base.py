@@ -5,7 +5,8 @@ Every backend sees the same paged KV cache shape, per layer:
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]   (unit stride along head_dim)
 
 in the memory layout it asks for (`head_major_blocks`, `key_major_values`; engine/kv_cache.py allocates it):
-key-major values have unit stride along the block's slots instead.
+key-major values have unit stride along the slots instead, in runs of n slots seen as value blocks of n slots
+(v_cache: [num_blocks * block_size // n, n, num_kv_heads, head_dim]; n = block_size keeps K's shape).
 
 and the same per-step metadata (`nanovllm.utils.context.Context`). A token's cache slot is
 `block_id * block_size + offset`; slot -1 marks a padded token (CUDA graphs) that must not be stored.
@@ -40,10 +41,13 @@ class AttentionBackend(ABC):
     # memory; without it the caches are contiguous tensors
     head_major_blocks: bool = False
 
-    def key_major_values(self, block_size: int, head_dim: int, dtype: torch.dtype, kv_cache_dtype: str) -> bool:
-        """Whether V is to be stored key-major within each block: one KV head's values of a block as [head_dim,
-        block_size] in memory (strides: block, 1, block_size * head_dim, block_size), the same shape as a view."""
-        return False
+    def key_major_values(self, block_size: int, head_dim: int, dtype: torch.dtype, kv_cache_dtype: str,
+                         queries_per_kv: int = 1) -> int:
+        """n > 0 to have V stored key-major in runs of n slots (n divides block_size): one KV head's values of
+        a run as [head_dim, n] in memory, seen as [num_blocks * block_size // n, n, num_kv_heads, head_dim]
+        (strides: n * num_kv_heads * head_dim, 1, n * head_dim, n); 0 to store V as K. queries_per_kv: the
+        model's query heads per KV head."""
+        return 0
 
     def check_config(self, block_size: int, head_dim: int, dtype: torch.dtype,
                      kv_cache_dtype: str = "auto") -> None:

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from nanovllm.kernels.store_kvcache import quantize_fp8, value_block_size, values_key_major
 from nanovllm.layers.kv_quant import FP8_DTYPE
+from nanovllm.utils.kernels import cuda_properties
 
 try:  # the fp8 decode kernel in Gluon (Triton 3.6's API); without it the Triton kernel serves every case
     from nanovllm.kernels import gluon_decode
@@ -483,16 +484,11 @@ def _decode_merge_kernel(
     tl.store(o_ptr + seq64 * stride_ob + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     # enough split programs for about two waves over the GPU's multiprocessors
     if device.type != "cuda":
         return 8  # the Triton interpreter on CPU: any value works, small keeps it quick
-    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * cuda_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -586,20 +582,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = head_block(head_dim)
     ordered = seq_order is not None
     grid = (num_seqs * num_kv_heads, 1, num_splits) if ordered else (num_seqs, num_kv_heads, num_splits)
-    if (kernel == "auto" and config is None and gluon_decode is not None
-            and gluon_decode.applies(q, k_cache, v_cache, cfg.block_n)):
-        gluon_decode.decode_split(q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse,
-                                  seq_order, scale * LOG2E, k_scale, v_scale, split_size, num_splits, part_strides,
-                                  grid)
-    else:
-        _decode_split_kernel[grid](
-            q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order if ordered else q,
-            scale * LOG2E,
-            k_scale if fp8 else q, v_scale if fp8 else q, split_size, num_splits,
+    # the split kernel's runtime arguments, the same for the Gluon kernel
+    args = (q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order if ordered else q,
+            scale * LOG2E, k_scale if fp8 else q, v_scale if fp8 else q, split_size, num_splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(2), v_cache.stride(0), v_cache.stride(2), block_tables.stride(0),
-            *part_strides,
-            GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+            *part_strides)
+    if (kernel == "auto" and config is None and gluon_decode is not None
+            and gluon_decode.applies(q, k_cache, v_cache, cfg.block_n)):
+        gluon_decode.decode_split(grid, args, q, k_cache, ordered)
+    else:
+        _decode_split_kernel[grid](
+            *args, GROUP=group, BLOCK_H=cfg.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
             PAGE_SIZE=page_size, PRECISION=_dot_precision(q.dtype), KV_FP8=fp8, ORDERED=ordered,
             NUM_KV_HEADS=num_kv_heads, STRIDE_KSLOT=k_cache.stride(1), STRIDE_VSLOT=v_cache.stride(1),
             STRIDE_VD=v_cache.stride(3), V_RUN=v_run, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -22,8 +22,6 @@ apart, 16 sectors, with runs of 4). The operand is read with a layout that diffe
 order of each thread's registers: its 4 columns 8 * NUM_WARPS apart are read as 4 adjacent head_dim positions, so
 a thread's 16 bytes are one shared-memory load (columns are relabelled by `_v_columns`; the output undoes it).
 """
-import functools
-
 import torch
 import triton
 
@@ -37,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2 
 
 from nanovllm.kernels.store_kvcache import value_block_size, values_key_major  # noqa: E402
 from nanovllm.layers.kv_quant import FP8_DTYPE  # noqa: E402
+from nanovllm.utils.kernels import cuda_capability  # noqa: E402
 
 STAGES = 2
 NUM_WARPS = 4
@@ -52,7 +51,7 @@ def serves(head_dim: int, dtype: torch.dtype, page_size: int, device: torch.devi
     16-bit queries; head_dim 64 or 128; pages of at least one 128-key tile), given values key-major in runs of
     VALUE_RUN keys; `applies` checks a call's query heads and tensors too."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
-            and page_size >= BLOCK_N and _has_fp8(device.index))
+            and page_size >= BLOCK_N and cuda_capability(device) >= (8, 9))
 
 
 def applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> bool:
@@ -78,25 +77,13 @@ def _v_load_layout(head_dim: int) -> gl.DistributedLinearLayout:
                                       block_bases=[], shape=[BLOCK_N, head_dim])
 
 
-@functools.lru_cache(maxsize=None)
-def _has_fp8(device_index: int | None) -> bool:
-    index = device_index if device_index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (8, 9)
-
-
-def decode_split(q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order, qk_scale,
-                 k_scale, v_scale, split_size, num_splits, part_strides, grid):
-    """Launch over decode_attention's grid and buffers (see its _decode_split_kernel launch)."""
+def decode_split(grid, args: tuple, q: torch.Tensor, k_cache: torch.Tensor, ordered: bool):
+    """Launch over decode_attention's grid with the split kernel's runtime arguments `args` (the Triton kernel's:
+    see decode_attention); q and k_cache give the shapes."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.size(2)
-    ordered = seq_order is not None
     _decode_split_kernel_fp8[grid](
-        q, k_cache, v_cache, context_lens, block_tables, out, part_o, part_lse, seq_order if ordered else q,
-        qk_scale, k_scale, v_scale, split_size, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(2), v_cache.stride(0), v_cache.stride(2), block_tables.stride(0),
-        *part_strides,
-        GROUP=num_heads // num_kv_heads, BLOCK_H=BLOCK_H, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+        *args, GROUP=num_heads // num_kv_heads, BLOCK_H=BLOCK_H, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
         PAGE_SIZE=k_cache.size(1), ORDERED=ordered, NUM_KV_HEADS=num_kv_heads, STRIDE_KSLOT=k_cache.stride(1),
         RUN=VALUE_RUN, V_ROW=V_ROW_BYTES, V_LOAD=_v_load_layout(head_dim), STAGES=STAGES, NUM_WARPS=NUM_WARPS,
         num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,

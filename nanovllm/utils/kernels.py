@@ -21,6 +21,22 @@ import torch
 _settings = dict(enabled=os.environ.get("NANOVLLM_FUSED_KERNELS", "1") != "0")
 
 
+def cuda_properties(device: torch.device):
+    """torch's properties of a CUDA device (index None: the current one), read once per device: kernels' launch
+    choices ask on every call."""
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    properties = cuda_properties(device)
+    return properties.major, properties.minor
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
 def fused_kernel(module: str, name: str, cpu: bool = False):
     def wrap(fn):
         kernel = cpu_kernels = None

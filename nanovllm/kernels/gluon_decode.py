@@ -9,7 +9,7 @@ shared-memory buffer per operand, whatever num_stages says, and issues the copie
 and waits for them at once: a program alternates between waiting for memory and computing, and only the other
 programs on its multiprocessor overlap the two. Here two buffers take turns: the cp.async copies of tile t + 1 are
 issued before tile t is computed, so each program keeps a tile in flight. Capped at 168 registers (ptxas's own
-choice is 177), three programs fit a multiprocessor, as for the Triton kernel.
+choice is 186; 160 under the cap, no spills), three programs fit a multiprocessor, as for the Triton kernel.
 
     keys of a split:    [ tile 0 | tile 1 | tile 2 | ... ]      BLOCK_N keys each, inside one page
     ring slot:              0        1        0
@@ -20,8 +20,11 @@ register (fp8 MMA operands run along k), so V must be key-major for that load to
 a whole page, each new token's values landed in head_dim separate 32-byte sectors per head (a store 4 bytes
 apart, 16 sectors, with runs of 4). The operand is read with a layout that differs from the MMA's only in the
 order of each thread's registers: its 4 columns 8 * NUM_WARPS apart are read as 4 adjacent head_dim positions, so
-a thread's 16 bytes are one shared-memory load (columns are relabelled by `_v_columns`; the output undoes it).
+a thread's 16 bytes are one shared-memory load (the accumulator's columns are relabelled so; the output's store maps
+them back).
 """
+import functools
+
 import torch
 import triton
 
@@ -65,6 +68,7 @@ def applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
             and serves(head_dim, q.dtype, k_cache.size(1), q.device))
 
 
+@functools.lru_cache(maxsize=None)  # a launch argument of every eager call
 def _v_load_layout(head_dim: int) -> gl.DistributedLinearLayout:
     """The P.V product's V operand layout (mma_v2's operand 1, k_width 4, over [BLOCK_N, head_dim] with the warps
     along head_dim), with a thread's registers reordered: after its first 4 keys (one word) come its columns

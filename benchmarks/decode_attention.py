@@ -100,7 +100,7 @@ def make_case(lens: list[int], args, dtype: torch.dtype, fp8: bool, gen: torch.G
 def key_major_values(args, dtype: torch.dtype, fp8: bool) -> int:
     """The triton backend's choice for these shapes on this GPU: keys per key-major run of V (0: not key-major)."""
     return TritonBackend(torch.device("cuda", torch.cuda.current_device())).key_major_values(
-        args.page_size, args.head_dim, dtype, "fp8_e4m3" if fp8 else "auto")
+        args.page_size, args.head_dim, dtype, "fp8_e4m3" if fp8 else "auto", args.heads // args.kv_heads)
 
 
 def time_call(fn, iters: int) -> float:

@@ -36,7 +36,7 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2  # noqa: E402
 
-from nanovllm.kernels.store_kvcache import value_block_size, values_key_major  # noqa: E402
+from nanovllm.kernels.store_kvcache import values_key_major  # noqa: E402
 from nanovllm.layers.kv_quant import FP8_DTYPE  # noqa: E402
 from nanovllm.utils.kernels import cuda_capability  # noqa: E402
 
@@ -61,7 +61,8 @@ def applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     """Whether this kernel serves a decode_attention call: `serves` for its shapes, an fp8 cache with values
     key-major in runs of VALUE_RUN keys, at most 16 query heads a KV head, and the Triton kernel's tiles being
     128 keys (so the splits are the same)."""
-    if k_cache.dtype != FP8_DTYPE or not values_key_major(v_cache) or value_block_size(k_cache, v_cache) != VALUE_RUN:
+    # decode_attention has checked that K and V agree (value_block_size): V's blocks are its runs
+    if k_cache.dtype != FP8_DTYPE or not values_key_major(v_cache) or v_cache.size(1) != VALUE_RUN:
         return False
     num_heads, head_dim = q.shape[1], q.shape[2]
     return (block_n == BLOCK_N and num_heads // k_cache.size(2) <= BLOCK_H

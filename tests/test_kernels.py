@@ -25,6 +25,7 @@ CUDA, byte for byte against torch.
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -673,6 +674,36 @@ def _check_sampler_thresholds():
         assert out[5].item() == 105 and out[6].item() == 106
 
 
+def _inverse_mix32(h: int) -> int:
+    """The input that sampler._mix32 hashes to h."""
+    from nanovllm.layers.sampler import _MUL1, _MUL2
+    x = h ^ (h >> 16)
+    x = (x * pow(_MUL2, -1, 2**32)) & 0xFFFFFFFF
+    x = x ^ (x >> 15) ^ (x >> 30)
+    x = (x * pow(_MUL1, -1, 2**32)) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _check_sampler_noise(device: str = "cpu"):
+    """The draws' exponential noise E against the reference's -log1p(-U) in float64: the Gumbel noise -ln(E)
+    within 1e-6 plus an ulp. Rows whose token 0 hashes to chosen values reach the smallest U (2**-33, E ~ 1e-10),
+    both sides of the kernel's switch at U = 1/4 and the clamp at 1 - 2**-24; 64 random rows x 3000 tokens the
+    rest."""
+    from nanovllm.kernels.sampling import exponential_noise_log2
+    from nanovllm.layers.sampler import _mix32, uniform_noise
+    hashes = [*range(1000), *range(2**30 - 500, 2**30 + 500), *range(2**32 - 1000, 2**32), *range(0, 2**32, 2**22)]
+    targeted = torch.tensor([_inverse_mix32(h) for h in hashes], dtype=torch.int64)
+    assert _mix32(targeted).tolist() == hashes
+    random_rows = torch.randint(0, 2**32, (64,), generator=torch.Generator().manual_seed(13), dtype=torch.int64)
+    for keys, vocab in ((targeted, 1), (random_rows, 3000)):
+        u = uniform_noise(keys.unsqueeze(1), torch.arange(vocab)).double()
+        want = -torch.log(-torch.log1p(-u))
+        got = -math.log(2) * exponential_noise_log2(keys.to(device), vocab).double().cpu()
+        err = (got - want).abs()
+        assert (err <= 1e-6 + 1.2e-7 * want.abs()).all(), (err.max().item(), u.flatten()[err.argmax()].item())
+    assert u.min() < 0.25 < u.max()
+
+
 INTERPRETER_CHECKS = {
     "store_kvcache": _check_store_kvcache,
     "prefill_varlen": _check_prefill_varlen,
@@ -696,6 +727,7 @@ INTERPRETER_CHECKS = {
     "stage_decode_inputs": _check_stage_decode_inputs,
     "sampler_penalties": _check_sampler_penalties,
     "sampler_thresholds": _check_sampler_thresholds,
+    "sampler_noise": _check_sampler_noise,
 }
 
 
@@ -1502,3 +1534,11 @@ def test_run_warm_up_tasks_launch_a_new_kernel_at_once_cuda():
     for i, out in outs.items():
         assert torch.equal(out, x + 1 + i % 2), i
     assert sum(len(caches[0]) for caches in add_kernel.device_caches.values()) == 2
+
+
+@cuda
+@needs_cuda
+@needs_triton
+def test_sampler_noise_cuda():
+    """The noise through the GPU's approximate log2 and reciprocal stays within the interpreter check's bound."""
+    _check_sampler_noise("cuda")

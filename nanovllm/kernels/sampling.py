@@ -3,8 +3,9 @@ programs and merge their answers; the thresholds draw is one program per row, lo
 
 They replace the PyTorch functions of nanovllm.layers.sampler on CUDA (see nanovllm.utils.kernels) and draw what
 those draw: the same counter-based noise (a 32-bit hash of the row's key and the token id, in uint32 arithmetic
-where the reference masks int64), IEEE division by the temperature, the first index among equal maxima. A float
-rounding of log() that differs from torch's by an ulp can still flip a near tie.
+where the reference masks int64), the first index among equal maxima. The noise's logs are the GPU's
+approximate ones (within 1e-6 of the reference's noise, see _log2_exponential) and the plain draw compares
+logit + T * G rather than logit / T + G, so a near tie (scores a few ulps apart) can go the other way.
 
 The thresholds draw (top-k, top-p, min-p without sorting) recomputes each token's scaled logit in every pass
 rather than keeping [B, V] float32 buffers: one pass for the max, one for the softmax's sum, 33 halvings of the
@@ -25,55 +26,98 @@ _NUM_WARPS = 8
 
 
 @triton.jit
-def _gumbel(key, offs):
-    """Gumbel noise of tokens offs for a row whose noise key is key (uint32): -log(-log1p(-U))."""
+def _uniform(key, offs):
+    """The row's U(0, 1) noise of tokens offs (uint32 key), as sampler.uniform_noise rounds it."""
     x = key + offs.to(tl.uint32) * tl.full((), _C_STEP, tl.uint32)
     x = x ^ (x >> 16)
     x = x * tl.full((), _C_MUL1, tl.uint32)
     x = x ^ (x >> 15)
     x = x * tl.full((), _C_MUL2, tl.uint32)
     x = x ^ (x >> 16)
-    u = tl.minimum((x.to(tl.float32) + 0.5) * 2.3283064365386963e-10, 1.0 - 5.960464477539063e-08)  # 2**-32, 2**-24
-    # E = -log1p(-u) to a few ulps by Goldberg's trick (w = 1 - u rounded; exact where w == 1): Triton's
-    # interpreter has no libdevice, and this keeps one kernel for both
-    w = 1.0 - u
-    e = tl.where(w == 1.0, u, -tl.log(w) * (u / (1.0 - w)))
-    return -tl.log(e)
+    # (x + 0.5) * 2**-32 in one rounding (the scale is a power of two), at most 1 - 2**-24
+    return tl.minimum(tl.fma(x.to(tl.float32), 2.3283064365386963e-10, 1.1641532182693481e-10),
+                      1.0 - 5.960464477539063e-08)
 
 
 @triton.jit
-def _argmax_update(best, best_idx, s, offs):
-    """Running (max, first index of the max) over blocks of scores s at token ids offs."""
-    block_best = tl.max(s, 0)
-    block_idx = tl.min(tl.where(s == block_best, offs, 2147483647), 0)
-    better = block_best > best
-    return tl.where(better, block_best, best), tl.where(better, block_idx, best_idx)
+def _log2(x, FAST: tl.constexpr):
+    if FAST:  # the GPU's approximation (one MUFU.LG2): absolute error about 2**-22.6
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:  # the Triton interpreter
+        return tl.log2(x)
+
+
+@triton.jit
+def _reciprocal(x, FAST: tl.constexpr):
+    if FAST:  # one MUFU.RCP, within an ulp
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _log2_exponential(key, offs, FAST: tl.constexpr):
+    """log2(E) of the row's exponential noise E = -log1p(-U) of tokens offs; the Gumbel noise is -ln(2) times it.
+
+    E to within 6e-7 of itself (float32's own log1p: 1e-7): for U >= 1/4 from log2(1 - U) (1 - U keeps U's
+    bits); below, where 1 - U has lost U's low bits and E is small, E = 2 atanh(z), z = U / (2 - U) < 1/7, by its
+    odd series to z**9 (the rest is below 2**-31 of E)."""
+    u = _uniform(key, offs)
+    e_log = _log2(1.0 - u, FAST) * -0.6931471805599453
+    z = u * _reciprocal(2.0 - u, FAST)
+    z2 = z * z
+    p = z2 * (1.0 / 9.0) + (1.0 / 7.0)
+    p = p * z2 + (1.0 / 5.0)
+    p = p * z2 + (1.0 / 3.0)
+    two_z = z + z
+    e_series = two_z + two_z * (z2 * p)
+    return _log2(tl.where(u >= 0.25, e_log, e_series), FAST)
+
+
+@triton.jit
+def _lane_best(best, best_idx, s, offs):
+    """Each lane's running (max, first index of it) over blocks of scores s at increasing token ids offs: only a
+    strictly larger score replaces the best, so a tie keeps the earlier token and NaN never enters."""
+    better = s > best
+    return tl.where(better, s, best), tl.where(better, offs, best_idx)
+
+
+@triton.jit
+def _first_best(best, best_idx):
+    """The lanes' (max, first index of it)."""
+    top = tl.max(best, 0)
+    return top, tl.min(tl.where(best == top, best_idx, 2147483647), 0)
 
 
 @triton.jit
 def _race_part_kernel(logits_ptr, temps_ptr, keys_ptr, part_ptr, stride_row, V, CHUNK, NUM_PARTS,
-                      SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, part): the (best score, first index of it) of the row's tokens [part * CHUNK, + CHUNK)."""
+                      SAMPLE: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    """Program (row, part): the (best score, first index of it) of the row's tokens [part * CHUNK, + CHUNK).
+
+    A sampled row's score is logit + T * G, the reference's logit / T + G times T: the same order up to a
+    rounding, for one multiply-add a token instead of an IEEE division and an add."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     base = logits_ptr + row.to(tl.int64) * stride_row
+    lo = part * CHUNK
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    best_idx = lo + tl.arange(0, BLOCK)  # an all -inf chunk answers its first token, as argmax would
     if SAMPLE:
         t = tl.load(temps_ptr + row)
         key = tl.load(keys_ptr + row).to(tl.uint32)
-    lo = part * CHUNK
-    best = tl.full((), float("-inf"), tl.float32)
-    best_idx = lo  # an all -inf chunk answers its first token, as argmax would
+        noise_scale = tl.where(t > 0, t * -0.6931471805599453, 0.0)  # T * G = -ln(2) T log2(E); greedy adds 0
     for start in range(lo, tl.minimum(lo + CHUNK, V), BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        mask = offs < V
-        s = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        s = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         if SAMPLE:
-            s = tl.where(t > 0, tl.math.div_rn(s, tl.where(t > 0, t, 1.0)) + _gumbel(key, offs), s)
-            s = tl.where(mask, s, float("-inf"))
-        best, best_idx = _argmax_update(best, best_idx, s, offs)
+            s = tl.fma(noise_scale, _log2_exponential(key, offs, FAST), s)
+        best, best_idx = _lane_best(best, best_idx, s, offs)
+    top, top_idx = _first_best(best, best_idx)
     at = part_ptr + (row * NUM_PARTS + part) * 2
-    tl.store(at, best.to(tl.int32, bitcast=True))
-    tl.store(at + 1, best_idx)
+    tl.store(at, top.to(tl.int32, bitcast=True))
+    tl.store(at + 1, top_idx)
 
 
 @triton.jit
@@ -92,6 +136,12 @@ def _race_merge_kernel(part_ptr, out_ptr, NUM_PARTS, PARTS: tl.constexpr):
     tl.store(out_ptr + row, tl.sum(tl.where(p == first, idx, 0), 0).to(tl.int64))
 
 
+def _hardware_math(logits: torch.Tensor) -> bool:
+    """Whether the kernels may use the GPU's approximate log2 and reciprocal (PTX): on an NVIDIA GPU, not in the
+    Triton interpreter (CPU tensors), which computes them exactly."""
+    return logits.is_cuda and torch.version.hip is None
+
+
 def _race_launch(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor,
                  sample: bool) -> torch.Tensor:
     """Each row's vocabulary split over up to _PARTS programs (one program per row walked 75 blocks of Qwen3's
@@ -105,7 +155,7 @@ def _race_launch(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: t
         return out
     partial = torch.empty(B, parts, 2, dtype=torch.int32, device=logits.device)
     _race_part_kernel[(B, parts)](logits, temperatures, noise_keys, partial, logits.stride(0), V, chunk, parts,
-                                  SAMPLE=sample, BLOCK=_PART_BLOCK, num_warps=4)
+                                  SAMPLE=sample, BLOCK=_PART_BLOCK, FAST=_hardware_math(logits), num_warps=4)
     _race_merge_kernel[(B,)](partial, out, parts, PARTS=_PARTS, num_warps=1)
     return out
 
@@ -118,6 +168,24 @@ def race(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Ten
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (the first of equal maxima)."""
     return _race_launch(logits, logits, logits, sample=False)
+
+
+@triton.jit
+def _noise_kernel(keys_ptr, out_ptr, V, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    key = tl.load(keys_ptr + row).to(tl.uint32)
+    tl.store(out_ptr + row.to(tl.int64) * V + offs, _log2_exponential(key, offs, FAST), mask=offs < V)
+
+
+def exponential_noise_log2(noise_keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """log2 of the exponential noise E the draws use for token ids 0..vocab-1 of each row key: [B, vocab] float32
+    (the reference's is -log1p(-sampler.uniform_noise(...))); for checking the kernels' arithmetic."""
+    out = torch.empty(noise_keys.size(0), vocab, dtype=torch.float32, device=noise_keys.device)
+    block = 1024
+    _noise_kernel[(noise_keys.size(0), triton.cdiv(vocab, block))](noise_keys, out, vocab, BLOCK=block,
+                                                                   FAST=_hardware_math(noise_keys), num_warps=4)
+    return out
 
 
 @triton.jit
@@ -167,7 +235,7 @@ def _scaled(base, offs, V, t, kth_scaled):
 
 @triton.jit
 def _thresholds_kernel(logits_ptr, temps_ptr, kth_ptr, top_k_ptr, top_p_c_ptr, min_p_ptr, keys_ptr, other_ptr,
-                       out_ptr, stride_row, V, BLOCK: tl.constexpr):
+                       out_ptr, stride_row, V, BLOCK: tl.constexpr, FAST: tl.constexpr):
     row = tl.program_id(0)
     t = tl.load(temps_ptr + row)
     top_p_c = tl.load(top_p_c_ptr + row)
@@ -199,8 +267,8 @@ def _thresholds_kernel(logits_ptr, temps_ptr, kth_ptr, top_k_ptr, top_p_c_ptr, m
             cut = tl.where(fits, mid, cut)
             hi = tl.where(fits, hi, mid - 1)
     key = tl.load(keys_ptr + row).to(tl.uint32)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.full((), 0, tl.int32)
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    best_idx = tl.arange(0, BLOCK)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         s = _scaled(base, offs, V, t, kth)
@@ -208,8 +276,9 @@ def _thresholds_kernel(logits_ptr, temps_ptr, kth_ptr, top_k_ptr, top_p_c_ptr, m
         # top-p keeps keys above the cut and always the likeliest; min-p then compares with the likeliest, whose
         # probability after top-p's renormalisation is the largest, as the reference's softmax over the kept
         kept = ((keys > cut) | (keys == top_key)) & (tl.exp(s - m) >= min_p)
-        best, best_idx = _argmax_update(best, best_idx, tl.where(kept, s + _gumbel(key, offs), float("-inf")), offs)
-    tl.store(out_ptr + row, best_idx.to(tl.int64))
+        noisy = tl.fma(_log2_exponential(key, offs, FAST), -0.6931471805599453, s)  # s + G
+        best, best_idx = _lane_best(best, best_idx, tl.where(kept, noisy, float("-inf")), offs)
+    tl.store(out_ptr + row, _first_best(best, best_idx)[1].to(tl.int64))
 
 
 def draw_by_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, kth: torch.Tensor, top_k: torch.Tensor,
@@ -221,5 +290,5 @@ def draw_by_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, kth: to
     out = torch.empty(logits.size(0), dtype=torch.int64, device=logits.device)
     _thresholds_kernel[(logits.size(0),)](logits, temperatures, kth, top_k, top_p_complement, min_p, noise_keys,
                                           other, out, logits.stride(0), logits.size(1), BLOCK=_BLOCK,
-                                          num_warps=_NUM_WARPS)
+                                          FAST=_hardware_math(logits), num_warps=_NUM_WARPS)
     return out

@@ -242,7 +242,8 @@ KERNEL_KINDS = (  # (kind, parts of kernel names, lower case): the first kind wi
     ("RMSNorm", ("_rms_norm_kernel",)),
     ("q/k norm, rotary, KV store", ("_rope_kernel", "_store_kvcache_kernel")),
     ("SiLU and mul", ("_silu_and_mul_kernel",)),
-    ("sampler", ("_race_part_kernel", "_race_merge_kernel", "_thresholds_kernel", "_penalties_kernel")),
+    ("sampler", ("_race_part_kernel", "_race_merge_kernel", "_thresholds_kernel", "_penalties_kernel",
+                 "_noise_kernel")),
     ("step inputs", ("_stage_decode_kernel", "_fill_in_flight_kernel")),
     ("copies", ("memcpy", "memset")),
 )

@@ -58,6 +58,10 @@ def mixed_batch() -> tuple[list, list[SamplingParams]]:
     return prompts, [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
 
 
+def without_cache_hits(output) -> dict:
+    return {key: value for key, value in output.items() if key != "num_cached_tokens"}
+
+
 def test_spread_by_cost_puts_the_longest_first_into_the_least_loaded():
     assert spread_by_cost([10, 3, 7, 7, 1], [0, 0]) == [[0, 1, 4], [2, 3]]  # loads 14 and 14
     assert spread_by_cost([10, 3, 7, 7, 1], [12, 0]) == [[3, 4], [0, 1, 2]]  # on top of their work: 20 and 20
@@ -180,7 +184,10 @@ class TestTwoReplicas:
         start = time.perf_counter()
         outputs = llm.generate(prompts, sps, use_tqdm=False)
         waited = time.perf_counter() - start
-        assert outputs == single_engine(model, prompts, sps)
+        # what the interrupted call evicted depends on how far it got (on a loaded machine, not far): the earlier
+        # tests' prompt blocks may still be cached, so the prefix hits may differ from a fresh engine's, not the rest
+        expected = single_engine(model, prompts, sps)
+        assert [without_cache_hits(o) for o in outputs] == [without_cache_hits(o) for o in expected]
         assert waited < 15, f"the next call waited {waited:.1f} s behind the interrupted one"
 
     def test_a_replica_killed_mid_generate_loses_no_request(self, llm, model):

@@ -1224,12 +1224,15 @@ def test_triton_fp8_decode_register_cap_changes_nothing_cuda(num_heads, head_dim
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(16, 8, 128), (32, 8, 128), (14, 2, 64), (64, 4, 128),
-                                                               (8, 8, 64)])
+                                                               (8, 8, 64), (40, 8, 128)])
 @pytest.mark.parametrize("block_size", [128, 512])
-def test_gluon_fp8_decode_equals_triton_cuda(num_heads, num_kv_heads, head_dim, block_size):
-    """On the GPU an fp8 cache's decode runs the Gluon split kernel (gluon_decode.applies), which gives the Triton
-    kernel's bits: split or not, in any order of the sequences, with empty rows (CUDA-graph padding: zeros) and
-    with stale slots (fill_stale_slots) past the sequences' keys."""
+def test_gluon_fp8_decode_matches_triton_cuda(num_heads, num_kv_heads, head_dim, block_size):
+    """On a Hopper GPU an fp8 cache's decode runs the Gluon split kernel (gluon_decode.applies: fp8 MMAs, the
+    query and P as two e4m3 parts each), within 1e-2 of the Triton kernel (2e-2 with q 8x larger) and within
+    the fp8 path's tolerance of the PyTorch reference: split or not, in any order of the sequences, with empty
+    rows (CUDA-graph padding: exact zeros), stale slots (fill_stale_slots) past the sequences' keys, and queries
+    8x larger (sharp softmax). On an H200 a kernel holding q to its e4m3 high part alone (its products 1/16 off
+    at worst) failed all 12 cases at q_scale 1."""
     gluon_decode = pytest.importorskip("nanovllm.kernels.gluon_decode")
     from nanovllm.kernels.attention import decode_attention
     scales = fp8_scales(num_kv_heads, "cuda")
@@ -1237,17 +1240,23 @@ def test_gluon_fp8_decode_equals_triton_cuda(num_heads, num_kv_heads, head_dim, 
     case = decode_case(lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
     q, k_cache, v_cache, ctx = with_fp8_cache(case, scales)
     k_cache, v_cache = triton_layout(k_cache, v_cache)
-    assert gluon_decode.applies(q, k_cache, v_cache, 128)
+    if not gluon_decode.applies(q, k_cache, v_cache, 128):
+        pytest.skip("the Gluon kernel serves Hopper GPUs (sm_90) only")
     fill_stale_slots(k_cache, v_cache, ctx)
-    args = (q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, head_dim ** -0.5, None)
     orders = (None, torch.argsort(ctx.context_lens, descending=True))
-    for num_splits in (None, 1, 5):
-        for order in orders:
-            out = decode_attention(*args, num_splits, scales.k, scales.v, order)
-            expect = decode_attention(*args, num_splits, scales.k, scales.v, order, kernel="triton")
-            assert torch.equal(out, expect), (num_splits, (out.float() - expect.float()).abs().max())
-            assert torch.equal(out[len(lens) - 2], torch.zeros_like(out[0]))
-    assert_matches_torch("decode", (q, k_cache, v_cache, ctx), out, head_dim ** -0.5, ATOL, RTOL, scales)
+    for q_scale in (1, 8):
+        args = (q * q_scale, k_cache, v_cache, ctx.context_lens, ctx.block_tables, head_dim ** -0.5, None)
+        for num_splits in (None, 1, 5):
+            for order in orders:
+                out = decode_attention(*args, num_splits, scales.k, scales.v, order)
+                expect = decode_attention(*args, num_splits, scales.k, scales.v, order, kernel="triton")
+                # a sharp softmax magnifies the scores' rounding (Hopper's fp8 MMAs do not add in IEEE float32):
+                # measured on an H200 at most 0.57 of 2e-2 there, 0.39 of 1e-2 at q_scale 1
+                tol = 1e-2 if q_scale == 1 else ATOL
+                torch.testing.assert_close(out, expect, atol=tol, rtol=tol)
+                assert torch.equal(out[len(lens) - 2], torch.zeros_like(out[0]))
+                assert_matches_torch("decode", (q * q_scale, k_cache, v_cache, ctx), out, head_dim ** -0.5, ATOL,
+                                     RTOL, scales)
 
 
 def test_gluon_fp8_decode_applies_to_cuda_fp8_only():
@@ -1311,7 +1320,9 @@ def test_decode_attention_picks_its_split_kernel(monkeypatch):
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_triton_cache_layouts_equal_contiguous_cuda(fp8, block_size):
     """The triton backend's cache layouts (head-major blocks; key-major values for fp8, which take the decode
-    kernel's other V path, in runs of a block or of 4 keys) give bit-identical prefill and decode on the GPU."""
+    kernel's other V path, in runs of a block or of 4 keys) give bit-identical prefill and decode on the GPU; but
+    where runs of 4 keys take the Gluon kernel (fp8 MMAs), the same decode within the fp8 path's tolerance."""
+    from nanovllm.kernels.attention import gluon_decode
     backend = gpu_backend("triton")
     scales = fp8_scales(8, "cuda") if fp8 else None
     case = decode_case(DECODE_LENS["mixed"], block_size, 16, 8, 128, torch.bfloat16, "cuda")
@@ -1320,7 +1331,11 @@ def test_triton_cache_layouts_equal_contiguous_cuda(fp8, block_size):
     layouts = [(head_major(k_cache), head_major(v_cache)), (head_major(k_cache), key_major(v_cache)),
                (head_major(k_cache), key_major(v_cache, 4))]  # runs of 4 keys: the Gluon kernel's at 256 slots
     for kc, vc in layouts:
-        assert torch.equal(backend.decode(q, kc, vc, ctx, 0.1, scales), expect)
+        out = backend.decode(q, kc, vc, ctx, 0.1, scales)
+        if gluon_decode is not None and gluon_decode.applies(q, kc, vc, 128):
+            torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+        else:
+            assert torch.equal(out, expect)
     case = prefill_case([5, 300], [40, 700], block_size, 16, 8, 128, torch.bfloat16, "cuda", paged=True)
     q, k, v, k_cache, v_cache, ctx = with_fp8_cache(case, scales) if fp8 else case
     expect = backend.prefill(q, k, v, k_cache, v_cache, ctx, 0.1, scales)

@@ -511,8 +511,9 @@ def decode_config(head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = 
     # bench.py's 0.6B fp8 run 1.7% faster on an H200 (32.1k vs 31.5k tok/s, 8B 10.5k either way). The bf16
     # kernel (138 registers) is held at 3 programs by shared memory and spills under the cap. With key-major
     # values the fp8 kernel takes 157 registers (3 programs) and ran 3% faster uncapped than capped at 128.
-    # On a CUDA GPU that case runs the Gluon kernel instead (gluon_decode: the same 128-key tiles, the same
-    # result, two copy buffers that take turns): 5.1-5.9% faster at bench.py's decode batches on an H200.
+    # On a Hopper GPU that case runs the Gluon kernel instead (gluon_decode: the same 128-key tiles, the fp8
+    # bytes straight into warpgroup MMAs, two copy buffers that take turns): 7-9% faster at bench.py's decode
+    # batches on an H200.
     max_registers = 128 if kv_fp8 and not values_key_major and block_n == 128 and block_h == 16 else None
     return TileConfig(block_m=block_h, block_n=block_n, num_warps=4, num_stages=2, max_registers=max_registers)
 
@@ -545,9 +546,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_tables: [B, max_blocks] int32; k_scale, v_scale: an fp8 cache's float32 [num_kv_heads] scales.
     seq_order: [B] the sequences in the order their programs start (e.g. longest first), or None (0..B-1).
     No host sync: safe under CUDA graph capture.
-    kernel: "auto" runs the split step in Gluon where gluon_decode.applies (an fp8 cache on a CUDA GPU; same
-    result, a deeper copy pipeline) and no config is given (a config is the Triton kernel's tiles), else in
-    Triton; "triton" always in Triton.
+    kernel: "auto" runs the split step in Gluon where gluon_decode.applies (an fp8 cache on a Hopper GPU; the
+    same result within the cache's rounding, fp8 MMAs and a deeper copy pipeline) and no config is given (a
+    config is the Triton kernel's tiles), else in Triton; "triton" always in Triton.
     """
     if kernel not in ("auto", "triton"):
         raise ValueError(f"kernel must be 'auto' or 'triton', got {kernel!r}")

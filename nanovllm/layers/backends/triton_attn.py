@@ -43,14 +43,14 @@ class TritonBackend(AttentionBackend):
         # decode attention time on an H200 at bench.py's batches. Only where a decode tile lies inside one block;
         # smaller blocks keep the layout the kernel's per-key path reads along head_dim. bf16 caches keep theirs
         # (their V tiles load through ldmatrix's transposing form; key-major was 12% slower). Where the Gluon kernel
-        # serves (a CUDA GPU, sm_89+, at most 16 query heads a KV head), runs of 4 keys: each new token's values
+        # serves (a Hopper GPU, sm_90, at most 16 query heads a KV head), runs of 4 keys: each new token's values
         # are then stored 4 bytes apart rather than a block apart (16 sectors of 32 bytes a head instead of
         # head_dim): bench.py's 0.6B fp8 run 5% faster on an H200. Elsewhere (the Triton kernel) runs of a whole
         # block, whose tiles it copies 16 bytes at a time (over runs of 4 keys, 4 bytes: 2.8x its time).
         fp8 = kv_cache_dtype != "auto"
         if not fp8 or decode_config(head_dim, 1, dtype, fp8, True).block_n > block_size:
             return 0
-        if (gluon_decode is not None and self.device.type == "cuda" and queries_per_kv <= gluon_decode.BLOCK_H
+        if (gluon_decode is not None and self.device.type == "cuda" and queries_per_kv <= gluon_decode.MAX_GROUP
                 and gluon_decode.serves(head_dim, dtype, block_size, self.device)):
             return gluon_decode.VALUE_RUN
         return block_size

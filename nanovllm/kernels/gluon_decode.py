@@ -132,7 +132,8 @@ def _decode_split_kernel_fp8(
     v_copy: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // V_ROW, V_ROW // 16], [NUM_WARPS, 1], [1, 0])
     q_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NUM_WARPS, 1], [1, 0])
     # shared memory: K and Q' as the MMA reads them (rows of HEAD_DIM bytes swizzled), P' likewise; V in rows of
-    # V_ROW bytes, 16-byte vectors swizzled over 8 phases (a quarter-warp's 8-byte loads hit 8 bank groups)
+    # V_ROW bytes, 16-byte vectors swizzled over 8 phases (at head_dim 128 a half-warp's 8-byte loads cover the
+    # 32 banks once)
     mma_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, HEAD_DIM), element_bitwidth=8, rank=2)
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, BLOCK_N), element_bitwidth=8,
                                                        rank=2)

@@ -132,9 +132,10 @@ def test_triton_backend_asks_for_key_major_values_where_its_decode_tiles_fit(blo
     cuda = triton_attn.TritonBackend(torch.device("cuda", 0))
     for serves in (True, False):
         monkeypatch.setattr(gluon_decode, "serves", lambda *args, serves=serves: serves)
-        for queries_per_kv in (1, 16, 32):  # the Gluon kernel takes up to 16 query heads a KV head
+        for queries_per_kv in (1, gluon_decode.MAX_GROUP, 2 * gluon_decode.MAX_GROUP):
             run = cuda.key_major_values(block_size, head_dim, dtype, kv_cache_dtype, queries_per_kv)
-            assert run == (gluon_decode.VALUE_RUN if expect and serves and queries_per_kv <= 16 else expect)
+            assert run == (gluon_decode.VALUE_RUN if expect and serves and queries_per_kv <= gluon_decode.MAX_GROUP
+                           else expect)
 
 
 def test_a_nan_is_stored_as_zero_and_inf_saturates():

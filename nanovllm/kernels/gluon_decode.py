@@ -49,7 +49,7 @@ from nanovllm.utils.kernels import cuda_capability  # noqa: E402
 
 STAGES = 2
 NUM_WARPS = 4  # one warpgroup
-MAX_REGISTERS = 168  # 3 programs of 128 threads fit the 65,536 registers of a multiprocessor (147 used at most)
+MAX_REGISTERS = 168  # 3 programs of 128 threads fit a multiprocessor's 65,536 registers (147 used at 8 columns)
 BLOCK_N = 128
 MAX_GROUP = 16  # query heads a KV head: two MMA columns each, 32 at most
 VALUE_RUN = 4  # keys per key-major run of V: one 32-bit word of the MMA's operand
@@ -180,6 +180,8 @@ def _decode_split_kernel_fp8(
     head_q = kv_head * GROUP + rows_q // 2
     q = gl.load(q_ptr + seq64 * stride_qb + head_q[:, None] * stride_qh + cols_q[None, :],
                 mask=(rows_q // 2 < GROUP)[:, None], other=0.0).to(gl.float32)
+    # exponent fields: a largest |q| of biased exponent e gets s = 2**(134 - e) (field 261 - e), clamped to normal
+    # floats; 1 / s has field 254 - (261 - e)
     q_exp = (gl.max(gl.abs(q), 1).to(gl.int32, bitcast=True) >> 23) & 255
     s_exp = gl.minimum(gl.maximum(261 - q_exp, 1), 253)
     q = q * (s_exp << 23).to(gl.float32, bitcast=True)[:, None]

@@ -315,6 +315,32 @@ def test_exit_with_an_open_stream(cluster, qwen3_path):
     assert_shut_down(llm, actors)
 
 
+def test_exit_returns_once_the_replicas_are_gone(cluster, qwen3_path, monkeypatch):
+    """ray.kill only sends the word to an actor's process: exit() waits until the replicas are gone, here with the
+    word held back for a second (it was once late enough in CI for a call after exit() to be answered)."""
+    llm = LLM(qwen3_path, data_parallel_size=2, **OPTIONS)
+    actors, kill, late = llm.actors, ray.kill, []
+
+    def kill_later(actor, **kwargs):
+        late.append(threading.Timer(1.0, kill, (actor,), kwargs))
+        late[-1].start()
+
+    monkeypatch.setattr(ray, "kill", kill_later)
+    start = time.perf_counter()
+    try:
+        llm.exit()
+        took = time.perf_counter() - start
+        assert len(late) == 2 and all(not timer.is_alive() for timer in late)
+    finally:
+        for timer in late:  # the kills land while Ray is still up, also when exit() came back too soon
+            timer.join()
+    assert 1 <= took < 5, f"exit() took {took:.1f} s"
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.info.remote(), timeout=0.5)
+    assert_shut_down(llm, actors)
+
+
 def test_exit_while_a_replica_is_replaced(cluster, qwen3_path, monkeypatch):
     """exit() from another thread as a running call replaces a dead replica: the replacement is ended with the
     others (it was made after exit() had released them, and left running), and exit() does not wait for its engine

@@ -38,6 +38,7 @@ START_TIMEOUT_S = 900.0  # for a replica to load its model (cold compile caches,
 POLL_INTERVAL_S = 0.5
 MAX_RESTARTS = 3  # per replica and generate call: a request that kills every replica must not loop forever
 EXIT_TIMEOUT_S = 30.0  # for a replica's engine to stop its step and free its GPUs and workers before it is killed
+KILL_TIMEOUT_S = 10.0  # for a killed replica's process to be gone
 SHUT_DOWN = "this LLM has been shut down with exit(); create a new one"
 
 
@@ -241,6 +242,27 @@ def _retire(replica: "_Replica", reason: str):
     remove_placement_group(replica.placement_group)
 
 
+def _kill(ray, actors: list):
+    """Kill the actors and return once they are gone. ray.kill only sends the word: a method called before it reaches
+    an actor's process would still run there, so each actor is asked until the call fails as its death."""
+    for actor in actors:
+        ray.kill(actor)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    for actor in actors:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=left)
+            except ray.exceptions.RayActorError:
+                break
+            except ray.exceptions.GetTimeoutError:
+                pass
+            time.sleep(0.01)
+        else:
+            warnings.warn(f"a killed data-parallel replica's actor was still alive after {KILL_TIMEOUT_S:.0f}s",
+                          RuntimeWarning, stacklevel=3)
+            return
+
+
 def _release(ray, replicas: list["_Replica"]):
     """A DataParallelLLM's finaliser (exit(), or the engine collected): end the live replicas' engines and actors,
     free their placement groups, leave Ray. Ray shut down under it by the user leaves nothing to free."""
@@ -252,8 +274,8 @@ def _release(ray, replicas: list["_Replica"]):
             # not queued behind a running call: each engine stops it at its next step, then frees its GPUs
             exits = [r.actor.exit.options(concurrency_group="exit").remote() for r in up]
             ray.wait(exits, num_returns=len(exits), timeout=EXIT_TIMEOUT_S)
+            _kill(ray, [r.actor for r in live])
             for r in live:
-                ray.kill(r.actor)
                 _retire(r, "shut down with exit()")
     finally:
         RAY_SESSION.release(ray)

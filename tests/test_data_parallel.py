@@ -335,10 +335,7 @@ def test_exit_returns_once_the_replicas_are_gone(cluster, qwen3_path, monkeypatc
         for timer in late:  # the kills land while Ray is still up, also when exit() came back too soon
             timer.join()
     assert 1 <= took < 5, f"exit() took {took:.1f} s"
-    for actor in actors:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.info.remote(), timeout=0.5)
-    assert_shut_down(llm, actors)
+    assert_shut_down(llm, actors)  # a replica still up would answer its first call at once
 
 
 def test_exit_while_a_replica_is_replaced(cluster, qwen3_path, monkeypatch):
